@@ -1,0 +1,48 @@
+"""`omniflow` command line: one subcommand per module, imported only when used.
+
+Each subcommand module exposes `add_arguments(parser)` and `main(args) -> int | None`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Modules are imported lazily so `omniflow --help` is instant.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("omniflow.launch.cli_run", "run a graph (one process per node by default)"),
+    "validate": ("omniflow.graph_cli", "check a graph file without starting anything"),
+    "graph": ("omniflow.graph_cli", "print a graph as Mermaid text"),
+    "fetch": ("omniflow.weights", "download official weights (or write --demo weights)"),
+    "bench": ("benchmarks.cli", "run a benchmark: transport | decode | graph | train"),
+    "train": ("train.cli", "train a Mini-Omni stage: stage1 | stage2 | stage3 | final"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="omniflow",
+        description="Run Mini-Omni speech-to-speech models as streaming graphs of nodes.",
+        epilog="Start with:  omniflow fetch --demo && omniflow run graphs/speech_to_speech.yaml",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        if name in sys.argv[1:2]:          # only the chosen command's module is imported
+            mod = importlib.import_module(module)
+            (getattr(mod, f"add_{name}_arguments", None) or mod.add_arguments)(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is not None:
+        sys.argv[1:] = argv
+    args = build_parser().parse_args()
+    mod = importlib.import_module(args._module)
+    entry = getattr(mod, f"{args.command}_main", None) or mod.main
+    return int(entry(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

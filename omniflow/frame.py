@@ -1,0 +1,131 @@
+"""Frames: what flows along every edge.
+
+A frame travels as two ZeroMQ message parts:
+
+    part 0  header   msgspec msgpack of `Header` (kind, session, turn, seq, stamps, dtype, shape, meta)
+    part 1  payload  raw bytes: an ndarray's buffer (no copy through msgpack), plain bytes, or empty
+
+`encode` / `decode` are the only way frames cross a process boundary; `decode` validates and raises
+`FrameError` (the runtime counts it, logs it and keeps serving).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+import numpy as np
+
+MAX_HEADER_BYTES = 64 * 1024        # a header is metadata, never data: larger ones are rejected
+MAX_PAYLOAD_BYTES = 256 * 1024**2   # one frame's payload; a whole 30 s utterance is ~1.9 MB
+
+# Frame kinds a port may declare. "any" accepts everything (generic sinks, taps, recorders).
+KINDS: dict[str, str] = {
+    "any": "accepts every kind",
+    "pcm": "mono audio chunk; int16 or float32 (N,), meta['rate'] in Hz",
+    "utterance": "one whole utterance of mono float32 audio (N,), meta['rate'] in Hz",
+    "features": "audio-encoder output float32 (T, D): one row per 20 ms",
+    "embeds": "adapter output float32 (T, n_embd), ready to replace audio-stream embeddings",
+    "tokens": "one decode step: int64 (8,) = 7 raw audio ids + 1 text id; meta['step']",
+    "codes": "whole SNAC frames, undelayed: int64 (F, 7) raw codes 0..4095",
+    "text": "UTF-8 text in meta['text'] (a prompt, a transcript, a streamed answer piece)",
+    "control": "control-channel message: meta['op'] in {'turn', 'stop'}",
+    "eos": "end of stream on this edge: the producer will send nothing more",
+}
+
+
+class FrameError(ValueError):
+    """A frame that cannot be decoded or whose payload disagrees with its header."""
+
+
+class Frame(msgspec.Struct, kw_only=True):
+    """One unit of data on an edge. `data` is the payload; everything else is the header."""
+
+    kind: str
+    session: str = "default"
+    turn: int = 0
+    seq: int = 0
+    last: bool = False                      # last frame of this session's turn on this edge
+    meta: dict[str, Any] = {}
+    stamps: list[tuple[str, int]] = []      # (hop name, time.monotonic_ns()) per hop, for tracing
+    data: Any = None                        # np.ndarray | bytes | None — sent as its own part
+
+    def stamp(self, hop: str) -> "Frame":
+        self.stamps.append((hop, time.monotonic_ns()))
+        return self
+
+    def follow(self, kind: str, data: Any = None, **fields: Any) -> "Frame":
+        """A new frame of `kind` for the same session/turn/seq, carrying this frame's stamps."""
+        fields.setdefault("seq", self.seq)
+        return Frame(kind=kind, session=self.session, turn=self.turn, stamps=list(self.stamps),
+                     data=data, **fields)
+
+
+class Header(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    kind: str
+    session: str
+    turn: int
+    seq: int
+    last: bool
+    meta: dict[str, Any]
+    stamps: list[tuple[str, int]]
+    dtype: str          # numpy dtype string ("<f4"), "bytes" for raw bytes, "" for no payload
+    shape: tuple[int, ...]
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Header)
+
+
+def encode(frame: Frame) -> list[bytes | memoryview]:
+    """Frame -> [header, payload] for `socket.send_multipart(..., copy=False)`."""
+    data = frame.data
+    if data is None:
+        dtype, shape, payload = "", (), b""
+    elif isinstance(data, (bytes, bytearray, memoryview)):
+        dtype, shape, payload = "bytes", (len(data),), data
+    else:
+        arr = np.ascontiguousarray(data)
+        dtype, shape, payload = arr.dtype.str, arr.shape, memoryview(arr).cast("B")
+    header = Header(frame.kind, frame.session, frame.turn, frame.seq, frame.last, frame.meta,
+                    frame.stamps, dtype, tuple(shape))
+    return [_encoder.encode(header), payload]
+
+
+def decode(parts: list[bytes | memoryview]) -> Frame:
+    """[header, payload] -> Frame. Raises FrameError on anything malformed."""
+    if len(parts) != 2:
+        raise FrameError(f"expected 2 message parts (header, payload), got {len(parts)}")
+    raw_header, payload = parts
+    if len(raw_header) > MAX_HEADER_BYTES:
+        raise FrameError(f"header of {len(raw_header)} bytes exceeds {MAX_HEADER_BYTES}")
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise FrameError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    try:
+        h = _decoder.decode(raw_header)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise FrameError(f"undecodable header: {e}") from None
+    if h.kind not in KINDS:
+        raise FrameError(f"unknown frame kind {h.kind!r}")
+    if h.dtype == "":
+        if len(payload):
+            raise FrameError(f"header says no payload but {len(payload)} bytes arrived")
+        data = None
+    elif h.dtype == "bytes":
+        if h.shape != (len(payload),):
+            raise FrameError(f"header says {h.shape} bytes, payload has {len(payload)}")
+        data = bytes(payload)
+    else:
+        try:
+            dt = np.dtype(h.dtype)
+        except TypeError:
+            raise FrameError(f"unknown dtype {h.dtype!r}") from None
+        if dt.hasobject or any(s < 0 for s in h.shape):
+            raise FrameError(f"refusing dtype {h.dtype!r} / shape {h.shape}")
+        expected = dt.itemsize * int(np.prod(h.shape, dtype=np.int64))
+        if expected != len(payload):
+            raise FrameError(f"payload is {len(payload)} bytes but {h.dtype}{list(h.shape)} "
+                             f"needs {expected}")
+        data = np.frombuffer(payload, dtype=dt).reshape(h.shape)
+    return Frame(kind=h.kind, session=h.session, turn=h.turn, seq=h.seq, last=h.last,
+                 meta=h.meta, stamps=h.stamps, data=data)

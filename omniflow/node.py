@@ -1,0 +1,80 @@
+"""Node: the unit of computation in a graph.
+
+A node declares its ports and parameters and implements a few methods. It never touches sockets:
+the same object runs in-process (`omniflow.testing.run_node`), in its own process, or on another
+machine (`omniflow.runtime`).
+
+    class Gain(Node):
+        inputs = {"audio": "pcm"}
+        outputs = {"audio": "pcm"}
+
+        class Params(msgspec.Struct, forbid_unknown_fields=True):
+            db: float = 0.0
+
+        def process(self, port, frame):
+            yield "audio", frame.follow("pcm", frame.data * 10 ** (self.params.db / 20), meta=frame.meta)
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar, Iterable, Iterator
+
+import msgspec
+
+from .frame import Frame
+
+Output = tuple[str, Frame]          # (output port, frame)
+CONTROL = "$control"                # yield (CONTROL, frame) to broadcast on the control channel
+
+
+class NoParams(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+class Node:
+    inputs: ClassVar[dict[str, str]] = {}      # port name -> frame kind (see frame.KINDS)
+    outputs: ClassVar[dict[str, str]] = {}
+    Params: ClassVar[type] = NoParams          # msgspec Struct; validated from the graph's params
+
+    def __init__(self, params: Any = None, name: str | None = None):
+        if params is None:
+            params = self.Params()
+        elif isinstance(params, dict):
+            params = msgspec.convert(params, self.Params)
+        self.params = params
+        self.name = name or type(self).__name__.lower()
+        self.log = logging.getLogger(f"omniflow.{self.name}")
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def setup(self) -> None:
+        """Load weights, open devices. Runs once, in the process that hosts the node."""
+
+    def process(self, port: str, frame: Frame) -> Iterable[Output]:
+        """Handle one input frame; yield (output port, frame) pairs."""
+        return ()
+
+    def has_work(self) -> bool:
+        """True while `step()` should be called without waiting for input (sources, decoders)."""
+        return False
+
+    def step(self) -> Iterable[Output]:
+        """Do one unit of self-driven work (read a chunk, run one batched decode step)."""
+        return ()
+
+    def reset(self, session: str) -> Iterable[Output]:
+        """Forget `session`'s state: it started a new turn (barge-in) or ended."""
+        return ()
+
+    def finish(self) -> Iterable[Output]:
+        """All inputs reached end of stream: flush what is buffered."""
+        return ()
+
+    def teardown(self) -> None:
+        """Release resources. Runs once when the node stops."""
+
+
+def drain(outputs: Iterable[Output] | None) -> Iterator[Output]:
+    """Iterate a node method's result, accepting None for methods written as plain functions."""
+    if outputs is None:
+        return iter(())
+    return iter(outputs)
