@@ -86,7 +86,8 @@ def encode(frame: Frame) -> list[bytes | memoryview]:
         dtype, shape, payload = "bytes", (len(data),), data
     else:
         arr = np.ascontiguousarray(data)
-        dtype, shape, payload = arr.dtype.str, arr.shape, memoryview(arr).cast("B")
+        # flattened first: memoryview cannot cast an empty (0, 7) view, and empty chunks are valid
+        dtype, shape, payload = arr.dtype.str, arr.shape, memoryview(arr.reshape(-1)).cast("B")
     header = Header(frame.kind, frame.session, frame.turn, frame.seq, frame.last, frame.meta,
                     frame.stamps, dtype, tuple(shape))
     return [_encoder.encode(header), payload]
