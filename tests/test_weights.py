@@ -1,0 +1,106 @@
+"""omniflow.weights: the demo set loads with every official loader; missing weights name the fix."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from omniflow import weights
+from omniflow.cli import main as cli_main
+from omniflow.model import tokens
+
+GOLDEN_CKPT = Path(__file__).resolve().parents[2] / "shared" / "golden" / "checkpoint" / "lit_model.pth"
+
+
+@pytest.fixture(scope="module")
+def demo_home(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("omniflow_home")
+    assert cli_main(["fetch", "--demo", "--home", str(root)]) == 0
+    return root
+
+
+def test_demo_set_has_every_official_file_and_marker(demo_home):
+    for rel in ["miniomni/lit_model.pth", "miniomni/model_config.yaml", "miniomni/tokenizer.json",
+                "whisper-small/small.pt", "snac/config.json", "snac/pytorch_model.bin"]:
+        assert (demo_home / rel).is_file(), rel
+    for rel in ["miniomni", "whisper-small/small.pt", "snac"]:
+        assert weights.is_demo(demo_home / rel)
+
+
+def test_demo_lit_model_has_the_official_key_layout(demo_home):
+    sd = torch.load(demo_home / "miniomni/lit_model.pth", map_location="cpu", weights_only=True)
+    assert sd["transformer.wte.weight"].shape[0] == tokens.PADDED_VOCAB == 181120
+    assert torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"])      # tied
+    if GOLDEN_CKPT.is_file():      # same 2-block key set as the original's scaled-down checkpoint
+        golden = torch.load(GOLDEN_CKPT, map_location="cpu", weights_only=True)
+        assert list(sd) == list(golden)
+
+
+def test_demo_miniomni_loads_with_the_model_loader(demo_home):
+    checkpoint = pytest.importorskip("omniflow.model.checkpoint",
+                                     reason="omniflow.model.checkpoint not written yet")
+    model, cfg = checkpoint.load_model(demo_home / "miniomni", device="cpu", dtype=torch.float32)
+    assert cfg.whisper_adapter_dim == weights.WHISPER_DIMS["tiny"]["n_audio_state"]
+    assert cfg.padded_vocab_size == 181120
+
+
+def test_demo_whisper_loads_with_openai_whisper(demo_home):
+    import whisper
+
+    model = whisper.load_model(str(weights.resolve("whisper-small", demo_home / "whisper-small")))
+    assert model.dims.n_mels == 80 and model.dims.n_audio_ctx == 1500   # the 30 s window holds
+    mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.zeros(16000)))
+    assert model.embed_audio(mel[None]).shape == (1, 1500, model.dims.n_audio_state)
+
+
+def test_demo_snac_loads_with_the_snac_package(demo_home):
+    from snac import SNAC
+
+    model = SNAC.from_pretrained(str(demo_home / "snac"))
+    assert model.sampling_rate == 24000 and model.hop_length == 512 and model.vq_strides == [4, 2, 1]
+    codes = [torch.zeros(1, n, dtype=torch.long) for n in (2, 4, 8)]      # 2 frames
+    with torch.no_grad():
+        assert model.decode(codes).shape == (1, 1, 2 * 2048)
+
+
+def test_demo_tokenizer_round_trips_text(demo_home):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(demo_home / "miniomni/tokenizer.json"))
+    text = "What is the capital of France?"
+    assert tok.decode(tok.encode(text).ids) == text
+    assert tok.token_to_id("<|endoftext|>") == 151643                     # Qwen2's id layout
+    assert tok.decode([150000]).strip()              # any ordinary id a random model emits shows up
+
+
+def test_resolve_order_explicit_then_cache(demo_home, tmp_path, monkeypatch):
+    monkeypatch.setenv(weights.HOME_ENV, str(demo_home))
+    assert weights.resolve("miniomni") == demo_home / "miniomni"
+    assert weights.resolve("whisper-small") == demo_home / "whisper-small" / "small.pt"
+    assert weights.resolve("snac", demo_home / "snac") == demo_home / "snac"
+    with pytest.raises(weights.WeightsNotFound, match="explicit path"):
+        weights.resolve("snac", tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("component", ["miniomni", "snac", "whisper-small", "whisper-base"])
+def test_missing_weights_name_the_fetch_command(component, tmp_path, monkeypatch):
+    monkeypatch.setenv(weights.HOME_ENV, str(tmp_path))
+    with pytest.raises(weights.WeightsNotFound) as err:
+        weights.resolve(component)
+    message = str(err.value)
+    assert "omniflow fetch" in message and "omniflow fetch --demo" in message
+    assert str(tmp_path / component) in message
+
+
+def test_unknown_component_is_refused():
+    with pytest.raises(ValueError, match="whisper-<size>"):
+        weights.resolve("wav2vec")
+
+
+def test_demo_set_is_deterministic(demo_home, tmp_path):
+    weights.write_demo_snac(tmp_path / "snac")
+    for name in ["config.json", "pytorch_model.bin"]:
+        a, b = (hashlib.sha256((d / "snac" / name).read_bytes()).hexdigest() for d in (demo_home, tmp_path))
+        assert a == b, name
