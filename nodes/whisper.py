@@ -1,0 +1,148 @@
+"""Whisper encoder node: one utterance in, Mini-Omni's audio features out.
+
+Feature semantics are the original's, exactly (REFERENCE.md §1.4):
+
+    audio (16 kHz mono float32) -> whisper.pad_or_trim to 30 s (480000 samples)
+      -> whisper.log_mel_spectrogram (n_mels from the checkpoint) -> encoder -> (1500, d)
+      -> keep the first int(duration_ms / 20) + 1 frames (one frame per 20 ms)
+
+What it costs: the encoder always runs on the whole 30 s window (1500 frames), whatever the
+utterance length, because the model was trained on features of padded windows. With whisper-small
+that is ~2.1 s per utterance on a 2-core CPU (REFERENCE: the original's first-audio path) and a few
+tens of ms on a GPU; a shorter window would be faster but changes the features.
+
+Inputs longer than `max_seconds` (at most 30) are never silently truncated: with
+`over_limit: split` they are cut into consecutive windows that are encoded one by one (each with
+the semantics above) and their kept frames concatenated; with `over_limit: refuse` the utterance
+is dropped with an error in the log that says how long it was and how to allow it.
+
+Weights: `checkpoint` is an openai-whisper size ("small", "base", ...) looked up through
+omniflow.weights (explicit path -> $OMNIFLOW_HOME/whisper-<size>/<size>.pt -> `omniflow fetch`), or
+a path to a `.pt` file in openai-whisper's format. Only the encoder is kept in memory.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+import numpy as np
+
+from omniflow import weights
+from omniflow.frame import Frame
+from omniflow.node import Node
+
+SAMPLE_RATE = 16000                    # Hz, whisper's input rate
+WINDOW_SECONDS = 30                    # whisper's fixed encoder window
+WINDOW_SAMPLES = WINDOW_SECONDS * SAMPLE_RATE      # 480000
+MS_PER_FRAME = 20                      # encoder frames: hop 160 samples x conv stride 2 = 320 samples
+
+
+def frames_to_keep(n_samples: int, rate: int = SAMPLE_RATE) -> int:
+    """The original's `int(duration_ms / 20) + 1` (capped by the 1500-frame window when sliced)."""
+    duration_ms = n_samples / rate * 1000
+    return int(duration_ms / MS_PER_FRAME) + 1
+
+
+def load_encoder(path: str | Path, device: str = "cpu"):
+    """openai-whisper `.pt` -> (AudioEncoder in eval mode, ModelDimensions). The decoder is never built."""
+    import torch
+    from whisper.model import AudioEncoder, ModelDimensions
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(ckpt, dict) or "dims" not in ckpt or "model_state_dict" not in ckpt:
+        raise ValueError(f"{path} is not an openai-whisper checkpoint: expected a dict with 'dims' and "
+                         "'model_state_dict' (the format of whisper's small.pt)")
+    dims = ModelDimensions(**ckpt["dims"])
+    encoder = AudioEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head,
+                           dims.n_audio_layer)
+    prefix = "encoder."
+    state = {k[len(prefix):]: v for k, v in ckpt["model_state_dict"].items() if k.startswith(prefix)}
+    encoder.load_state_dict(state, strict=True)      # fp16 tensors in the file are upcast here
+    del ckpt
+    return encoder.to(device).eval(), dims
+
+
+class WhisperEncoder(Node):
+    inputs = {"audio": "utterance"}
+    outputs = {"features": "features"}
+
+    class Params(msgspec.Struct, forbid_unknown_fields=True):
+        checkpoint: str = "small"                 # whisper size name, or path to a .pt file
+        device: str = "cpu"
+        runtime: Literal["torch", "onnx"] = "torch"
+        max_seconds: float = WINDOW_SECONDS      # longest utterance encoded in one window (<= 30)
+        over_limit: Literal["split", "refuse"] = "split"
+
+    def setup(self) -> None:
+        p = self.params
+        if not 0 < p.max_seconds <= WINDOW_SECONDS:
+            raise ValueError(f"whisper max_seconds={p.max_seconds} must be in (0, {WINDOW_SECONDS}]: "
+                             "the encoder's window is 30 s; longer inputs are split (over_limit: split)")
+        if p.runtime != "torch":
+            raise NotImplementedError("whisper runtime 'onnx' is not available yet; use runtime: torch")
+        self.path = self._resolve(p.checkpoint)
+        weights.warn_if_demo(self.path, self.log)
+        self.encoder, self.dims = load_encoder(self.path, p.device)
+        self.log.info("whisper encoder %s: %d mels, %d-dim, %d layers", self.path, self.dims.n_mels,
+                      self.dims.n_audio_state, self.dims.n_audio_layer)
+
+    @staticmethod
+    def _resolve(checkpoint: str) -> Path:
+        looks_like_path = checkpoint.endswith(".pt") or "/" in checkpoint or Path(checkpoint).is_file()
+        if looks_like_path:
+            path = Path(checkpoint).expanduser()
+            if not path.is_file():
+                raise weights.WeightsNotFound(
+                    f"whisper checkpoint {path} does not exist: give a size name (e.g. small) to use the "
+                    f"cache, or a path to an openai-whisper .pt file; {weights.FETCH_HINT}")
+            return path
+        return weights.resolve(f"{weights.WHISPER_PREFIX}{checkpoint}")
+
+    # --- features -----------------------------------------------------------------------------
+    def encode(self, audio: np.ndarray) -> np.ndarray:
+        """(N,) float32 16 kHz mono, N <= max_seconds -> (int(ms/20)+1 capped at 1500, d) features."""
+        import torch
+        import whisper
+
+        window = whisper.pad_or_trim(torch.tensor(audio, dtype=torch.float32))   # (480000,); copies read-only wire buffers
+        mel = whisper.log_mel_spectrogram(window, n_mels=self.dims.n_mels)                     # (n_mels, 3000)
+        with torch.inference_mode():
+            dtype = next(self.encoder.parameters()).dtype
+            feats = self.encoder(mel[None].to(self.params.device, dtype))[0]                   # (1500, d)
+        return feats[: frames_to_keep(len(audio))].float().cpu().numpy()
+
+    def process(self, port, frame: Frame):
+        audio, rate = self._as_16k_mono(frame)
+        seconds = len(audio) / SAMPLE_RATE
+        limit = self.params.max_seconds
+        if seconds > limit and self.params.over_limit == "refuse":
+            self.log.error("utterance of session %s is %.1f s, longer than max_seconds=%s: refused (set "
+                           "over_limit: split to encode it in %s s windows)", frame.session, seconds,
+                           limit, limit)
+            return
+        piece = int(limit * SAMPLE_RATE)
+        n_pieces = max(1, math.ceil(len(audio) / piece))
+        feats = [self.encode(audio[i * piece:(i + 1) * piece]) for i in range(n_pieces)]
+        if n_pieces > 1:
+            self.log.info("utterance of %.1f s split into %d windows of <= %s s", seconds, n_pieces, limit)
+        data = np.concatenate(feats, axis=0).astype(np.float32)              # (T, d)
+        meta = {k: v for k, v in frame.meta.items() if k != "rate"}
+        meta.update(ms=seconds * 1000, frames=len(data), windows=[len(f) for f in feats])
+        yield "features", frame.follow("features", data, meta=meta, last=frame.last)
+
+    def _as_16k_mono(self, frame: Frame) -> tuple[np.ndarray, int]:
+        audio = np.asarray(frame.data)
+        if audio.dtype == np.int16:                   # tolerate int16 PCM: scale to [-1, 1)
+            audio = audio.astype(np.float32) / 32768.0
+        audio = audio.astype(np.float32, copy=False)
+        if audio.ndim == 2:                           # (N, channels): mix down
+            self.log.warning("utterance of session %s has %d channels; mixing to mono",
+                             frame.session, audio.shape[1])
+            audio = audio.mean(axis=1)
+        rate = int(frame.meta.get("rate", SAMPLE_RATE))
+        if rate != SAMPLE_RATE:
+            import soxr
+            audio = soxr.resample(audio, rate, SAMPLE_RATE).astype(np.float32)
+        return audio, SAMPLE_RATE
