@@ -1,0 +1,215 @@
+"""Preprocessing: samples -> a cache of tensors, so training never touches audio or text.
+
+    omniflow train preprocess --source data/train.jsonl --out cache/ --tokenizer ckpt/ \
+        --whisper small --snac hubertsiuzdak/snac_24khz
+
+Per sample it stores the prompt and answer token ids, the whisper features of spoken input and the
+SNAC frames of spoken output. The run is resumable (samples already in the cache, or already
+reported bad, are skipped), shows a progress bar, and never stops on one bad input: an unreadable
+or empty audio file, or a malformed entry, is written to `bad.jsonl` and counted in the summary.
+
+Cache layout (`SampleCache` reads it):
+    meta.json      encoders and tokenizer used (a resume with different ones is refused)
+    index.jsonl    one line per cached sample: key, file, task, lengths
+    bad.jsonl      one line per skipped input: key, error
+    samples/*.pt   {"task", "id", "prompt_text", "answer_text", "features", "codes"}
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .audio import SNAC_SAMPLE_RATE, WHISPER_SAMPLE_RATE, BadAudio, load_audio
+from .manifest import AUDIO_INPUT_TASKS, AUDIO_OUTPUT_TASKS, Invalid, Sample
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.jsonl"
+BAD_FILE = "bad.jsonl"
+META_FILE = "meta.json"
+SAMPLES_DIR = "samples"
+CACHE_VERSION = 1
+
+
+@dataclass
+class PreprocessReport:
+    written: int = 0
+    skipped_done: int = 0     # already in the cache (resume)
+    bad: int = 0              # reported in bad.jsonl this run
+
+    def __str__(self) -> str:
+        return f"{self.written} cached, {self.skipped_done} already done, {self.bad} bad (see {BAD_FILE})"
+
+
+def _key_file(key: str) -> str:
+    return f"{SAMPLES_DIR}/{hashlib.sha1(key.encode()).hexdigest()[:20]}.pt"
+
+
+def _read_keys(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    keys = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                keys.add(json.loads(line)["key"])
+            except (ValueError, KeyError):
+                continue      # a line cut by a crash: that sample is simply redone
+    return keys
+
+
+def _check_meta(out: Path, meta: dict) -> None:
+    path = out / META_FILE
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != meta:
+            raise ValueError(f"{out} was preprocessed with {old}, this run uses {meta}; "
+                             f"use another --out directory (or delete {out}) to start over")
+    else:
+        path.write_text(json.dumps(meta, indent=1))
+
+
+def preprocess(samples: Iterable[Sample | Invalid], out_dir: str | Path, tokenizer, *,
+               whisper: str = "small", snac: str = "hubertsiuzdak/snac_24khz", device: str = "cpu",
+               batch_size: int = 8, retry_bad: bool = False, progress: bool = True,
+               features_fp16: bool = False) -> PreprocessReport:
+    """Cache `samples` under `out_dir`. `tokenizer` has `encode(str) -> list[int]`."""
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    (out / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
+    _check_meta(out, {"version": CACHE_VERSION, "whisper": str(whisper), "snac": str(snac),
+                      "tokenizer": repr(tokenizer), "features_fp16": features_fp16})
+    done = _read_keys(out / INDEX_FILE)
+    if not retry_bad:
+        done |= _read_keys(out / BAD_FILE)
+    encoders = _LazyEncoders(whisper, snac, device)
+    report = PreprocessReport()
+    seen: set[str] = set()
+
+    with (out / INDEX_FILE).open("a", encoding="utf-8") as index, \
+            (out / BAD_FILE).open("a", encoding="utf-8") as bad_log:
+
+        def bad(key: str, reason: str) -> None:
+            report.bad += 1
+            log.warning("skipping %s: %s", key, reason)
+            bad_log.write(json.dumps({"key": key, "error": reason}) + "\n")
+            bad_log.flush()
+
+        bar = tqdm(desc="preprocess", unit="sample", disable=not progress)
+        for chunk in _chunks(samples, batch_size):
+            todo = []
+            for s in chunk:
+                if s.id in seen:
+                    bad(s.id, "duplicate id in the source (ids must be unique)")
+                    continue
+                seen.add(s.id)
+                if s.id in done:
+                    report.skipped_done += 1
+                elif isinstance(s, Invalid):
+                    bad(s.id, s.reason)
+                else:
+                    todo.append(s)
+            for sample, record, error in _encode(todo, tokenizer, encoders, features_fp16):
+                if error is not None:
+                    bad(sample.id, error)
+                    continue
+                rel = _key_file(sample.id)
+                tmp = out / (rel + ".tmp")
+                torch.save(record, tmp)
+                os.replace(tmp, out / rel)          # a crash never leaves a half-written sample
+                index.write(json.dumps({
+                    "key": sample.id, "file": rel, "task": sample.task,
+                    "prompt_text": _len(record["prompt_text"]), "answer_text": _len(record["answer_text"]),
+                    "features": _len(record["features"]), "codes": _len(record["codes"])}) + "\n")
+                index.flush()
+                report.written += 1
+            bar.update(len(chunk))
+            bar.set_postfix(ok=report.written, done=report.skipped_done, bad=report.bad)
+        bar.close()
+    log.info("preprocess %s: %s", out, report)
+    return report
+
+
+def _len(t) -> int | None:
+    return None if t is None else int(t.shape[0])
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class _LazyEncoders:
+    """Load whisper / SNAC only when a sample needs them (text-only or pre-coded data needs neither)."""
+
+    def __init__(self, whisper: str, snac: str, device: str):
+        self.whisper_name, self.snac_name, self.device = whisper, snac, device
+        self._whisper = self._snac = None
+
+    @property
+    def whisper(self):
+        if self._whisper is None:
+            from .encoders import WhisperFeatures
+            self._whisper = WhisperFeatures(self.whisper_name, self.device)
+        return self._whisper
+
+    @property
+    def snac(self):
+        if self._snac is None:
+            from .encoders import SnacCodes
+            self._snac = SnacCodes(self.snac_name, self.device)
+        return self._snac
+
+
+def _encode(samples: list[Sample], tokenizer, enc: _LazyEncoders, fp16: bool):
+    """Yield (sample, record, None) or (sample, None, error) — the whisper batch runs once."""
+    records: dict[str, dict] = {}
+    pcm: dict[str, np.ndarray] = {}
+    for s in samples:
+        try:
+            rec = {"task": s.task, "id": s.id, "features": None, "codes": None, "prompt_text": None}
+            if s.task not in AUDIO_INPUT_TASKS:
+                rec["prompt_text"] = _ids(tokenizer, s.input_text, "input_text")
+            rec["answer_text"] = _ids(tokenizer, s.target_text or "", "target_text")
+            if s.task in AUDIO_OUTPUT_TASKS:
+                codes = s.target_codes
+                if codes is None:
+                    codes = enc.snac(load_audio(s.target_audio, SNAC_SAMPLE_RATE))
+                if len(codes) == 0:
+                    raise BadAudio("target audio gives 0 SNAC frames")
+                rec["codes"] = torch.as_tensor(codes, dtype=torch.int16)     # (F, 7), codes < 4096
+            if s.task in AUDIO_INPUT_TASKS:
+                pcm[s.id] = load_audio(s.input_audio, WHISPER_SAMPLE_RATE)
+            records[s.id] = rec
+        except (BadAudio, ValueError) as e:
+            yield s, None, str(e)
+    ids = list(pcm)
+    if ids:
+        feats = enc.whisper([pcm[i] for i in ids])                          # each (T, D)
+        for i, f in zip(ids, feats):
+            records[i]["features"] = f.half() if fp16 else f
+    for s in samples:
+        if s.id in records:
+            yield s, records[s.id], None
+
+
+def _ids(tokenizer, text: str, what: str) -> torch.Tensor:
+    ids = tokenizer.encode(text)
+    if not ids and what == "input_text":
+        raise ValueError(f"{what} {text!r} encodes to no tokens")
+    return torch.tensor(ids, dtype=torch.long)
