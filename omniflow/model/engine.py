@@ -1,0 +1,331 @@
+"""Batched, step-level Mini-Omni decoding with a pre-allocated KV cache.
+
+One `Engine` hosts many sessions. Each session owns one or two contiguous cache rows (the A1A2
+batch trick uses two) and sits at its own position. `start` prefills one session; `step` runs one
+decode step for all live sessions (or a chosen subset) in one batched forward pass; `stop` frees
+a session's rows (end of answer or barge-in).
+
+Why it is fast (REFERENCE.md §4.4 lists what the original does instead):
+* the cache keeps `n_query_groups` key/value heads (2 for Mini-Omni), never expanded to `n_head`;
+* attention reads only the filled prefix `[0, max position]` of the live rows, not all slots;
+* live rows are kept contiguous (rows are compacted when a session ends), so the cache of a
+  step is a view, not a gather;
+* only the last position's logits are computed, and only the heads that are read: the 152000-row
+  text head for each session's text row, the 7×4160 audio heads for its speaking row;
+* buffers are allocated once; decoding runs under `torch.inference_mode`.
+
+Stop rules are the original's (REFERENCE.md §4.2): the prefill step is kept unchecked; in the
+loop, audio tasks force text to `_pad_t` after the loop sampled `_eot` and stop when layer 6
+emits `_eoa`; text tasks stop on `_eot`. The stopping step is reported with `stop` set and
+`kept == False` (the original does not append it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import tokens as tk
+from .gpt import MiniOmni
+from .prompts import Task, build_input_ids, decode_feedback, get_task
+from .sampling import Sampling, sample
+
+STOP_EOA = "eoa"        # layer 6 emitted end-of-audio: this step is not part of the answer
+STOP_EOT = "eot"        # a text task emitted end-of-text: this step is not part of the answer
+STOP_LENGTH = "length"  # max_new_tokens reached: this step is the last one kept
+
+
+@dataclass
+class StepOut:
+    """One decode step of one session: 7 raw audio ids (0..4159), then the text id."""
+
+    session: str
+    step: int                  # 0 = the prefill position
+    tokens: list[int]          # 8 ids; text-only tasks report `_pad_a` for the audio layers
+    done: bool = False
+    stop: str | None = None    # None while running; STOP_EOA | STOP_EOT | STOP_LENGTH on the last step
+
+    @property
+    def kept(self) -> bool:
+        """False for the step that sampled a stop token (the original drops it)."""
+        return self.stop not in (STOP_EOA, STOP_EOT)
+
+    @property
+    def audio(self) -> list[int]:
+        return self.tokens[: tk.N_AUDIO_LAYERS]
+
+    @property
+    def text(self) -> int:
+        return self.tokens[tk.TEXT_STREAM]
+
+
+@dataclass
+class _Session:
+    id: str
+    task: Task
+    row0: int                  # first cache row
+    prompt_len: int
+    max_new_tokens: int
+    sampling: Sampling
+    generator: torch.Generator | None
+    step: int = 0
+    length: int = 0            # filled cache positions (= position of the next input)
+    text_end: bool = False
+    feed: list[list[int]] = field(default_factory=list)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.task.rows)
+
+
+class Engine:
+    """Many concurrent Mini-Omni sessions over one model and one pre-allocated KV cache.
+
+    max_sessions: sessions alive at once; max_rows: cache rows (default 2 per session, enough for
+    all-A1A2 traffic); static_shapes: attend over all `block_size` slots of all rows every step,
+    so the decode step has one shape (for CUDA graphs / `torch.compile`); default on CUDA only.
+    """
+
+    def __init__(
+        self,
+        model: MiniOmni,
+        max_sessions: int = 8,
+        max_rows: int | None = None,
+        static_shapes: bool | None = None,
+        compile: bool = False,
+    ) -> None:
+        self.model = model.eval()
+        cfg = self.cfg = model.config
+        self.device, self.dtype = model.device, model.dtype
+        self.max_sessions = max_sessions
+        self.max_rows = max_rows or 2 * max_sessions
+        self.static_shapes = (self.device.type == "cuda") if static_shapes is None else static_shapes
+        shape = (cfg.n_layer, self.max_rows, cfg.n_query_groups, cfg.block_size, cfg.head_size)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)  # (layers, rows, G, L, hs)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.positions = torch.zeros(self.max_rows, dtype=torch.long, device=self.device)  # (rows,)
+        self.feed = torch.zeros(self.max_rows, tk.N_STREAMS, dtype=torch.long, device=self.device)  # (rows, 8)
+        self._row_index = torch.arange(self.max_rows, device=self.device)
+        self._slots = torch.arange(cfg.block_size, device=self.device)
+        self.w_text, self.w_audio = model.head_weights()  # (152000, C), (29120, C)
+        self.sessions: dict[str, _Session] = {}  # live sessions, in row order
+        self.n_rows = 0
+        self._trunk_fn = self._trunk
+        if compile:
+            self._trunk_fn = torch.compile(self._trunk, mode="reduce-overhead" if self.static_shapes else None,
+                                           dynamic=not self.static_shapes)
+
+    # --- bookkeeping -------------------------------------------------------------------------
+    @property
+    def kv_bytes_per_row(self) -> int:
+        """KV-cache bytes one cache row holds (a session uses 1 row, A1A2 uses 2)."""
+        return 2 * self.k_cache[:, 0].numel() * self.k_cache.element_size()
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self.sessions
+
+    def stop(self, session_id: str) -> None:
+        """Free a session's cache rows (end of answer or barge-in). Unknown ids are ignored."""
+        s = self.sessions.pop(session_id, None)
+        if s is None:
+            return
+        n, first_moved = s.n_rows, s.row0 + s.n_rows
+        later = [o for o in self.sessions.values() if o.row0 >= first_moved]
+        if later:
+            filled = max(o.length for o in later)
+            # Shift later rows down by n, one row at a time (a row never overlaps its source).
+            for r in range(first_moved, self.n_rows):
+                self.k_cache[:, r - n, :, :filled].copy_(self.k_cache[:, r, :, :filled])
+                self.v_cache[:, r - n, :, :filled].copy_(self.v_cache[:, r, :, :filled])
+            self.positions[s.row0: self.n_rows - n] = self.positions[first_moved: self.n_rows].clone()
+            self.feed[s.row0: self.n_rows - n] = self.feed[first_moved: self.n_rows].clone()
+            for o in later:
+                o.row0 -= n
+        self.n_rows -= n
+        self.positions[self.n_rows:] = 0  # idle rows stay inside the RoPE table (static shapes)
+
+    def reset(self) -> None:
+        """Drop every session."""
+        self.sessions.clear()
+        self.n_rows = 0
+
+    # --- prefill -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def start(
+        self,
+        session_id: str,
+        task: str,
+        embeds: torch.Tensor | None = None,
+        text_ids: list[int] | None = None,
+        sampling: Sampling = Sampling(),
+        max_new_tokens: int | None = None,
+    ) -> StepOut:
+        """Prefill one session and return its step-0 tokens.
+
+        embeds: adapter output (T, n_embd) (or (R, T, n_embd)) for audio-input tasks;
+        text_ids: tokenized prompt for text-input tasks; max_new_tokens: answer steps including
+        this prefill step (default block_size - prompt length, the original's bound).
+        """
+        if session_id in self.sessions:
+            raise ValueError(f"session {session_id!r} is already running; stop() it before restarting")
+        spec = get_task(task)
+        if spec.audio_in and embeds is None:
+            raise ValueError(f"task {task} takes speech: pass embeds=model.adapt(whisper_features)")
+        if not spec.audio_in and embeds is not None:
+            raise ValueError(f"task {task} takes text, not speech: pass text_ids, not embeds")
+        n_frames = None
+        if embeds is not None:
+            embeds = embeds.to(self.device, self.dtype)
+            n_frames = int(embeds.shape[-2])
+        input_ids = build_input_ids(task, n_frames, text_ids).to(self.device)  # (R, 8, S)
+        R, _, S = input_ids.shape
+        if len(self.sessions) >= self.max_sessions or self.n_rows + R > self.max_rows:
+            raise RuntimeError(
+                f"engine full: {len(self.sessions)}/{self.max_sessions} sessions, "
+                f"{self.n_rows}/{self.max_rows} cache rows; stop() a session or build the Engine "
+                f"with larger max_sessions/max_rows"
+            )
+        room = self.cfg.block_size - S
+        if room < 1:
+            raise ValueError(f"prompt of {S} positions leaves no room in block_size={self.cfg.block_size}")
+        limit = room + 1  # the last step's tokens are never fed back, so block_size - S + 1 fit
+        if max_new_tokens is None:
+            max_new_tokens = room  # the original: max_returned_tokens = block_size
+        if not 1 <= max_new_tokens <= limit:
+            raise ValueError(f"max_new_tokens must be in [1, {limit}] for a {S}-position prompt, got {max_new_tokens}")
+
+        x, kvs = self.model(input_ids, embeds, [n_frames] * R if n_frames else None, return_kv=True)
+        row0 = self.n_rows
+        for layer, (k, v) in enumerate(kvs):  # each (R, G, S, hs)
+            self.k_cache[layer, row0: row0 + R, :, :S] = k
+            self.v_cache[layer, row0: row0 + R, :, :S] = v
+        self.positions[row0: row0 + R] = S
+        self.n_rows += R
+        s = _Session(session_id, spec, row0, S, max_new_tokens, sampling, sampling.generator(self.device),
+                     length=S)
+        self.sessions[session_id] = s
+        last = x[:, -1]  # (R, C)
+        text_logits = F.linear(last[spec.text_row: spec.text_row + 1], self.w_text)  # (1, 152000)
+        audio_logits = None
+        if spec.audio_out:
+            audio_logits = F.linear(last[spec.audio_row: spec.audio_row + 1], self.w_audio)
+            audio_logits = audio_logits.view(1, tk.N_AUDIO_LAYERS, self.cfg.audio_vocab_size)  # (1, 7, 4160)
+        text, audio = self._sample_one(s, text_logits[0], None if audio_logits is None else audio_logits[0])
+        return self._advance(s, audio, text, check_stops=False)
+
+    # --- decode ------------------------------------------------------------------------------
+    def _trunk(self, ids, pos, k_cache, v_cache, rows, n_slots: int):
+        """ids (R, 8), pos (R,) -> final hidden states (R, C) after writing this step's k/v."""
+        m = self.model
+        x = m.transformer.wte(ids).sum(dim=1) / tk.N_STREAMS  # (R, C)
+        cos, sin = m.rope_cos[pos], m.rope_sin[pos]  # (R, n_elem)
+        mask = (self._slots[:n_slots][None, :] <= pos[:, None])[:, None, None, :]  # (R, 1, 1, L)
+        for layer, block in enumerate(m.transformer.h):
+            x = block.decode(x, cos, sin, k_cache[layer], v_cache[layer], rows, pos, mask)
+        return m.transformer.ln_f(x)  # (R, C)
+
+    @torch.inference_mode()
+    def step(self, sessions: list[str] | None = None) -> dict[str, StepOut]:
+        """One decode step for all live sessions (or the named subset), batched together."""
+        if sessions is None:
+            chosen = list(self.sessions.values())
+        else:
+            missing = [sid for sid in sessions if sid not in self.sessions]
+            if missing:
+                raise KeyError(f"no live session(s) {missing}; start() them first (or they already ended)")
+            chosen = sorted((self.sessions[sid] for sid in sessions), key=lambda s: s.row0)
+        if not chosen:
+            return {}
+        all_rows = len(chosen) == len(self.sessions)
+        if self.static_shapes:
+            # One shape every step: all rows, all slots (idle rows compute harmless garbage).
+            R, n_slots, rows = self.max_rows, self.cfg.block_size, self._row_index
+        elif all_rows:
+            R, n_slots, rows = self.n_rows, max(s.length for s in chosen) + 1, self._row_index[: self.n_rows]
+        else:
+            R = sum(s.n_rows for s in chosen)
+            n_slots = max(s.length for s in chosen) + 1
+            rows = torch.tensor([s.row0 + i for s in chosen for i in range(s.n_rows)], device=self.device)
+        if self.static_shapes or all_rows:
+            k_cache = self.k_cache[:, :R, :, :n_slots]  # views: (layers, R, G, L, hs)
+            v_cache = self.v_cache[:, :R, :, :n_slots]
+            h = self._trunk_fn(self.feed[:R], self.positions[:R], k_cache, v_cache, rows[:R], n_slots)
+            local = {s.id: s.row0 for s in chosen}
+        else:
+            # A subset at scattered rows: decode on a gathered copy, then write the new k/v back.
+            k_cache = self.k_cache[:, rows, :, :n_slots]  # (layers, R, G, L, hs) copy
+            v_cache = self.v_cache[:, rows, :, :n_slots]
+            pos = self.positions[rows]
+            local_rows = self._row_index[:R]
+            h = self._trunk_fn(self.feed[rows], pos, k_cache, v_cache, local_rows, n_slots)
+            self.k_cache[:, rows, :, pos] = k_cache[:, local_rows, :, pos]
+            self.v_cache[:, rows, :, pos] = v_cache[:, local_rows, :, pos]
+            local, offset = {}, 0
+            for s in chosen:
+                local[s.id] = offset
+                offset += s.n_rows
+
+        text_rows = [local[s.id] + s.task.text_row for s in chosen]
+        speakers = [s for s in chosen if s.task.audio_out]
+        audio_rows = [local[s.id] + s.task.audio_row for s in speakers]
+        text_logits = F.linear(h[text_rows], self.w_text)  # (n, 152000)
+        audio_logits = None
+        if speakers:
+            audio_logits = F.linear(h[audio_rows], self.w_audio)  # (n_a, 7 * 4160)
+            audio_logits = audio_logits.view(len(speakers), tk.N_AUDIO_LAYERS, self.cfg.audio_vocab_size)
+
+        # Greedy sessions (the default) are sampled together with one argmax per head.
+        greedy_text = text_logits.argmax(dim=-1).tolist()  # (n,)
+        greedy_audio = audio_logits.argmax(dim=-1).tolist() if speakers else []  # (n_a, 7)
+        audio_of = {s.id: i for i, s in enumerate(speakers)}
+        outs = {}
+        for i, s in enumerate(chosen):
+            a = audio_of.get(s.id)
+            if s.sampling.greedy:
+                text = greedy_text[i]
+                audio = greedy_audio[a] if a is not None else None
+            else:
+                text, audio = self._sample_one(s, text_logits[i], None if a is None else audio_logits[a])
+            outs[s.id] = self._advance(s, audio, text, check_stops=True)
+        if all_rows:
+            self.positions[: self.n_rows] += 1
+        else:
+            for s in chosen:
+                self.positions[s.row0: s.row0 + s.n_rows] += 1
+        for s in chosen:
+            s.length += 1
+        for sid, out in outs.items():
+            if out.done:
+                self.stop(sid)
+        return outs
+
+    # --- per-session rules -------------------------------------------------------------------
+    def _sample_one(self, s: _Session, text_logits, audio_logits) -> tuple[int, list[int] | None]:
+        text = int(sample(text_logits, s.sampling, s.generator))
+        audio = sample(audio_logits, s.sampling, s.generator).tolist() if audio_logits is not None else None
+        return text, audio
+
+    def _advance(self, s: _Session, audio: list[int] | None, text: int, check_stops: bool) -> StepOut:
+        """Apply the original's stop rules to one sampled step and queue the next inputs."""
+        if audio is None:
+            audio = [tk.PAD_A] * tk.N_AUDIO_LAYERS
+        stop = None
+        if check_stops:
+            if s.task.audio_out:
+                if s.text_end:
+                    text = tk.PAD_T
+                if audio[-1] == tk.EOA:
+                    stop = STOP_EOA
+                elif text == tk.EOT:
+                    s.text_end = True
+            elif text == tk.EOT:
+                stop = STOP_EOT
+        if stop is None and s.step + 1 >= s.max_new_tokens:
+            stop = STOP_LENGTH
+        out = StepOut(s.id, s.step, list(audio) + [text], done=stop is not None, stop=stop)
+        s.step += 1
+        if stop is None:
+            feed = decode_feedback(s.task, audio, text).to(self.device)  # (R, 8)
+            self.feed[s.row0: s.row0 + s.n_rows] = feed
+        return out

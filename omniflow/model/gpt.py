@@ -1,0 +1,249 @@
+"""The Mini-Omni network: a Qwen2-shaped litgpt trunk over 8 averaged token streams.
+
+Parameter names equal the keys of the official `lit_model.pth` (REFERENCE.md §6.2), so a plain
+`load_state_dict` reads the published file. Math follows litgpt as Mini-Omni uses it (§1):
+pre-norm blocks, RMSNorm in fp32, fused QKV laid out per KV group, NeoX RoPE, GQA, SwiGLU MLP,
+tied head. Two attention paths share the same weights:
+
+* `MiniOmni.forward` — the whole sequence, causal, no cache (training, parity of prefill logits);
+* `CausalSelfAttention.prefill` / `.decode` — used by `omniflow.model.engine.Engine`, which owns the
+  KV cache (kept at `n_query_groups` heads, never expanded).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import tokens
+from .config import Config
+
+
+class RMSNorm(nn.Module):
+    """litgpt RMSNorm: normalise in fp32, cast back, then scale (no unit offset)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        norm_x = torch.mean(x * x, dim=-1, keepdim=True)
+        return (x * torch.rsqrt(norm_x + self.eps)).to(dtype) * self.weight
+
+
+class LLaMAMLP(nn.Module):
+    """SwiGLU: proj(silu(fc_1(x)) * fc_2(x)). Also the whisper adapter (`whisperMLP`)."""
+
+    def __init__(self, n_in: int, n_hidden: int, n_out: int) -> None:
+        super().__init__()
+        self.fc_1 = nn.Linear(n_in, n_hidden, bias=False)   # gate
+        self.fc_2 = nn.Linear(n_in, n_hidden, bias=False)   # up
+        self.proj = nn.Linear(n_hidden, n_out, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
+
+
+def rope_tables(cfg: Config, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block_size, rope_n_elem) cos and sin tables, fp32, NeoX layout (halves repeated)."""
+    n_elem = cfg.rope_n_elem
+    theta = 1.0 / (cfg.rope_base ** (torch.arange(0, n_elem, 2, device=device).float() / n_elem))
+    positions = torch.arange(cfg.block_size, device=device) / cfg.rope_condense_ratio  # (L,)
+    angles = torch.outer(positions, theta).repeat(1, 2)  # (L, n_elem)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on the first cos.size(-1) dims of the last axis; cos/sin broadcast to x."""
+    n = cos.size(-1)
+    x_rope, x_pass = x[..., :n], x[..., n:]
+    x1, x2 = x_rope[..., : n // 2], x_rope[..., n // 2:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    roped = (x_rope * cos + rotated * sin).to(x.dtype)
+    return torch.cat((roped, x_pass), dim=-1) if x_pass.size(-1) else roped
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.attn = nn.Linear(cfg.n_embd, cfg.qkv_size, bias=cfg.add_qkv_bias)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_size, cfg.n_embd, bias=cfg.bias)
+        self.scale = 1.0 / math.sqrt(cfg.head_size)
+
+    def _split_seq(self, x, cos, sin):
+        """x (B, T, C) -> roped q (B, G, q_per_kv, T, hs), roped k (B, G, T, hs), v (B, G, T, hs)."""
+        c = self.cfg
+        B, T, _ = x.shape
+        qkv = self.attn(x)  # (B, T, (nh + 2G) * hs)
+        qkv = qkv.view(B, T, c.n_query_groups, c.q_per_kv + 2, c.head_size)
+        qkv = qkv.permute(0, 2, 3, 1, 4)  # (B, G, q_per_kv + 2, T, hs)
+        q = qkv[:, :, : c.q_per_kv]  # (B, G, q_per_kv, T, hs)
+        k = qkv[:, :, c.q_per_kv]  # (B, G, T, hs)
+        v = qkv[:, :, c.q_per_kv + 1]  # (B, G, T, hs)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Causal attention over the whole sequence. x (B, T, C); cos/sin (T, n_elem).
+
+        Returns (y (B, T, C), k (B, G, T, hs), v (B, G, T, hs)) so a caller may cache k/v.
+        """
+        c = self.cfg
+        B, T, _ = x.shape
+        q, k, v = self._split_seq(x, cos, sin)
+        q = q.reshape(B, c.n_head, T, c.head_size)  # (B, nh, T, hs): head h uses group h // q_per_kv
+        k_heads = k.repeat_interleave(c.q_per_kv, dim=1)  # (B, nh, T, hs)
+        v_heads = v.repeat_interleave(c.q_per_kv, dim=1)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k_heads, v_heads, is_causal=True, scale=self.scale)
+        y = y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size)  # (B, T, nh * hs)
+        return self.proj(y), k, v
+
+    def decode(self, x, cos, sin, k_cache, v_cache, rows, pos, mask):
+        """One new position per row, attending over that row's filled cache prefix.
+
+        x (R, C); cos/sin (R, n_elem) at each row's position; k_cache/v_cache (R, G, L, hs) views
+        of the engine's cache (rows 0..R-1, first L slots); rows (R,) = arange(R); pos (R,) long;
+        mask (R, 1, 1, L) bool, True where slot <= pos. Writes this step's k/v at `pos`.
+        """
+        c = self.cfg
+        R = x.size(0)
+        qkv = self.attn(x).view(R, c.n_query_groups, c.q_per_kv + 2, c.head_size)  # (R, G, qpk+2, hs)
+        q = apply_rope(qkv[:, :, : c.q_per_kv], cos[:, None, None], sin[:, None, None])  # (R, G, qpk, hs)
+        k = apply_rope(qkv[:, :, c.q_per_kv], cos[:, None], sin[:, None])  # (R, G, hs)
+        k_cache[rows, :, pos] = k
+        v_cache[rows, :, pos] = qkv[:, :, c.q_per_kv + 1]
+        # The q_per_kv query heads of a group take the "query length" axis: one key/value head per
+        # group serves them all, so the cache is never expanded to n_head heads.
+        y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=self.scale)
+        return self.proj(y.reshape(R, c.n_head * c.head_size))  # (R, C)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.norm_1 = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm_2 = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = LLaMAMLP(cfg.n_embd, cfg.intermediate_size, cfg.n_embd)
+
+    def forward(self, x, cos, sin):
+        """x (B, T, C) -> (x (B, T, C), k, v) with k/v (B, G, T, hs) for caching."""
+        h, k, v = self.attn(self.norm_1(x), cos, sin)
+        x = x + h
+        return x + self.mlp(self.norm_2(x)), k, v
+
+    def decode(self, x, cos, sin, k_cache, v_cache, rows, pos, mask):
+        x = x + self.attn.decode(self.norm_1(x), cos, sin, k_cache, v_cache, rows, pos, mask)
+        return x + self.mlp(self.norm_2(x))  # (R, C)
+
+
+class MiniOmni(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
+                h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+                ln_f=RMSNorm(cfg.n_embd, cfg.norm_eps),
+            )
+        )
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.whisper_adapter = LLaMAMLP(cfg.whisper_adapter_dim, cfg.intermediate_size, cfg.n_embd)
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, n_elem) fp32
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _apply(self, fn, *args, **kwargs):
+        # Keep RoPE tables in fp32 whatever the weights' dtype (litgpt computes them in fp32 too).
+        super()._apply(fn, *args, **kwargs)
+        self.rope_cos = self.rope_cos.float()
+        self.rope_sin = self.rope_sin.float()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.wte.weight.dtype
+
+    # --- pieces --------------------------------------------------------------------------------
+    def adapt(self, features: torch.Tensor) -> torch.Tensor:
+        """Whisper adapter: (..., T, whisper_adapter_dim) encoder output -> (..., T, n_embd)."""
+        if features.size(-1) != self.config.whisper_adapter_dim:
+            raise ValueError(
+                f"adapter input has {features.size(-1)} features per frame, expected "
+                f"whisper_adapter_dim={self.config.whisper_adapter_dim} (whisper-small encoder output)"
+            )
+        return self.whisper_adapter(features.to(self.dtype))
+
+    def embed(self, input_ids, audio_embeds=None, whisper_lens=None) -> torch.Tensor:
+        """Average the 8 streams' embeddings, whisper frames replacing audio positions 1..T.
+
+        input_ids (B, 8, S) long (streams 0..6 layer-shifted, 7 text); audio_embeds (B, T, C)
+        adapter output; whisper_lens (B,) frames per row (default T). Returns (B, S, C).
+        """
+        B, n_streams, S = input_ids.shape
+        if n_streams != tokens.N_STREAMS:
+            raise ValueError(f"input_ids must be (B, {tokens.N_STREAMS}, S), got {tuple(input_ids.shape)}")
+        emb = self.transformer.wte(input_ids)  # (B, 8, S, C)
+        if audio_embeds is not None:
+            if audio_embeds.dim() == 2:
+                audio_embeds = audio_embeds.expand(B, -1, -1)  # (B, T, C)
+            if whisper_lens is None:
+                whisper_lens = [audio_embeds.size(1)] * B
+            audio_embeds = audio_embeds.to(emb.dtype)
+            for b, n in enumerate(int(t) for t in whisper_lens):
+                if n + 1 > S or n > audio_embeds.size(1):
+                    raise ValueError(
+                        f"whisper_lens[{b}]={n} does not fit: prompt length {S}, "
+                        f"{audio_embeds.size(1)} adapter frames"
+                    )
+                emb[b, : tokens.N_AUDIO_LAYERS, 1: 1 + n] = audio_embeds[b, :n]
+        return emb.sum(dim=1) / tokens.N_STREAMS  # (B, S, C)
+
+    def head_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text_vocab, C) and (7 * audio_vocab, C) row slices of lm_head: the 8 output heads."""
+        c = self.config
+        w = self.lm_head.weight  # (padded_vocab, C)
+        audio_end = c.text_vocab_size + tokens.N_AUDIO_LAYERS * c.audio_vocab_size
+        return w[: c.text_vocab_size], w[c.text_vocab_size: audio_end]
+
+    def split_logits(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., padded_vocab) -> text (..., text_vocab) and audio (..., 7, audio_vocab)."""
+        c = self.config
+        audio_end = c.text_vocab_size + tokens.N_AUDIO_LAYERS * c.audio_vocab_size
+        text = logits[..., : c.text_vocab_size]
+        audio = logits[..., c.text_vocab_size: audio_end]
+        return text, audio.unflatten(-1, (tokens.N_AUDIO_LAYERS, c.audio_vocab_size))
+
+    # --- whole sequence ------------------------------------------------------------------------
+    def forward(self, input_ids, audio_embeds=None, whisper_lens=None, return_kv: bool = False):
+        """Full-sequence forward without cache: input_ids (B, 8, S) -> logits (B, S, padded_vocab).
+
+        With return_kv, also returns the per-layer (k, v), each (B, G, S, hs), and the final hidden
+        states (B, S, C) instead of logits — the engine uses this to prefill its cache.
+        """
+        S = input_ids.size(-1)
+        if S > self.config.block_size:
+            raise ValueError(f"sequence of {S} positions exceeds block_size={self.config.block_size}")
+        x = self.embed(input_ids, audio_embeds, whisper_lens)  # (B, S, C)
+        cos, sin = self.rope_cos[:S], self.rope_sin[:S]  # (S, n_elem)
+        kvs = []
+        for block in self.transformer.h:
+            x, k, v = block(x, cos, sin)
+            if return_kv:
+                kvs.append((k, v))
+        x = self.transformer.ln_f(x)  # (B, S, C)
+        if return_kv:
+            return x, kvs
+        return self.lm_head(x)  # (B, S, padded_vocab)
