@@ -16,6 +16,9 @@ with `first_chunk_frames=1` the first chunk leaves after 7 steps (frame 0 comple
 A frame with any special id (>= 4096: pad, eoa, ...) is not a SNAC frame: it is dropped here and
 counted (`meta["dropped"]` on the turn's last chunk), so specials never reach the vocoder.
 
+A tokens frame without data (the backbone's end of a turn whose stop step is not part of the
+answer) only ends the turn.
+
 Output "codes": int64 (F, 7) raw codes, meta {"first_frame": index of the chunk's first frame
 among this turn's emitted frames, "frames_total", "dropped"} (the last two on the last chunk).
 """
@@ -67,6 +70,11 @@ class SnacScheduler(Node):
         if state is None or frame.turn != state.turn:     # a session's next turn starts afresh
             state = self.turns[frame.session] = _Turn(turn=frame.turn)
         if state.closed:               # the turn already ended (eoa seen): later steps carry nothing
+            return
+        if frame.data is None:         # the backbone's end-of-turn frame for a dropped stop step
+            if frame.last:
+                yield from self._chunks(frame, state, flush=True)
+                state.closed = True
             return
         ids = np.asarray(frame.data).reshape(-1)
         if ids.shape != (N_AUDIO_LAYERS + 1,):

@@ -125,3 +125,13 @@ def test_text_stream_does_not_matter():
         f.data[7] = EOT
     np.testing.assert_array_equal(np.concatenate(codes_of(run_node(SnacScheduler(), steps))), frames)
     assert EOA == 4096
+
+
+def test_dataless_last_frame_ends_the_turn():
+    """The backbone ends a turn whose stop step is dropped with a frame that carries no tokens."""
+    frames = random_codes(6)
+    steps = step_frames(delay(frames)[:-1], mark_last=False)       # up to, not including, the eoa step
+    steps.append(Frame(kind="tokens", session="s", seq=len(steps), last=True, meta={"stop": "eoa"}))
+    out = run_node(SnacScheduler({"first_chunk_frames": 4, "chunk_frames": 4}), steps)
+    np.testing.assert_array_equal(np.concatenate(codes_of(out)), frames)
+    assert out.on("codes")[-1].last

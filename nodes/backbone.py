@@ -1,0 +1,187 @@
+"""Backbone node: Mini-Omni hosting many sessions at once, one batched decode step at a time.
+
+Inputs
+    embeds  adapter output of one utterance, float32 (T, n_embd): starts a speech-input turn
+            (task `params.task`, or the frame's meta["task"]).
+    text    a text prompt in meta["text"]: starts a text-input turn (task `params.text_task`, or
+            meta["task"]); tokenized with the checkpoint's tokenizer.json.
+Output
+    tokens  one frame per decode step per session: int64 (8,) = 7 raw audio ids then the text id,
+            meta {"step": 0 for the prefill, 1, 2, ...; "task"}. The turn's final frame has
+            last=True and meta["stop"] = "eoa" | "eot" | "length". When the model stopped by
+            sampling a stop token (eoa for speech, eot for text), that step is not part of the
+            answer (the original does not append it): its frame carries no data (data=None), only
+            the end of the turn.
+
+Scheduling (through `omniflow.model.engine.Engine`): `process()` prefills a new turn at once and
+emits its step 0, so a new utterance joins the running batch at the next `step()`; `step()` runs
+ONE batched decode step for every live session and emits one frame per session. A turn that
+finds no free cache slot waits in a FIFO queue and starts as soon as a session ends — never
+dropped. A new turn of a session that is still answering replaces the old one (barge-in);
+`reset(session)` (the runtime calls it on a control "turn") frees the session's slot.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from omniflow.frame import Frame
+from omniflow.node import Node
+
+DTYPES = ("float32", "bfloat16", "float16")
+SPEECH_TASKS = ("A1A2", "A1A2_SINGLE", "A1T2", "ASR")     # take embeds
+TEXT_TASKS = ("T1A2", "T1T2")                             # take a text prompt
+
+
+@dataclass
+class _Request:
+    """A turn waiting for (or holding) a cache slot."""
+
+    session: str
+    turn: int
+    task: str
+    embeds: Any = None             # torch (T, n_embd) for speech tasks
+    text_ids: list[int] | None = None
+    origin: Frame | None = None    # the input frame: its session/turn/stamps follow every output
+
+
+class Backbone(Node):
+    inputs = {"embeds": "embeds", "text": "text"}
+    outputs = {"tokens": "tokens"}
+
+    class Params(msgspec.Struct, forbid_unknown_fields=True):
+        checkpoint: str | None = None      # Mini-Omni dir (lit_model.pth + model_config.yaml); None: cache
+        task: str = "A1A2"                 # speech input: A1A2 (batch-parallel) | A1A2_SINGLE | A1T2 | ASR
+        text_task: str = "T1A2"            # text input: T1A2 | T1T2
+        dtype: str = "float32"             # float32 (the original) | bfloat16 | float16
+        device: str = "cpu"
+        max_sessions: int = 8              # sessions decoded together; more wait in a queue
+        max_new_tokens: int | None = None  # answer steps incl. the prefill; None: up to block_size
+        temperature: float = 0.9           # the original's sampling: top_k 1 = greedy
+        top_k: int | None = 1
+        top_p: float = 1.0
+        seed: int | None = None
+
+    def __init__(self, params=None, name=None):
+        super().__init__(params, name)
+        p = self.params
+        if p.task not in SPEECH_TASKS:
+            raise ValueError(f"task {p.task!r} does not take speech; task is one of {SPEECH_TASKS} "
+                             f"(text prompts use text_task: {TEXT_TASKS})")
+        if p.text_task not in TEXT_TASKS:
+            raise ValueError(f"text_task {p.text_task!r} must be one of {TEXT_TASKS}")
+        if p.dtype not in DTYPES:
+            raise ValueError(f"dtype {p.dtype!r} must be one of {DTYPES}")
+        if p.max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {p.max_sessions}")
+        self.queue: deque[_Request] = deque()
+        self.live: dict[str, _Request] = {}          # session -> its running turn
+        self._tokenizer = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def setup(self):
+        import torch
+
+        from omniflow import weights
+        from omniflow.model.checkpoint import load_model
+        from omniflow.model.engine import Engine
+        from omniflow.model.sampling import Sampling
+
+        self.ckpt_dir = weights.resolve("miniomni", self.params.checkpoint)
+        weights.warn_if_demo(self.ckpt_dir, self.log)
+        model, self.cfg = load_model(self.ckpt_dir, device=self.params.device,
+                                     dtype=getattr(torch, self.params.dtype))
+        self.engine = Engine(model, max_sessions=self.params.max_sessions)
+        p = self.params
+        self.sampling = Sampling(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:                  # loaded on the first text prompt only
+            from omniflow.model.tokenizer import Tokenizer
+            self._tokenizer = Tokenizer.from_dir(self.ckpt_dir)
+        return self._tokenizer
+
+    # --- inputs ------------------------------------------------------------------------------
+    def process(self, port, frame: Frame):
+        running = self.live.get(frame.session)
+        if running is not None and frame.turn < running.turn:
+            return                                   # a late frame of an older turn
+        request = self._request(port, frame)
+        self._cancel(frame.session)                  # a new turn replaces whatever the session had
+        self.queue.append(request)
+        yield from self._admit()
+
+    def _request(self, port: str, frame: Frame) -> _Request:
+        import torch
+
+        task = frame.meta.get("task") or (self.params.task if port == "embeds" else self.params.text_task)
+        allowed = SPEECH_TASKS if port == "embeds" else TEXT_TASKS
+        if task not in allowed:
+            raise ValueError(f"session {frame.session!r}: task {task!r} on the {port!r} input; "
+                             f"that input takes tasks {allowed}")
+        req = _Request(frame.session, frame.turn, task, origin=frame)
+        if port == "embeds":
+            embeds = np.asarray(frame.data)
+            if embeds.ndim != 2 or embeds.shape[1] != self.cfg.n_embd or len(embeds) == 0:
+                raise ValueError(f"session {frame.session!r}: embeds of shape {embeds.shape}; expected "
+                                 f"(T >= 1, {self.cfg.n_embd}): the adapter output of this checkpoint")
+            room = self.cfg.block_size - 4               # the prompt adds 3 positions, 1 step must fit
+            if len(embeds) > room:
+                raise ValueError(f"session {frame.session!r}: {len(embeds)} whisper frames do not fit the "
+                                 f"model's context (block_size {self.cfg.block_size}): at most {room}")
+            req.embeds = torch.from_numpy(np.array(embeds, dtype=np.float32))     # (T, n_embd), writable copy
+        else:
+            text = frame.meta.get("text")
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"session {frame.session!r}: a text prompt needs a non-empty "
+                                 f"meta['text'], got {text!r}")
+            req.text_ids = self.tokenizer.encode(text)
+        return req
+
+    # --- scheduling --------------------------------------------------------------------------
+    def _has_room(self, task: str) -> bool:
+        from omniflow.model.prompts import get_task
+        eng = self.engine
+        return len(eng.sessions) < eng.max_sessions and eng.n_rows + len(get_task(task).rows) <= eng.max_rows
+
+    def _admit(self):
+        """Prefill queued turns while the engine has room; each emits its step-0 tokens."""
+        while self.queue and self._has_room(self.queue[0].task):
+            req = self.queue.popleft()
+            out = self.engine.start(req.session, req.task, embeds=req.embeds, text_ids=req.text_ids,
+                                    sampling=self.sampling, max_new_tokens=self.params.max_new_tokens)
+            req.embeds = None                        # the prompt is in the KV cache now
+            self.live[req.session] = req
+            yield self._emit(req, out)
+
+    def has_work(self) -> bool:
+        return bool(self.live)
+
+    def step(self):
+        for session, out in self.engine.step().items():
+            yield self._emit(self.live[session], out)
+        yield from self._admit()
+
+    def _emit(self, req: _Request, out) -> tuple[str, Frame]:
+        meta: dict[str, Any] = {"step": out.step, "task": req.task}
+        data = np.asarray(out.tokens, dtype=np.int64)                      # (8,) 7 audio + text
+        if out.done:
+            meta["stop"] = out.stop
+            self.live.pop(req.session, None)          # the engine already freed its slot
+            if not out.kept:
+                data = None                           # the stop token is not part of the answer
+        return "tokens", req.origin.follow("tokens", data, seq=out.step, meta=meta, last=out.done)
+
+    def _cancel(self, session: str) -> None:
+        self.queue = deque(r for r in self.queue if r.session != session)
+        if self.live.pop(session, None) is not None:
+            self.engine.stop(session)
+
+    def reset(self, session: str):
+        self._cancel(session)
+        return ()

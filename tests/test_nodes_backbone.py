@@ -1,0 +1,132 @@
+"""Backbone: many sessions through one batched engine, each getting exactly its solo tokens."""
+import numpy as np
+import pytest
+import torch
+
+from nodes.backbone import Backbone
+from omniflow import weights
+from omniflow.frame import Frame
+from omniflow.model.checkpoint import load_model
+from omniflow.model.engine import Engine
+from omniflow.model.tokenizer import Tokenizer
+from omniflow.testing import run_node
+
+STEPS = 12                    # answer length per turn (max_new_tokens): enough for 5 SNAC frames
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return weights.write_demo_miniomni(tmp_path_factory.mktemp("miniomni"), size="tiny")
+
+
+@pytest.fixture(scope="module")
+def n_embd(ckpt):
+    return load_model(ckpt)[1].n_embd
+
+
+def embeds_frame(n_embd, session="s", turn=0, frames=20, seed=0, **meta):
+    data = np.random.default_rng(seed).standard_normal((frames, n_embd)).astype(np.float32)
+    return ("embeds", Frame(kind="embeds", session=session, turn=turn, data=data, meta=meta, last=True))
+
+
+def direct_tokens(ckpt, task, embeds=None, text_ids=None, steps=STEPS) -> list[list[int]]:
+    """The model called directly, one session alone: what the graph must reproduce."""
+    model, _ = load_model(ckpt)
+    eng = Engine(model, max_sessions=1)
+    emb = None if embeds is None else torch.from_numpy(embeds)
+    outs = [eng.start("x", task, embeds=emb, text_ids=text_ids, max_new_tokens=steps)]
+    while not outs[-1].done:
+        outs += eng.step().values()
+    return [o.tokens for o in outs if o.kept]
+
+
+def tokens_of(out, session):
+    return [f.data.tolist() for f in out.on("tokens") if f.session == session and f.data is not None]
+
+
+def backbone(ckpt, **params):
+    return Backbone({"checkpoint": str(ckpt), "max_new_tokens": STEPS, **params})
+
+
+def test_one_session_equals_the_model_called_directly(ckpt, n_embd):
+    port, frame = embeds_frame(n_embd)
+    out = run_node(backbone(ckpt), [(port, frame)])
+    assert tokens_of(out, "s") == direct_tokens(ckpt, "A1A2", embeds=frame.data)
+    frames = out.on("tokens")
+    assert [f.meta["step"] for f in frames] == list(range(len(frames)))
+    assert frames[-1].last and not any(f.last for f in frames[:-1])
+    assert frames[-1].meta["stop"] in ("eoa", "length")
+
+
+def test_two_sessions_at_once_get_exactly_their_solo_tokens(ckpt, n_embd):
+    a, b = embeds_frame(n_embd, "a", seed=1, frames=15), embeds_frame(n_embd, "b", seed=2, frames=30)
+    out = run_node(backbone(ckpt), [a, b])
+    assert tokens_of(out, "a") == direct_tokens(ckpt, "A1A2", embeds=a[1].data)
+    assert tokens_of(out, "b") == direct_tokens(ckpt, "A1A2", embeds=b[1].data)
+
+
+def test_a_session_joins_the_running_batch_at_the_next_step(ckpt, n_embd):
+    node = backbone(ckpt)
+    node.setup()
+    a, b = embeds_frame(n_embd, "a", seed=1), embeds_frame(n_embd, "b", seed=2)
+    log = list(node.process(*a))                       # a's prefill
+    for _ in range(3):
+        log += node.step()                             # a decodes alone
+    log += node.process(*b)                            # b arrives mid-answer: prefilled now
+    first_batched = list(node.step())
+    assert {f.session for _, f in first_batched} == {"a", "b"}      # one step serves both
+    while node.has_work():
+        log += first_batched
+        first_batched = list(node.step())
+    log += first_batched
+    got = {s: [f.data.tolist() for _, f in log if f.session == s and f.data is not None] for s in "ab"}
+    assert got["a"] == direct_tokens(ckpt, "A1A2", embeds=a[1].data)
+    assert got["b"] == direct_tokens(ckpt, "A1A2", embeds=b[1].data)
+
+
+def test_sessions_beyond_capacity_wait_and_are_never_dropped(ckpt, n_embd):
+    frames = [embeds_frame(n_embd, f"s{i}", seed=i) for i in range(3)]
+    out = run_node(backbone(ckpt, max_sessions=1), frames)
+    for i, (_, f) in enumerate(frames):
+        assert tokens_of(out, f"s{i}") == direct_tokens(ckpt, "A1A2", embeds=f.data)
+    # one session at a time: s1 starts only after s0's last frame
+    order = [f.session for f in out.on("tokens")]
+    assert order.index("s1") > max(i for i, s in enumerate(order) if s == "s0")
+
+
+def test_barge_in_stops_the_old_turn(ckpt, n_embd):
+    node = backbone(ckpt)
+    node.setup()
+    old = list(node.process(*embeds_frame(n_embd, "s", turn=0, seed=1)))
+    old += node.step()
+    node.reset("s")                                   # the runtime's reaction to a control "turn"
+    assert not node.has_work() and "s" not in node.engine
+    new_port, new = embeds_frame(n_embd, "s", turn=1, seed=2)
+    frames = list(node.process(new_port, new))
+    while node.has_work():
+        frames += node.step()
+    assert {f.turn for _, f in frames} == {1}
+    assert [f.data.tolist() for _, f in frames if f.data is not None] == \
+        direct_tokens(ckpt, "A1A2", embeds=new.data)
+
+
+def test_text_prompt_and_per_frame_task(ckpt, n_embd):
+    prompt = "What is the capital of France?"
+    text = ("text", Frame(kind="text", session="t", meta={"text": prompt, "task": "T1T2"}, last=True))
+    asr = embeds_frame(n_embd, "r", task="ASR")
+    out = run_node(backbone(ckpt), [text, asr])
+    ids = Tokenizer.from_dir(ckpt).encode(prompt)
+    assert tokens_of(out, "t") == direct_tokens(ckpt, "T1T2", text_ids=ids)
+    assert tokens_of(out, "r") == direct_tokens(ckpt, "ASR", embeds=asr[1].data)
+    assert {f.meta["task"] for f in out.on("tokens") if f.session == "r"} == {"ASR"}
+
+
+def test_bad_inputs_name_the_problem(ckpt, n_embd):
+    with pytest.raises(ValueError, match="expected \\(T >= 1, 64\\)"):
+        run_node(backbone(ckpt), [("embeds", Frame(kind="embeds", data=np.zeros((5, 3), np.float32)))])
+    with pytest.raises(ValueError, match="non-empty meta\\['text'\\]"):
+        run_node(backbone(ckpt), [("text", Frame(kind="text", meta={"text": " "}))])
+    with pytest.raises(ValueError, match="that input takes tasks"):
+        run_node(backbone(ckpt), [embeds_frame(n_embd, task="T1A2")])
+    with pytest.raises(ValueError, match="does not take speech"):
+        Backbone({"task": "T1T2"})
