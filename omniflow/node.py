@@ -35,6 +35,10 @@ class Node:
     inputs: ClassVar[dict[str, str]] = {}      # port name -> frame kind (see frame.KINDS)
     outputs: ClassVar[dict[str, str]] = {}
     Params: ClassVar[type] = NoParams          # msgspec Struct; validated from the graph's params
+    # Barge-in: the runtime drops input frames of a session's older turns before `process`. A node
+    # that starts turns itself from a continuous, turn-less stream (the VAD hearing a microphone)
+    # sets this False, or it would go deaf to that stream after its first new turn.
+    drop_old_turns: ClassVar[bool] = True
 
     def __init__(self, params: Any = None, name: str | None = None):
         if params is None:

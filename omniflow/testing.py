@@ -77,7 +77,7 @@ def run_node(node: Node, frames: Iterable[Frame | Output] = (), *, port: str | N
         if p not in node.inputs:
             raise KeyError(f"{type(node).__name__} has no input port {p!r}; "
                            f"declared: {sorted(node.inputs)}")
-        if f.turn < current_turn.get(f.session, -1):
+        if node.drop_old_turns and f.turn < current_turn.get(f.session, -1):
             continue                     # an older turn of this session: dropped on arrival
         collect(node.process(p, _wire(f) if wire else f))
         run_steps()

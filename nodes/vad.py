@@ -1,0 +1,222 @@
+"""Voice activity detection: a PCM stream in, whole utterances out, and barge-in on the control channel.
+
+Silero VAD (the `silero-vad` package's ONNX model, shipped inside the package) scores every 32 ms
+window (512 samples at 16 kHz) with a speech probability. The segmentation rules are the ones of
+silero's `VADIterator`, plus a minimum speech length and a maximum utterance length:
+
+* speech starts at the first window with p >= threshold; the utterance begins `speech_pad_ms` earlier;
+* speech ends after `min_silence_ms` of windows with p < threshold - 0.15 (silero's hysteresis);
+  the utterance ends `speech_pad_ms` after the first silent window;
+* utterances whose speech (without pads) is shorter than `min_speech_ms` are dropped (coughs, clicks);
+* an utterance reaching `max_utterance_s` is cut there and the next one starts at once;
+* at end of stream (or a pcm frame with last=True), an utterance in progress is flushed.
+
+Barge-in: each session's first utterance is turn N (the pcm stream's turn). Every later utterance
+of the session is a new turn N+1, announced with `(CONTROL, Frame(kind="control", turn=N+1,
+meta={"op": "turn"}))` as soon as its speech is confirmed (`min_speech_ms` of it heard), so the
+runtime cancels the old answer everywhere while the user is still talking; the utterance itself
+follows, stamped with turn N+1, when the speech ends.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgspec
+import numpy as np
+
+from omniflow.frame import Frame
+from omniflow.node import CONTROL, Node
+
+RATE = 16000                 # Hz: silero VAD's and whisper's input rate
+WINDOW = 512                 # samples per VAD decision at 16 kHz (32 ms), fixed by the model
+CONTEXT = 64                 # samples of the previous window the model sees with each window
+STATE_SHAPE = (2, 1, 128)    # the model's recurrent state
+HYSTERESIS = 0.15            # speech ends below threshold - 0.15 (silero's VADIterator)
+
+
+class SileroModel:
+    """The ONNX Silero VAD, stateless here: each stream passes its own (state, context)."""
+
+    def __init__(self) -> None:
+        from silero_vad import load_silero_vad
+
+        self.session = load_silero_vad(onnx=True).session      # onnxruntime.InferenceSession
+        self.sr = np.array(RATE, dtype=np.int64)
+
+    def prob(self, window: np.ndarray, stream: "StreamState") -> float:
+        """Speech probability of one (512,) float32 window; advances `stream`'s state and context."""
+        x = np.concatenate([stream.context, window])[None]               # (1, 576)
+        out, stream.rnn = self.session.run(None, {"input": x, "state": stream.rnn, "sr": self.sr})
+        stream.context = window[-CONTEXT:].copy()
+        return float(out.reshape(-1)[0])
+
+
+@dataclass
+class StreamState:
+    """One session's VAD state: explicit, so a reset is just a new object."""
+    rnn: np.ndarray = field(default_factory=lambda: np.zeros(STATE_SHAPE, np.float32))
+    context: np.ndarray = field(default_factory=lambda: np.zeros(CONTEXT, np.float32))
+    pending: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # < 1 window, unscored
+    audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))    # scored audio kept
+    audio_start: int = 0          # stream position (samples) of audio[0]
+    position: int = 0             # samples scored so far
+    triggered: bool = False
+    speech_start: int = 0         # first speech window's start
+    silence_start: int = 0        # start of the current run of silent windows (0: none)
+    announced: bool = False       # barge-in control already sent for the utterance in progress
+    resampler: object | None = None
+    rate: int = RATE
+
+
+@dataclass
+class Segment:
+    start: int                    # samples, stream position, pads included
+    end: int
+    speech_ms: float              # speech without pads
+
+
+class SileroVAD(Node):
+    inputs = {"audio": "pcm"}
+    outputs = {"utterance": "utterance"}
+    drop_old_turns = False        # the pcm stream has no turns: the VAD is where they begin
+
+    class Params(msgspec.Struct, forbid_unknown_fields=True):
+        threshold: float = 0.5              # speech probability above which a window is speech
+        min_speech_ms: float = 250          # shorter speech is ignored (and never barges in)
+        min_silence_ms: float = 600         # end-of-speech silence that closes an utterance
+        speech_pad_ms: float = 100          # audio kept before and after the speech
+        max_utterance_s: float = 30         # whisper's window: longer speech is cut here
+
+    def setup(self) -> None:
+        p = self.params
+        if not 0 < p.threshold < 1:
+            raise ValueError(f"vad threshold={p.threshold} must be between 0 and 1 (silero's default is 0.5)")
+        if p.max_utterance_s <= 0 or p.min_silence_ms < 0 or p.min_speech_ms < 0 or p.speech_pad_ms < 0:
+            raise ValueError("vad durations must be >= 0 (and max_utterance_s > 0)")
+        self.model = SileroModel()
+        self.streams: dict[str, StreamState] = {}
+        self.turns: dict[str, int] = {}          # session -> turn of its latest utterance
+        self.count: dict[str, int] = {}          # session -> utterances emitted
+        ms = RATE / 1000
+        self.pad = int(p.speech_pad_ms * ms)
+        self.min_silence = int(p.min_silence_ms * ms)
+        self.min_speech = int(p.min_speech_ms * ms)
+        self.max_len = int(p.max_utterance_s * RATE)
+
+    # --- input ------------------------------------------------------------------------------
+    def process(self, port, frame: Frame):
+        s = self.streams.get(frame.session)
+        if s is None:
+            s = self.streams[frame.session] = StreamState()
+            self.turns.setdefault(frame.session, frame.turn)
+        audio = self._to_16k(frame, s)
+        s.pending = np.concatenate([s.pending, audio])
+        n = len(s.pending) // WINDOW * WINDOW
+        windows, s.pending = s.pending[:n], s.pending[n:]
+        for i in range(0, n, WINDOW):
+            yield from self._score(frame, s, windows[i:i + WINDOW])
+        if frame.last:
+            yield from self._flush(frame, s)
+
+    def finish(self):
+        for session, s in list(self.streams.items()):
+            yield from self._flush(Frame(kind="pcm", session=session, turn=self.turns[session]), s)
+
+    def reset(self, session: str):
+        # The VAD is where turns begin: a new turn (its own barge-in, or a client's) must not throw
+        # away the speech being heard right now, so there is nothing to forget here.
+        return ()
+
+    def _to_16k(self, frame: Frame, s: StreamState) -> np.ndarray:
+        audio = np.asarray(frame.data)
+        if audio.dtype == np.int16:
+            audio = audio.astype(np.float32) / 32768.0
+        audio = audio.astype(np.float32, copy=False)
+        if audio.ndim == 2:                               # (N, channels) -> mono
+            audio = audio.mean(axis=1)
+        rate = int(frame.meta.get("rate", RATE))
+        if rate != RATE:
+            import soxr
+            if s.resampler is None or s.rate != rate:
+                s.resampler, s.rate = soxr.ResampleStream(rate, RATE, 1, dtype="float32"), rate
+            audio = s.resampler.resample_chunk(audio, last=frame.last)
+        return np.asarray(audio, np.float32)
+
+    # --- segmentation -----------------------------------------------------------------------
+    def _score(self, frame: Frame, s: StreamState, window: np.ndarray):
+        prob = self.model.prob(window, s)
+        start, s.position = s.position, s.position + WINDOW
+        s.audio = np.concatenate([s.audio, window])
+        p = self.params
+        if prob >= p.threshold:
+            s.silence_start = 0
+            if not s.triggered:
+                s.triggered, s.speech_start, s.announced = True, start, False
+        elif prob < p.threshold - HYSTERESIS and s.triggered:
+            if not s.silence_start:
+                s.silence_start = start
+            if s.position - s.silence_start >= self.min_silence:
+                yield from self._close(frame, s, s.silence_start)
+        if s.triggered:
+            speech_end = s.silence_start or s.position
+            if not s.announced and speech_end - s.speech_start >= self.min_speech:
+                yield from self._announce(frame, s)
+            cut = self._utterance_start(s) + self.max_len
+            if s.position >= cut:
+                self.log.warning("session %s: utterance reached max_utterance_s=%s; cut there, the rest "
+                                 "is the next utterance (a new turn)", frame.session, p.max_utterance_s)
+                silence_start = s.silence_start
+                yield from self._close(frame, s, cut, pad_after=False)
+                # the rest starts exactly at the cut: no front pad, no overlap with this utterance
+                # (a silence already running before the cut keeps counting: it ends the rest as empty)
+                s.triggered, s.speech_start, s.announced = True, cut, False
+                s.silence_start = silence_start
+                s.audio, s.audio_start = s.audio[cut - s.audio_start:], cut
+        if not s.triggered:                  # keep only what a future utterance's front pad needs
+            keep = self.pad + WINDOW
+            if len(s.audio) > keep:
+                s.audio_start += len(s.audio) - keep
+                s.audio = s.audio[-keep:]
+
+    def _announce(self, frame: Frame, s: StreamState):
+        """Confirmed speech: a session's second and later utterances start a new turn now."""
+        s.announced = True
+        session = frame.session
+        if self.count.get(session, 0) > 0:
+            self.turns[session] += 1
+            yield CONTROL, Frame(kind="control", session=session, turn=self.turns[session],
+                                 meta={"op": "turn", "reason": "barge-in"}).stamp("vad")
+
+    def _utterance_start(self, s: StreamState) -> int:
+        return max(s.audio_start, s.speech_start - self.pad)
+
+    def _close(self, frame: Frame, s: StreamState, speech_end: int, pad_after: bool = True):
+        seg = Segment(start=self._utterance_start(s),
+                      end=min(s.position, speech_end + (self.pad if pad_after else 0)),
+                      speech_ms=(speech_end - s.speech_start) / RATE * 1000)
+        s.triggered, s.silence_start = False, 0
+        if speech_end - s.speech_start < self.min_speech:
+            return
+        if not s.announced:
+            yield from self._announce(frame, s)
+        audio = s.audio[seg.start - s.audio_start: seg.end - s.audio_start].copy()
+        session = frame.session
+        self.count[session] = self.count.get(session, 0) + 1
+        meta = {"rate": RATE, "start_s": seg.start / RATE, "end_s": seg.end / RATE,
+                "speech_ms": seg.speech_ms}
+        out = Frame(kind="utterance", session=session, turn=self.turns[session],
+                    seq=self.count[session] - 1, last=True, stamps=list(frame.stamps), data=audio, meta=meta)
+        yield "utterance", out.stamp("vad")
+
+    def _flush(self, frame: Frame, s: StreamState):
+        """End of the stream: score the partial window (zero-padded) and close speech in progress."""
+        if len(s.pending):
+            tail = len(s.pending)
+            window = np.concatenate([s.pending, np.zeros(WINDOW - tail, np.float32)])
+            s.pending = np.zeros(0, np.float32)
+            yield from self._score(frame, s, window)
+            s.position -= WINDOW - tail                   # the zero padding is not audio
+            s.audio = s.audio[: len(s.audio) - (WINDOW - tail)]
+        if s.triggered:
+            yield from self._close(frame, s, s.silence_start or s.position)
+        self.streams.pop(frame.session, None)

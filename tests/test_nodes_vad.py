@@ -1,0 +1,143 @@
+"""nodes.vad: real speech (espeak-ng) in, utterances with plausible boundaries out; barge-in turns."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+
+from nodes.vad import SileroVAD
+from omniflow.frame import Frame
+from omniflow.node import CONTROL
+from omniflow.testing import run_node
+
+RATE = 16000
+TOLERANCE_S = 0.150
+PHRASES = ["What is the capital of France?", "Tell me a joke please."]
+
+
+def speak(text: str, tmp_path) -> np.ndarray:
+    path = tmp_path / f"{abs(hash(text))}.wav"
+    subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(path), text], check=True, capture_output=True)
+    audio, rate = sf.read(path, dtype="float32")
+    return soxr.resample(audio, rate, RATE).astype(np.float32)
+
+
+def speech_extent(audio: np.ndarray) -> tuple[int, int]:
+    """First and last sample louder than -40 dB of the peak: where the voice really is."""
+    loud = np.flatnonzero(np.abs(audio) > 0.01 * np.abs(audio).max())
+    return int(loud[0]), int(loud[-1]) + 1
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * RATE), np.float32)
+
+
+@pytest.fixture(scope="module")
+def dialogue(tmp_path_factory):
+    """0.5 s silence, phrase 1, 1.5 s silence, phrase 2, 1 s silence; and the true speech extents (s)."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install -y espeak-ng): it speaks the test audio")
+    tmp = tmp_path_factory.mktemp("speech")
+    parts, truth, pos = [silence(0.5)], [], int(0.5 * RATE)
+    for i, text in enumerate(PHRASES):
+        voice = speak(text, tmp)
+        a, b = speech_extent(voice)
+        truth.append(((pos + a) / RATE, (pos + b) / RATE))
+        parts.append(voice)
+        pos += len(voice)
+        gap = silence(1.5 if i == 0 else 1.0)
+        parts.append(gap)
+        pos += len(gap)
+    return np.concatenate(parts), truth
+
+
+def chunks(audio: np.ndarray, size: int, session: str = "default", rate: int = RATE):
+    n = len(audio)
+    return [Frame(kind="pcm", session=session, seq=i, data=audio[s:s + size], meta={"rate": rate},
+                  last=s + size >= n) for i, s in enumerate(range(0, n, size))]
+
+
+def test_two_phrases_give_two_utterances_with_plausible_boundaries(dialogue):
+    audio, truth = dialogue
+    out = run_node(SileroVAD(), chunks(audio, 480))
+    utts = out.on("utterance")
+    assert len(utts) == 2
+    pad = SileroVAD.Params().speech_pad_ms / 1000
+    for utt, (start, end) in zip(utts, truth):
+        assert utt.meta["start_s"] == pytest.approx(start - pad, abs=TOLERANCE_S)
+        assert utt.meta["end_s"] == pytest.approx(end + pad, abs=TOLERANCE_S)
+        assert len(utt.data) == round((utt.meta["end_s"] - utt.meta["start_s"]) * RATE)
+        s = round(utt.meta["start_s"] * RATE)
+        np.testing.assert_array_equal(utt.data, audio[s:s + len(utt.data)])     # the input's own samples
+        assert utt.last and utt.meta["rate"] == RATE
+
+
+def test_second_utterance_is_a_new_turn_announced_while_it_is_spoken(dialogue):
+    audio, truth = dialogue
+    node = SileroVAD()
+    node.setup()
+    events = []                                          # (stream time in s when emitted, port, frame)
+    for f in chunks(audio, 320):
+        for port, frame in node.process("audio", f):
+            events.append(((f.seq + 1) * 320 / RATE, port, frame))
+    assert [(p, fr.turn) for _, p, fr in events] == [("utterance", 0), (CONTROL, 1), ("utterance", 1)]
+    (t_control, _, control), (t_utt, _, _) = events[1], events[2]
+    assert control.meta["op"] == "turn" and control.kind == "control"
+    second_start, second_end = truth[1]
+    assert second_start < t_control < second_end          # barge-in while the user is still talking
+    assert t_utt > second_end
+
+
+def test_chunk_size_and_input_format_do_not_change_the_result(dialogue):
+    audio, _ = dialogue
+    ref = [(u.meta["start_s"], u.meta["end_s"]) for u in run_node(SileroVAD(), chunks(audio, 512)).on("utterance")]
+    odd = [(u.meta["start_s"], u.meta["end_s"]) for u in run_node(SileroVAD(), chunks(audio, 1234)).on("utterance")]
+    assert odd == ref
+    pcm16_8k = (soxr.resample(audio, RATE, 8000) * 32767).astype(np.int16)       # int16 at 8 kHz
+    low = [(u.meta["start_s"], u.meta["end_s"])
+           for u in run_node(SileroVAD(), chunks(pcm16_8k, 800, rate=8000)).on("utterance")]
+    assert len(low) == 2
+    for (a, b), (c, d) in zip(low, ref):
+        assert abs(a - c) < 0.1 and abs(b - d) < 0.1
+
+
+@pytest.mark.parametrize("kind", ["silence", "noise"])
+def test_no_speech_gives_no_utterance(kind):
+    rng = np.random.default_rng(0)
+    audio = silence(4.0) if kind == "silence" else (0.05 * rng.standard_normal(4 * RATE)).astype(np.float32)
+    out = run_node(SileroVAD(), chunks(audio, 1600))
+    assert out == []
+
+
+def test_speech_in_progress_is_flushed_at_end_of_stream(dialogue):
+    audio, truth = dialogue
+    cut = int((truth[0][1] - 0.1) * RATE)                  # the stream ends while phrase 1 is spoken
+    frames = chunks(audio[:cut], 512)
+    frames[-1].last = False                                # no last flag: only finish() can flush
+    utts = run_node(SileroVAD(), frames).on("utterance")
+    assert len(utts) == 1 and utts[0].meta["end_s"] == pytest.approx(cut / RATE, abs=0.04)
+
+
+def test_sessions_are_segmented_independently(dialogue):
+    audio, _ = dialogue
+    a, b = chunks(audio, 800, "alice"), chunks(audio, 800, "bob")
+    interleaved = [f for pair in zip(a, b) for f in pair]
+    out = run_node(SileroVAD(), interleaved)
+    for who in ("alice", "bob"):
+        assert [u.turn for u in out.on("utterance") if u.session == who] == [0, 1]
+
+
+def test_long_speech_is_cut_at_max_utterance(dialogue):
+    audio, truth = dialogue
+    out = run_node(SileroVAD({"max_utterance_s": 1.0, "min_speech_ms": 100}), chunks(audio, 512))
+    utts = out.on("utterance")
+    assert len(utts) >= 3 and all(len(u.data) <= RATE for u in utts)
+
+
+def test_bad_params_are_refused():
+    with pytest.raises(ValueError, match="threshold"):
+        SileroVAD({"threshold": 1.5}).setup()
