@@ -132,13 +132,15 @@ class TextSink(Node):
     inputs = {"text": "text", "tokens": "tokens"}
 
     class Params(msgspec.Struct, forbid_unknown_fields=True):
-        mode: Literal["print", "file", "jsonl"] = "print"
-        path: str | None = None            # file / jsonl: where to append; "{session}" is replaced
+        mode: Literal["print", "file", "jsonl"] | None = None   # None: jsonl for *.jsonl, file for
+        path: str | None = None            # another path, else print. "{session}" in path is replaced
         checkpoint: str | None = None      # tokenizer for the `tokens` input; None: the cache
         stream: bool = True                # print: show pieces as they come (else whole turns)
 
     def setup(self) -> None:
         p = self.params
+        if p.mode is None:
+            p.mode = "print" if not p.path else "jsonl" if p.path.endswith(".jsonl") else "file"
         if p.mode != "print" and not p.path:
             raise ValueError(f"TextSink mode {p.mode!r} needs params.path (e.g. out/{{session}}.txt)")
         self.detok = None

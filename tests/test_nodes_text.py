@@ -78,7 +78,7 @@ def test_sink_file_gets_one_line_per_turn(tmp_path):
     frames = [Frame(kind="text", session="a", meta={"text": "Hello "}),
               Frame(kind="text", session="a", meta={"text": "world."}, last=True),
               Frame(kind="text", session="b", meta={"text": "Other."}, last=True)]
-    run_node(TextSink({"mode": "file", "path": str(tmp_path / "{session}.txt")}), frames, port="text")
+    run_node(TextSink({"path": str(tmp_path / "{session}.txt")}), frames, port="text")     # mode inferred
     assert (tmp_path / "a.txt").read_text() == "Hello world.\n"
     assert (tmp_path / "b.txt").read_text() == "Other.\n"
 
@@ -89,7 +89,7 @@ def test_sink_jsonl_has_timestamped_pieces_and_marks_barge_in(tmp_path):
               Frame(kind="control", session="a", turn=1, meta={"op": "turn"}),     # user barged in
               Frame(kind="text", session="a", turn=0, meta={"text": " is late"}),  # old turn: dropped
               Frame(kind="text", session="a", turn=1, meta={"text": "New."}, last=True)]
-    run_node(TextSink({"mode": "jsonl", "path": str(path)}), frames, port="text")
+    run_node(TextSink({"path": str(path)}), frames, port="text")                           # mode inferred
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(r.get("turn"), r["text"] if "text" in r else None, r.get("interrupted", False)) for r in records] == [
         (0, "The answer", False), (None, "The answer", True), (1, "New.", False), (1, "New.", False)]
