@@ -31,16 +31,15 @@ import numpy as np
 import torch
 
 from omniflow.model.delay import MAX_DELAY, delay
-from omniflow.model.tokens import (ANSWER_A, ANSWER_T, ASR, EOA, EOT, INPUT_A, INPUT_T, N_AUDIO_LAYERS,
-                                   N_STREAMS, PAD_A, PAD_T, TEXT_STREAM, layershift)
+from omniflow.model.prompts import build_input_ids
+from omniflow.model.tokens import EOT, N_AUDIO_LAYERS, N_STREAMS, PAD_A, PAD_T, TEXT_STREAM, layershift
 
 from .data.manifest import AUDIO_INPUT_TASKS, AUDIO_OUTPUT_TASKS, TASKS
 
 AUDIO = slice(0, N_AUDIO_LAYERS)             # streams 0..6 in every (8, …) tensor
 PAD_STEP = [PAD_A] * N_AUDIO_LAYERS + [PAD_T]   # raw ids of an empty step (7 audio, text)
-# The answer trigger written in the last prompt position, per task: (audio streams, text stream).
-TRIGGERS = {"A1A2": (ANSWER_A, ANSWER_T), "A1T2": (PAD_A, ANSWER_T), "ASR": (PAD_A, ASR),
-            "T1A2": (ANSWER_A, ANSWER_T), "T1T2": (PAD_A, ANSWER_T)}
+# Training task -> the inference task whose prompt row it trains.
+INFERENCE_TASK = {"A1A2": "A1A2_SINGLE"}
 
 
 @dataclass(frozen=True)
@@ -80,23 +79,13 @@ def shift_audio(raw: torch.Tensor) -> torch.Tensor:
 
 
 def build_prompt(task: str, n_audio_frames: int | None = None, text_ids=None) -> torch.Tensor:
-    """(8, P) raw ids of a task's prompt (REFERENCE.md §3): audio input -> P = T + 3, text -> L + 3."""
+    """(8, P) model input ids of a task's prompt, built by the inference code itself
+    (`omniflow.model.prompts`), so training and decoding cannot disagree on it. A1A2 trains the
+    single speaking row; the two-row batch trick is inference-only (mini-omni2 issue #29)."""
     _check_task(task)
-    trig_a, trig_t = TRIGGERS[task]
-    if task in AUDIO_INPUT_TASKS:
-        if not n_audio_frames or n_audio_frames < 1:
-            raise ValueError(f"{task} needs n_audio_frames >= 1 (whisper frames of the spoken prompt)")
-        t = n_audio_frames
-        audio = [INPUT_A] + [PAD_A] * t + [EOA, trig_a]
-        text = [INPUT_T] + [PAD_T] * t + [EOT, trig_t]
-    else:
-        ids = [int(i) for i in (text_ids if text_ids is not None else [])]
-        if not ids:
-            raise ValueError(f"{task} needs a non-empty text prompt (text_ids)")
-        audio = [PAD_A] * (len(ids) + 2) + [trig_a]
-        text = [INPUT_T] + ids + [EOT, trig_t]
-    grid = torch.tensor([audio] * N_AUDIO_LAYERS + [text], dtype=torch.long)   # (8, P)
-    return grid
+    if text_ids is not None:
+        text_ids = [int(i) for i in text_ids]
+    return build_input_ids(INFERENCE_TASK.get(task, task), n_audio_frames, text_ids)[0]   # (8, P)
 
 
 def build_answer(task: str, text_ids, codes=None) -> tuple[torch.Tensor, int, int]:
@@ -122,17 +111,17 @@ def build_sequence(task: str, answer_text, *, prompt_text=None, n_audio_frames: 
                    codes=None, policy: LossPolicy | None = None) -> TrainSequence:
     """One sample -> TrainSequence (see the module docstring for the layout)."""
     policy = policy or LossPolicy()
-    prompt = build_prompt(task, n_audio_frames, prompt_text)               # (8, P)
-    answer, text_steps, audio_steps = build_answer(task, answer_text, codes)  # (8, N)
+    prompt = build_prompt(task, n_audio_frames, prompt_text)               # (8, P) shifted ids
+    answer, text_steps, audio_steps = build_answer(task, answer_text, codes)  # (8, N) raw ids
     p, n = prompt.shape[1], answer.shape[1]
-    raw_inputs = torch.cat([prompt, answer[:, :n - 1]], dim=1)            # (8, S), S = P + N - 1
+    input_ids = torch.cat([prompt, shift_audio(answer[:, :n - 1])], dim=1)  # (8, S), S = P + N - 1
     targets = torch.cat([torch.tensor(PAD_STEP)[:, None].repeat(1, p - 1), answer], dim=1)  # (8, S)
     mask = torch.zeros_like(targets, dtype=torch.bool)
     if task in policy.text:
         mask[TEXT_STREAM, p - 1:p - 1 + text_steps] = True
     if task in policy.audio and audio_steps:
         mask[AUDIO, p - 1:p - 1 + audio_steps] = True
-    return TrainSequence(input_ids=shift_audio(raw_inputs), targets=targets, loss_mask=mask,
+    return TrainSequence(input_ids=input_ids, targets=targets, loss_mask=mask,
                          prompt_len=p, whisper_len=n_audio_frames if task in AUDIO_INPUT_TASKS else 0,
                          answer_len=n)
 

@@ -1,0 +1,60 @@
+"""Small checkpoints in the official formats, for tests and benchmarks (no model hub needed).
+
+The vocabulary layout is always the real one (181120 rows: the token ids require it); only the
+trunk is scaled. Whisper and SNAC come from `omniflow.weights`' demo writers (same file formats
+as openai-whisper's `small.pt` and `hubertsiuzdak/snac_24khz`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from omniflow.model.checkpoint import save_checkpoint
+from omniflow.model.config import Config
+from omniflow.model.gpt import MiniOmni
+
+# n_embd 16-32 and 1-2 layers train in seconds on 2 CPU cores; block_size bounds RoPE tables.
+TINY_TRUNK = dict(n_layer=1, n_embd=32, n_head=4, n_query_groups=2, head_size=8, intermediate_size=64,
+                  block_size=512)
+# The official trunk (REFERENCE.md §1.1), for the benchmark.
+REAL_TRUNK = dict(n_layer=24, n_embd=896, n_head=14, n_query_groups=2, head_size=64, intermediate_size=4864,
+                  block_size=2048)
+INIT_STD = 0.02
+
+
+def model_config(whisper_adapter_dim: int, **trunk) -> Config:
+    return Config(name="mini-omni-test", whisper_adapter_dim=whisper_adapter_dim, **{**TINY_TRUNK, **trunk})
+
+
+def init_model(cfg: Config, seed: int = 0) -> MiniOmni:
+    """A randomly initialised MiniOmni (normal(0, 0.02) matrices, unit norms, zero biases)."""
+    torch.manual_seed(seed)
+    model = MiniOmni(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, INIT_STD)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+    return model
+
+
+def write_model(dest: str | Path, whisper_adapter_dim: int, seed: int = 0, **trunk) -> Path:
+    """lit_model.pth + model_config.yaml of a random model (no tokenizer.json: the Qwen fallback)."""
+    cfg = model_config(whisper_adapter_dim, **trunk)
+    return save_checkpoint(init_model(cfg, seed), cfg, dest)
+
+
+def write_whisper(dest: str | Path, seed: int = 0) -> tuple[Path, int]:
+    """A tiny openai-whisper `.pt`; returns (path, n_audio_state)."""
+    from omniflow.weights import WHISPER_DIMS, write_demo_whisper
+    return write_demo_whisper(Path(dest), "tiny-test", "tiny", seed), WHISPER_DIMS["tiny"]["n_audio_state"]
+
+
+def write_snac(dest: str | Path, seed: int = 0) -> Path:
+    """A tiny SNAC 24 kHz directory (config.json + pytorch_model.bin)."""
+    from omniflow.weights import write_demo_snac
+    return write_demo_snac(Path(dest), "tiny", seed)
