@@ -103,10 +103,11 @@ def resolve(component: str, explicit: str | os.PathLike | None = None) -> Path:
     cached = home() / component
     found = _locate(component, cached)
     if found is None:
+        size = _whisper_size(component)
         raise WeightsNotFound(
             f"{component} weights not found in the cache {cached} (set by ${HOME_ENV}, default "
-            f"{DEFAULT_HOME}): expected {_describe(component)}. {FETCH_HINT[0].upper()}{FETCH_HINT[1:]}"
-            + (f" (add `--whisper {_whisper_size(component)}` for this size)." if _whisper_size(component) else "."))
+            f"{DEFAULT_HOME}): expected {_describe(component)}. Fix: {FETCH_HINT}"
+            + (f" (add `--whisper {size}` for this size)." if size else "."))
     return found
 
 
@@ -240,7 +241,7 @@ def write_demo_tokenizer(dest: Path) -> Path:
     Merges are learnt from a few sentences; the remaining ids up to 151642 are filled with made-up
     4-letter words so that any text id a random model emits decodes to visible text.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -254,13 +255,11 @@ def write_demo_tokenizer(dest: Path) -> Path:
         if len(vocab) >= QWEN_TEXT_VOCAB:
             break
         vocab.setdefault(word, len(vocab))
-    merges = learnt["merges"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learnt["merges"]]
 
-    final = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m) if isinstance(m, list) else
-                                                      tuple(m.split(" ")) for m in merges]))
+    final = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     final.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     final.decoder = decoders.ByteLevel()
-    from tokenizers import AddedToken
     final.add_special_tokens([AddedToken(s, special=True) for s in QWEN_SPECIALS])
     dest.mkdir(parents=True, exist_ok=True)
     final.save(str(dest / "tokenizer.json"))
