@@ -157,7 +157,8 @@ class MiniOmni(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self.whisper_adapter = LLaMAMLP(cfg.whisper_adapter_dim, cfg.intermediate_size, cfg.n_embd)
-        cos, sin = rope_tables(cfg)
+        # Built on the CPU even under a meta/device context: cheap, exact, moved by .to().
+        cos, sin = rope_tables(cfg, device="cpu")
         self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, n_elem) fp32
         self.register_buffer("rope_sin", sin, persistent=False)
 

@@ -1,0 +1,189 @@
+"""Engine: batched sessions at different positions equal solo runs; the original's stop rules."""
+import pytest
+import torch
+
+from omniflow.model import tokens as tk
+from omniflow.model.config import Config
+from omniflow.model.engine import STOP_EOA, STOP_EOT, STOP_LENGTH, Engine
+from omniflow.model.generate import answer, stream
+from omniflow.model.gpt import MiniOmni
+from omniflow.model.prompts import build_input_ids, decode_feedback, get_task
+from omniflow.model.sampling import Sampling
+
+TEXT = [101, 2002, 30003, 404]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = Config(block_size=64, n_layer=2, n_embd=32, n_head=6, n_query_groups=2, head_size=8,
+                 intermediate_size=48)
+    model = MiniOmni(cfg).eval()
+    with torch.no_grad():  # sharpen attention so that a wrong key or position changes tokens
+        for block in model.transformer.h:
+            block.attn.attn.weight.mul_(4.0)
+    return model
+
+
+def embeds_for(model, n_frames, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():
+        return model.adapt(torch.randn(n_frames, model.config.whisper_adapter_dim, generator=g))  # (T, C)
+
+
+def solo(model, task, **kw):
+    return [o.tokens for o in stream(Engine(model, max_sessions=1), task, **kw)]
+
+
+def test_three_sessions_at_different_positions_match_solo_runs(model):
+    e1, e3 = embeds_for(model, 5, 1), embeds_for(model, 9, 3)
+    jobs = {
+        "a": dict(task="A1A2", embeds=e1, max_new_tokens=9),
+        "b": dict(task="T1T2", text_ids=TEXT, max_new_tokens=14),
+        "c": dict(task="A1A2_SINGLE", embeds=e3, max_new_tokens=12),
+    }
+    eng = Engine(model, max_sessions=3)
+    got = {sid: [] for sid in jobs}
+
+    def collect(outs):
+        for sid, o in outs.items():
+            if o.kept:
+                got[sid].append(o.tokens)
+
+    collect({"a": eng.start("a", **jobs["a"])})
+    collect(eng.step()); collect(eng.step())
+    collect({"b": eng.start("b", **jobs["b"])})
+    collect(eng.step())
+    collect({"c": eng.start("c", **jobs["c"])})
+    while eng.sessions:  # "a" (rows 0-1) ends first: "b" and "c" move down under it
+        collect(eng.step())
+    for sid, job in jobs.items():
+        assert got[sid] == solo(model, **job), sid
+    assert eng.n_rows == 0
+
+
+def test_barge_in_frees_rows_and_the_others_continue_unchanged(model):
+    e1 = embeds_for(model, 6, 5)
+    eng = Engine(model, max_sessions=2)
+    eng.start("x", "A1A2", embeds=e1, max_new_tokens=30)
+    first = [eng.start("y", "T1A2", text_ids=TEXT, max_new_tokens=10).tokens]
+    first.append(eng.step()["y"].tokens)
+    eng.stop("x")  # interrupted: its 2 rows go, "y" moves down to row 0
+    assert eng.n_rows == 1 and eng.sessions["y"].row0 == 0
+    while "y" in eng:
+        first.append(eng.step()["y"].tokens)
+    assert first == solo(model, "T1A2", text_ids=TEXT, max_new_tokens=10)
+
+
+def test_stepping_a_subset_leaves_the_others_where_they_are(model):
+    eng = Engine(model, max_sessions=2)
+    eng.start("p", "T1T2", text_ids=TEXT, max_new_tokens=8)
+    outs_q = [eng.start("q", "T1A2", text_ids=TEXT[:2], max_new_tokens=8).tokens]
+    for _ in range(3):
+        outs_q.append(eng.step(["q"])["q"].tokens)
+    assert eng.sessions["p"].step == 1
+    while "q" in eng:
+        outs_q.append(eng.step()["q"].tokens)
+    assert outs_q == solo(model, "T1A2", text_ids=TEXT[:2], max_new_tokens=8)
+
+
+def test_static_shapes_give_the_same_tokens(model):
+    e = embeds_for(model, 4, 7)
+    fast = answer(Engine(model, max_sessions=2), "A1A2", embeds=e, max_new_tokens=15)
+    static = answer(Engine(model, max_sessions=2, static_shapes=True), "A1A2", embeds=e, max_new_tokens=15)
+    assert fast == static
+
+
+def test_cached_decode_equals_recomputing_the_whole_sequence(model):
+    """Every decode step's tokens equal greedy tokens of the no-cache forward over the prefix."""
+    spec = get_task("A1A2_SINGLE")
+    e = embeds_for(model, 3, 11)
+    steps = solo(model, "A1A2_SINGLE", embeds=e, max_new_tokens=10)
+    ids = build_input_ids("A1A2_SINGLE", n_audio_frames=3)  # (1, 8, S)
+    for toks in steps:
+        with torch.inference_mode():
+            logits = model(ids, e[None], [3])[0, -1]
+        text, audio = model.split_logits(logits)
+        assert [*audio.argmax(-1).tolist(), int(text.argmax())] == toks
+        ids = torch.cat([ids, decode_feedback(spec, toks[:7], toks[7])[:, :, None]], dim=2)
+
+
+def test_seeded_sampling_is_reproducible_per_session(model):
+    s = Sampling(temperature=1.0, top_k=50, top_p=0.9, seed=123)
+    run = lambda: solo(model, "T1A2", text_ids=TEXT, sampling=s, max_new_tokens=12)  # noqa: E731
+    assert run() == run()
+    assert run() != solo(model, "T1A2", text_ids=TEXT, max_new_tokens=12)  # differs from greedy
+
+
+class ScriptedEngine(Engine):
+    """Engine whose sampler returns scripted (audio, text) per step, to exercise the stop rules."""
+
+    def __init__(self, model, script):
+        super().__init__(model, max_sessions=1)
+        self.script = list(script)
+
+    def _sample_one(self, s, text_logits, audio_logits):
+        audio, text = self.script.pop(0)
+        return text, (audio if audio_logits is not None else None)
+
+
+RANDOM = Sampling(temperature=1.0, top_k=None)  # non-greedy: goes through _sample_one
+A = [7] * 7
+
+
+def run_script(model, task, script, **kw):
+    eng = ScriptedEngine(model, script)
+    if get_task(task).audio_in:
+        kw["embeds"] = embeds_for(model, 2, 0)
+    else:
+        kw["text_ids"] = TEXT
+    outs = [eng.start("s", task, sampling=RANDOM, **kw)]
+    while not outs[-1].done:
+        outs.append(eng.step()["s"])
+    return outs, eng
+
+
+def test_audio_task_forces_pad_after_eot_and_stops_on_layer6_eoa(model):
+    eoa6 = [7] * 6 + [tk.EOA]
+    script = [(A, 5), (A, 6), (A, tk.EOT), (A, 8), ([tk.EOA] * 6 + [9], 9), (eoa6, 10)]
+    outs, eng = run_script(model, "T1A2", script)
+    assert [o.text for o in outs] == [5, 6, tk.EOT, tk.PAD_T, tk.PAD_T, tk.PAD_T]
+    assert outs[-1].stop == STOP_EOA and not outs[-1].kept and all(o.kept for o in outs[:-1])
+    assert "s" not in eng and eng.n_rows == 0
+
+
+def test_prefill_tokens_are_never_checked(model):
+    # EOT at the prefill step neither stops a text task nor switches on forcing in an audio task.
+    outs, _ = run_script(model, "T1T2", [(None, tk.EOT), (None, 4), (None, tk.EOT)])
+    assert [(o.text, o.kept) for o in outs] == [(tk.EOT, True), (4, True), (tk.EOT, False)]
+    assert outs[-1].stop == STOP_EOT
+    outs, _ = run_script(model, "A1A2", [([tk.EOA] * 7, tk.EOT), (A, 3)], max_new_tokens=2)
+    assert [o.text for o in outs] == [tk.EOT, 3] and outs[-1].stop == STOP_LENGTH
+
+
+def test_text_task_reports_pad_audio_and_feeds_pad_audio(model):
+    outs, eng = run_script(model, "ASR", [(None, 1), (None, 2), (None, 3)], max_new_tokens=3)
+    assert all(o.audio == [tk.PAD_A] * 7 for o in outs) and len(outs) == 3
+
+
+def test_batch_trick_feedback_rows():
+    spec = get_task("A1A2")
+    fed = decode_feedback(spec, list(range(7)), 42)  # (2, 8)
+    assert fed[0, :7].tolist() == [tk.layershift(i, i) for i in range(7)]  # speaking row: sampled audio
+    assert fed[1, :7].tolist() == [tk.layershift(tk.PAD_A, i) for i in range(7)]  # text row: pad
+    assert fed[:, 7].tolist() == [42, 42]  # both rows get the text row's token
+
+
+def test_errors_name_the_fix(model):
+    eng = Engine(model, max_sessions=1)
+    with pytest.raises(ValueError, match="embeds"):
+        eng.start("s", "A1A2", text_ids=TEXT)
+    with pytest.raises(ValueError, match="unknown task"):
+        eng.start("s", "A2A1", text_ids=TEXT)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        eng.start("s", "T1T2", text_ids=TEXT, max_new_tokens=10_000)
+    eng.start("s", "T1T2", text_ids=TEXT)
+    with pytest.raises(RuntimeError, match="engine full"):
+        eng.start("t", "T1T2", text_ids=TEXT)
+    with pytest.raises(ValueError, match="already running"):
+        eng.start("s", "T1T2", text_ids=TEXT)
