@@ -52,25 +52,31 @@ class Adapter(Node):
         checkpoint: str | None = None        # Mini-Omni directory; None -> $OMNIFLOW_HOME/miniomni
         device: str = "cpu"
         dtype: str = "float32"
-        runtime: Literal["torch", "onnx"] = "torch"
+        runtime: Literal["torch", "onnx"] = "torch"   # onnx: onnxruntime (pip install 'omniflow[onnx]')
 
     def setup(self) -> None:
+        import torch
+
         p = self.params
         if p.dtype not in DTYPES:
             raise ValueError(f"adapter dtype {p.dtype!r} is not one of {sorted(DTYPES)}")
-        if p.runtime != "torch":
-            raise NotImplementedError("adapter runtime 'onnx' is not available yet; use runtime: torch")
         self.path = weights.resolve("miniomni", p.checkpoint)
         weights.warn_if_demo(self.path, self.log)
         self.adapter = load_adapter(self.path, p.device, p.dtype)
         self.in_dim = self.adapter.fc_1.in_features
+        self.in_dtype = getattr(torch, p.dtype)
+        if p.runtime == "onnx":       # exported once next to the weights, re-exported if they change
+            from omniflow.model.ort import OrtAdapter
+
+            self.adapter = OrtAdapter.from_torch(self.adapter, cache_dir=self.path, device=p.device)
+            self.in_dtype = torch.float32                 # the export is fp32
 
     def adapt(self, features: np.ndarray) -> np.ndarray:
         """(T, whisper_adapter_dim) -> (T, n_embd) float32."""
         import torch
 
         with torch.inference_mode():
-            x = torch.tensor(features, dtype=self.adapter.fc_1.weight.dtype, device=self.params.device)
+            x = torch.tensor(features, dtype=self.in_dtype, device=self.params.device)   # (T, whisper dim)
             return self.adapter(x).float().cpu().numpy()                       # (T, n_embd)
 
     def process(self, port, frame: Frame):

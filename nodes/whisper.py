@@ -71,7 +71,7 @@ class WhisperEncoder(Node):
     class Params(msgspec.Struct, forbid_unknown_fields=True):
         checkpoint: str = "small"                 # whisper size name, or path to a .pt file
         device: str = "cpu"
-        runtime: Literal["torch", "onnx"] = "torch"
+        runtime: Literal["torch", "onnx"] = "torch"   # onnx: onnxruntime (pip install 'omniflow[onnx]')
         max_seconds: float = WINDOW_SECONDS      # longest utterance encoded in one window (<= 30)
         over_limit: Literal["split", "refuse"] = "split"
 
@@ -80,11 +80,15 @@ class WhisperEncoder(Node):
         if not 0 < p.max_seconds <= WINDOW_SECONDS:
             raise ValueError(f"whisper max_seconds={p.max_seconds} must be in (0, {WINDOW_SECONDS}]: "
                              "the encoder's window is 30 s; longer inputs are split (over_limit: split)")
-        if p.runtime != "torch":
-            raise NotImplementedError("whisper runtime 'onnx' is not available yet; use runtime: torch")
         self.path = self._resolve(p.checkpoint)
         weights.warn_if_demo(self.path, self.log)
         self.encoder, self.dims = load_encoder(self.path, p.device)
+        self.dtype = next(self.encoder.parameters()).dtype
+        if p.runtime == "onnx":       # exported once next to the weights, re-exported if they change
+            from omniflow.model.ort import OrtWhisperEncoder
+
+            self.encoder = OrtWhisperEncoder.from_torch(self.encoder, cache_dir=self.path.parent,
+                                                        name=f"{self.path.stem}_encoder.onnx", device=p.device)
         self.log.info("whisper encoder %s: %d mels, %d-dim, %d layers", self.path, self.dims.n_mels,
                       self.dims.n_audio_state, self.dims.n_audio_layer)
 
@@ -109,8 +113,7 @@ class WhisperEncoder(Node):
         window = whisper.pad_or_trim(torch.tensor(audio, dtype=torch.float32))   # (480000,); copies read-only wire buffers
         mel = whisper.log_mel_spectrogram(window, n_mels=self.dims.n_mels)                     # (n_mels, 3000)
         with torch.inference_mode():
-            dtype = next(self.encoder.parameters()).dtype
-            feats = self.encoder(mel[None].to(self.params.device, dtype))[0]                   # (1500, d)
+            feats = self.encoder(mel[None].to(self.params.device, self.dtype))[0]              # (1500, d)
         return feats[: frames_to_keep(len(audio))].float().cpu().numpy()
 
     def process(self, port, frame: Frame):

@@ -49,3 +49,13 @@ def test_missing_checkpoint_names_the_fetch_command(tmp_path, monkeypatch):
     monkeypatch.setenv(weights.HOME_ENV, str(tmp_path))
     with pytest.raises(weights.WeightsNotFound, match="omniflow fetch"):
         Adapter().setup()
+
+
+def test_onnx_runtime_gives_the_same_embeds(ckpt):
+    pytest.importorskip("onnxscript", reason="ONNX export needs pip install 'omniflow[onnx]'")
+    feats = np.random.default_rng(1).standard_normal((7, 64)).astype(np.float32)
+    frames = [Frame(kind="features", data=feats)]
+    (ref,) = run_node(Adapter({"checkpoint": str(ckpt)}), frames).on("embeds")
+    (onnx,) = run_node(Adapter({"checkpoint": str(ckpt), "runtime": "onnx"}), frames).on("embeds")
+    np.testing.assert_allclose(onnx.data, ref.data, rtol=1e-5, atol=1e-6)
+    assert (ckpt / "whisper_adapter.onnx").is_file()                   # cached next to the weights

@@ -93,3 +93,14 @@ def test_missing_weights_name_the_fetch_command(tmp_path, monkeypatch):
         WhisperEncoder({"checkpoint": "base"}).setup()
     with pytest.raises(weights.WeightsNotFound, match="does not exist"):
         WhisperEncoder({"checkpoint": str(tmp_path / "nope.pt")}).setup()
+
+
+@pytest.mark.slow      # the ONNX export of the encoder takes ~10 s on 2 cores (cached afterwards)
+def test_onnx_runtime_gives_the_same_features(whisper_home, monkeypatch):
+    pytest.importorskip("onnxscript", reason="ONNX export needs pip install 'omniflow[onnx]'")
+    monkeypatch.setenv(weights.HOME_ENV, str(whisper_home))
+    audio = speechlike(2.0)
+    torch_node, onnx_node = WhisperEncoder(), WhisperEncoder({"runtime": "onnx"})
+    torch_node.setup()
+    onnx_node.setup()
+    np.testing.assert_allclose(onnx_node.encode(audio), torch_node.encode(audio), rtol=1e-4, atol=1e-4)
