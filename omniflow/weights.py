@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import string
+import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -306,12 +307,25 @@ def write_demo_snac(dest: Path, size: str = "tiny", seed: int = DEMO_SEED) -> Pa
     return dest
 
 
+def _holds_real_weights(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir()) and not is_demo(folder)
+
+
 def write_demo(root: Path, whisper: Iterable[str] = ("small",), size: str = "tiny",
                seed: int = DEMO_SEED) -> dict[str, Path]:
-    """The whole demo set under `root`: miniomni/, whisper-<name>/<name>.pt, snac/."""
+    """The whole demo set under `root`: miniomni/, whisper-<name>/<name>.pt, snac/.
+
+    Refuses to write over a component directory that holds anything but demo weights.
+    """
     if size not in MINIOMNI_TRUNK:
         raise ValueError(f"unknown demo size {size!r}; choose one of {sorted(MINIOMNI_TRUNK)}")
     root = Path(root).expanduser()
+    whisper = list(whisper)
+    for folder in [root / "miniomni", root / "snac"] + [root / (WHISPER_PREFIX + n) for n in whisper]:
+        if _holds_real_weights(folder):
+            raise FileExistsError(f"{folder} holds weights that are not demo weights; refusing to overwrite "
+                                  f"them with random ones. Fix: write the demo set elsewhere "
+                                  f"(omniflow fetch --demo --home DIR) or move {folder} away")
     out = {"miniomni": write_demo_miniomni(root / "miniomni", size, seed=seed),
            "snac": write_demo_snac(root / "snac", size, seed=seed)}
     for name in whisper:     # every demo whisper has the adapter's input width, so any name works
@@ -323,9 +337,16 @@ def write_demo(root: Path, whisper: Iterable[str] = ("small",), size: str = "tin
 
 def fetch(root: Path, whisper: Iterable[str] = ("small",)) -> dict[str, Path]:
     """Download the official weights into `root` (see omniflow/model/hub.py)."""
+    import shutil
+
     from .model import hub
 
     root = Path(root).expanduser()
+    whisper = list(whisper)
+    for folder in [root / "miniomni", root / "snac"] + [root / (WHISPER_PREFIX + n) for n in whisper]:
+        if is_demo(folder):        # demo files have the real names: the downloader would keep them
+            log.warning("replacing the demo weights in %s with the real ones", folder)
+            shutil.rmtree(folder)
     out = {"miniomni": Path(hub.fetch_miniomni(root / "miniomni")),
            "snac": Path(hub.fetch_snac(root / "snac"))}
     for name in whisper:
@@ -350,12 +371,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     root = home(args.home)
     whisper = args.whisper or ["small"]
-    if args.demo:
-        written = write_demo(root, whisper, size=args.demo_size)
-        print(f"wrote DEMO weights ({args.demo_size}, random: output is not speech) to {root}:")
-    else:
-        written = fetch(root, whisper)
-        print(f"fetched weights to {root}:")
+    try:
+        if args.demo:
+            written = write_demo(root, whisper, size=args.demo_size)
+            print(f"wrote DEMO weights ({args.demo_size}, random: output is not speech) to {root}:")
+        else:
+            written = fetch(root, whisper)
+            print(f"fetched weights to {root}:")
+    except (OSError, RuntimeError, ValueError) as e:    # DownloadError is a RuntimeError
+        print(f"omniflow fetch: error: {e}", file=sys.stderr)
+        return 1
     for component, path in written.items():
         print(f"  {component:16s} {path}")
     if args.home and Path(args.home).expanduser() != home():

@@ -104,3 +104,29 @@ def test_demo_set_is_deterministic(demo_home, tmp_path):
     for name in ["config.json", "pytorch_model.bin"]:
         a, b = (hashlib.sha256((d / "snac" / name).read_bytes()).hexdigest() for d in (demo_home, tmp_path))
         assert a == b, name
+
+
+def test_demo_never_overwrites_real_weights(tmp_path, capsys):
+    real = tmp_path / "snac"
+    real.mkdir()
+    (real / "pytorch_model.bin").write_bytes(b"real weights")
+    assert cli_main(["fetch", "--demo", "--home", str(tmp_path)]) == 1
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert (real / "pytorch_model.bin").read_bytes() == b"real weights"
+
+
+def test_real_fetch_replaces_demo_weights_and_reports_download_errors(tmp_path, monkeypatch, capsys):
+    from omniflow.model import hub
+
+    weights.write_demo_snac(tmp_path / "snac")
+    seen = {}
+
+    def offline(dest, *a, **k):
+        seen["demo_left"] = (Path(dest) / weights.DEMO_MARKER).exists()
+        raise hub.DownloadError("could not download from the Hugging Face repo (offline)")
+
+    monkeypatch.setattr(hub, "fetch_miniomni", offline)
+    monkeypatch.setattr(hub, "fetch_snac", offline)
+    assert cli_main(["fetch", "--home", str(tmp_path)]) == 1
+    assert "could not download" in capsys.readouterr().err
+    assert not (tmp_path / "snac").exists() and seen["demo_left"] is False
