@@ -58,3 +58,28 @@ def write_snac(dest: str | Path, seed: int = 0) -> Path:
     """A tiny SNAC 24 kHz directory (config.json + pytorch_model.bin)."""
     from omniflow.weights import write_demo_snac
     return write_demo_snac(Path(dest), "tiny", seed)
+
+
+def write_synthetic_cache(root: str | Path, samples: list[dict], feature_dim: int, seed: int = 0) -> Path:
+    """A preprocessed cache without encoders, for fast tests. Each sample dict has `task`, `id`,
+    `answer_text` (ids), and as the task needs `prompt_text` (ids), `n_frames` (random whisper
+    features of that many frames) and `codes` ((F, 7) SNAC frames)."""
+    import numpy as np
+
+    from .data.preprocess import CacheWriter
+
+    gen = torch.Generator().manual_seed(seed)
+    with CacheWriter(root) as writer:
+        for s in samples:
+            features = None
+            if s.get("n_frames"):
+                features = torch.randn(s["n_frames"], feature_dim, generator=gen)         # (T, D)
+            writer.add({
+                "task": s["task"], "id": s["id"],
+                "prompt_text": None if s.get("prompt_text") is None else torch.tensor(s["prompt_text"]),
+                "answer_text": torch.tensor(s["answer_text"], dtype=torch.long),
+                "features": features,
+                "codes": None if s.get("codes") is None else torch.as_tensor(np.asarray(s["codes"]),
+                                                                           dtype=torch.int16),
+            })
+    return Path(root)

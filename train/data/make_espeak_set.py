@@ -3,8 +3,10 @@
     python -m train.data.make_espeak_set out_dir [--count 36] [--voice en-us]
 
 Writes `out_dir/wav/NNNN.wav` (espeak-ng's 22.05 kHz mono), a sidecar `NNNN.txt` transcript per
-file (so `corpus:out_dir` reads it), and `out_dir/manifest.jsonl` with one ASR and one TTS (T1A2)
-sample per sentence. Needs the espeak-ng program (Debian: apt-get install espeak-ng).
+file (so `corpus:out_dir` reads it), and `out_dir/manifest.jsonl` with one sample per sentence and
+task: ASR and TTS (T1A2) by default; with `--tasks` also "repeat after me" samples for the other
+tasks (A1T2 and A1A2: the sentence's speech -> its text / its speech; T1T2: text -> same text), so
+every stage has something to train on. Needs the espeak-ng program (apt-get install espeak-ng).
 """
 from __future__ import annotations
 
@@ -30,14 +32,26 @@ SENTENCES = [
     "Today is a good day.",
 ]
 ESPEAK = "espeak-ng"
+# task -> manifest fields of one sentence's sample (audio path, text)
+_SAMPLE = {
+    "ASR": lambda wav, text: {"input_audio": wav, "target_text": text},
+    "T1A2": lambda wav, text: {"input_text": text, "target_audio": wav},
+    "A1T2": lambda wav, text: {"input_audio": wav, "target_text": text},
+    "A1A2": lambda wav, text: {"input_audio": wav, "target_text": text, "target_audio": wav},
+    "T1T2": lambda wav, text: {"input_text": text, "target_text": text},
+}
 
 
 def espeak_available() -> bool:
     return shutil.which(ESPEAK) is not None
 
 
-def make_espeak_set(out_dir: str | Path, count: int = 36, voice: str = "en-us", speed_wpm: int = 160) -> Path:
+def make_espeak_set(out_dir: str | Path, count: int = 36, voice: str = "en-us", speed_wpm: int = 160,
+                    tasks: tuple[str, ...] = ("ASR", "T1A2")) -> Path:
     """Speak the first `count` sentences into `out_dir`; returns the manifest path."""
+    unknown = set(tasks) - set(_SAMPLE)
+    if unknown:
+        raise ValueError(f"unknown task(s) {sorted(unknown)}; use some of {', '.join(_SAMPLE)}")
     if not espeak_available():
         raise FileNotFoundError(f"{ESPEAK} not found: install it (Debian/Ubuntu: apt-get install espeak-ng)")
     if not 1 <= count <= len(SENTENCES):
@@ -52,8 +66,7 @@ def make_espeak_set(out_dir: str | Path, count: int = 36, voice: str = "en-us", 
                            check=True, capture_output=True)
         wav.with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
         rel = f"wav/{wav.name}"
-        lines.append({"task": "ASR", "id": f"{i:04d}:ASR", "input_audio": rel, "target_text": text})
-        lines.append({"task": "T1A2", "id": f"{i:04d}:T1A2", "input_text": text, "target_audio": rel})
+        lines += [{"task": t, "id": f"{i:04d}:{t}", **_SAMPLE[t](rel, text)} for t in tasks]
     manifest = out / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
     return manifest
@@ -64,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out_dir")
     p.add_argument("--count", type=int, default=36)
     p.add_argument("--voice", default="en-us")
+    p.add_argument("--tasks", default="ASR,T1A2", help="comma-separated: ASR,T1A2,A1T2,A1A2,T1T2")
     args = p.parse_args(argv)
-    print(make_espeak_set(args.out_dir, args.count, args.voice))
+    print(make_espeak_set(args.out_dir, args.count, args.voice, tuple(args.tasks.split(","))))
     return 0
 
 

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -47,6 +48,37 @@ class PreprocessReport:
 
     def __str__(self) -> str:
         return f"{self.written} cached, {self.skipped_done} already done, {self.bad} bad (see {BAD_FILE})"
+
+
+class CacheWriter:
+    """Appends records to a cache: the sample file first (atomically), then its index line, so
+    a crash at any point leaves a cache that reads fine and resumes."""
+
+    def __init__(self, out_dir: str | Path):
+        self.out = Path(out_dir)
+        (self.out / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
+        self._index = (self.out / INDEX_FILE).open("a", encoding="utf-8")
+
+    def add(self, record: dict) -> None:
+        """record: {"task", "id", "prompt_text" (L,) | None, "answer_text" (n,), "features" (T, D) |
+        None, "codes" (F, 7) | None} (tensors)."""
+        rel = _key_file(record["id"])
+        tmp = self.out / (rel + ".tmp")
+        torch.save(record, tmp)
+        os.replace(tmp, self.out / rel)          # never a half-written sample file
+        self._index.write(json.dumps({
+            "key": record["id"], "file": rel, "task": record["task"],
+            **{k: _len(record.get(k)) for k in ("prompt_text", "answer_text", "features", "codes")}}) + "\n")
+        self._index.flush()
+
+    def close(self) -> None:
+        self._index.close()
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _key_file(key: str) -> str:
@@ -85,7 +117,7 @@ def preprocess(samples: Iterable[Sample | Invalid], out_dir: str | Path, tokeniz
     from tqdm import tqdm
 
     out = Path(out_dir)
-    (out / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     _check_meta(out, {"version": CACHE_VERSION, "whisper": str(whisper), "snac": str(snac),
                       "tokenizer": repr(tokenizer), "features_fp16": features_fp16})
     done = _read_keys(out / INDEX_FILE)
@@ -95,8 +127,7 @@ def preprocess(samples: Iterable[Sample | Invalid], out_dir: str | Path, tokeniz
     report = PreprocessReport()
     seen: set[str] = set()
 
-    with (out / INDEX_FILE).open("a", encoding="utf-8") as index, \
-            (out / BAD_FILE).open("a", encoding="utf-8") as bad_log:
+    with CacheWriter(out) as writer, (out / BAD_FILE).open("a", encoding="utf-8") as bad_log:
 
         def bad(key: str, reason: str) -> None:
             report.bad += 1
@@ -122,15 +153,7 @@ def preprocess(samples: Iterable[Sample | Invalid], out_dir: str | Path, tokeniz
                 if error is not None:
                     bad(sample.id, error)
                     continue
-                rel = _key_file(sample.id)
-                tmp = out / (rel + ".tmp")
-                torch.save(record, tmp)
-                os.replace(tmp, out / rel)          # a crash never leaves a half-written sample
-                index.write(json.dumps({
-                    "key": sample.id, "file": rel, "task": sample.task,
-                    "prompt_text": _len(record["prompt_text"]), "answer_text": _len(record["answer_text"]),
-                    "features": _len(record["features"]), "codes": _len(record["codes"])}) + "\n")
-                index.flush()
+                writer.add(record)
                 report.written += 1
             bar.update(len(chunk))
             bar.set_postfix(ok=report.written, done=report.skipped_done, bad=report.bad)
@@ -157,9 +180,19 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 class _LazyEncoders:
     """Load whisper / SNAC only when a sample needs them (text-only or pre-coded data needs neither)."""
 
+    MEMO = 64     # recent per-file results: one audio file often serves several tasks (ASR, A1T2, A1A2)
+
     def __init__(self, whisper: str, snac: str, device: str):
         self.whisper_name, self.snac_name, self.device = whisper, snac, device
         self._whisper = self._snac = None
+        self.features_memo: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.codes_memo: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def remember(self, memo: OrderedDict, source, value) -> None:
+        if isinstance(source, str):
+            memo[source] = value
+            while len(memo) > self.MEMO:
+                memo.popitem(last=False)
 
     @property
     def whisper(self):
@@ -188,21 +221,30 @@ def _encode(samples: list[Sample], tokenizer, enc: _LazyEncoders, fp16: bool):
             rec["answer_text"] = _ids(tokenizer, s.target_text or "", "target_text")
             if s.task in AUDIO_OUTPUT_TASKS:
                 codes = s.target_codes
+                if codes is None and isinstance(s.target_audio, str):
+                    codes = enc.codes_memo.get(s.target_audio)
                 if codes is None:
                     codes = enc.snac(load_audio(s.target_audio, SNAC_SAMPLE_RATE))
+                    enc.remember(enc.codes_memo, s.target_audio, codes)
                 if len(codes) == 0:
                     raise BadAudio("target audio gives 0 SNAC frames")
                 rec["codes"] = torch.as_tensor(codes, dtype=torch.int16)     # (F, 7), codes < 4096
             if s.task in AUDIO_INPUT_TASKS:
-                pcm[s.id] = load_audio(s.input_audio, WHISPER_SAMPLE_RATE)
+                known = enc.features_memo.get(s.input_audio) if isinstance(s.input_audio, str) else None
+                if known is not None:
+                    rec["features"] = known.half() if fp16 else known
+                else:
+                    pcm[s.id] = load_audio(s.input_audio, WHISPER_SAMPLE_RATE)
             records[s.id] = rec
         except (BadAudio, ValueError) as e:
             yield s, None, str(e)
     ids = list(pcm)
     if ids:
         feats = enc.whisper([pcm[i] for i in ids])                          # each (T, D)
+        sources = {s.id: s.input_audio for s in samples}
         for i, f in zip(ids, feats):
             records[i]["features"] = f.half() if fp16 else f
+            enc.remember(enc.features_memo, sources[i], f)
     for s in samples:
         if s.id in records:
             yield s, records[s.id], None
