@@ -122,5 +122,14 @@ def test_hub_offline_error_says_how_to_fix(monkeypatch, tmp_path):
 
 def test_hub_missing_required_file(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(tmp_path))
-    with pytest.raises(hub.DownloadError, match="has no lit_model.pth, model_config.yaml"):
+    with pytest.raises(hub.DownloadError, match="has no lit_model.pth, model_config.yaml, tokenizer.json"):
         hub.fetch_miniomni(tmp_path / "empty", repo="someone/not-mini-omni")
+
+
+def test_files_copied_by_hand_need_no_network(monkeypatch, tmp_path):
+    def offline(*a, **k):
+        raise LocalEntryNotFoundError("offline")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    for name in ("lit_model.pth", "model_config.yaml", "tokenizer.json"):   # no tokenizer_config.json
+        (tmp_path / name).write_text("x")
+    assert hub.fetch_miniomni(tmp_path) == tmp_path

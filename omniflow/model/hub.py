@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 MINIOMNI_REPO = "gpt-omni/mini-omni"
 MINIOMNI_FILES = ("lit_model.pth", "model_config.yaml", "tokenizer.json", "tokenizer_config.json")
-MINIOMNI_REQUIRED = ("lit_model.pth", "model_config.yaml")   # tokenizer.json has a fallback
+# tokenizer_config.json is only read for BOS/EOS flags, which Qwen2 does not use: optional.
+MINIOMNI_REQUIRED = ("lit_model.pth", "model_config.yaml", "tokenizer.json")
 SNAC_REPO = "hubertsiuzdak/snac_24khz"
 SNAC_FILES = ("config.json", "pytorch_model.bin")
 WHISPER_CACHE = Path("~/.cache/whisper")                     # openai-whisper's own default
@@ -48,8 +49,8 @@ def _snapshot(repo: str, files: tuple[str, ...], required: tuple[str, ...], dest
     from huggingface_hub.errors import HfHubHTTPError
 
     dest = Path(dest).expanduser()
-    if all((dest / f).is_file() for f in files):
-        log.info("%s: all files already in %s", repo, dest)
+    if all((dest / f).is_file() for f in required):     # fetched before, or copied in by hand
+        log.info("%s: files already in %s", repo, dest)
         return dest
     dest.mkdir(parents=True, exist_ok=True)
     try:
