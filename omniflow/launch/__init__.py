@@ -1,0 +1,1 @@
+"""Launchers place and supervise node processes. `local` runs a graph on this machine."""

@@ -1,0 +1,413 @@
+"""Graph files: YAML -> typed `Graph`, validated before anything starts.
+
+    nodes:
+      src:
+        use: nodes.audio:FileSource            # any importable Node class
+        params: {path: in.wav, rate: 16000}
+      gain:
+        use: nodes.dsp:Gain
+        params: {db: -6}
+        inputs: {audio: src/audio}             # port: "node/port"
+        restart: on-failure                    # never | on-failure | always
+      sink:
+        use: nodes.audio:WavSink
+        params: {path: out.wav}
+        inputs:
+          audio: {from: gain/audio, policy: lossless, depth: 64}
+
+An input may also list several sources (fan-in: `[a/x, b/y]`). An output feeding several
+consumers delivers every frame to each (fan-out). A loop is an error unless one of its edges says
+`feedback: true`. Every problem is reported as `file:line: what is wrong. Fix: what to do`,
+all of them at once, in a `GraphError`.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import re
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+from yaml.constructor import SafeConstructor
+
+from .frame import KINDS
+
+NODE_KEYS = {"use", "params", "inputs", "restart", "max_restarts", "backoff_s", "host"}
+EDGE_KEYS = {"from", "policy", "depth", "feedback"}
+TOP_KEYS = {"nodes", "description"}
+RESTART_POLICIES = ("never", "on-failure", "always")
+QUEUE_POLICIES = ("lossless", "drop-oldest")
+DEFAULT_DEPTH = 64           # frames buffered at each end of an edge before the producer blocks
+
+
+class GraphError(ValueError):
+    """A graph file has problems; `errors` lists every one, each naming file, line and fix."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("\n".join(errors))
+
+
+class Edge(msgspec.Struct, frozen=True):
+    src: str                 # producing node
+    src_port: str
+    dst: str                 # consuming node
+    dst_port: str
+    kind: str = "any"        # frame kind the producer declares on src_port
+    policy: str = "lossless"
+    depth: int = DEFAULT_DEPTH
+    feedback: bool = False   # closes a loop on purpose; not waited on for end of stream
+    line: int = 0            # where the graph file declares it, for error messages
+
+    @property
+    def id(self) -> str:
+        return f"{self.src}/{self.src_port}->{self.dst}/{self.dst_port}"
+
+
+class NodeSpec(msgspec.Struct):
+    name: str
+    use: str                 # "module:Class"
+    params: dict[str, Any]   # plain data, already validated against the class's Params
+    restart: str = "never"
+    max_restarts: int = 3
+    backoff_s: float = 0.5
+    host: str | None = None  # producers on this node bind tcp:// on this host instead of ipc://
+    line: int = 0
+
+    def node_class(self) -> type:
+        return import_class(self.use)
+
+
+class Graph(msgspec.Struct):
+    path: str
+    nodes: dict[str, NodeSpec]
+    edges: list[Edge]
+
+    def inputs_of(self, name: str) -> list[Edge]:
+        return [e for e in self.edges if e.dst == name]
+
+    def outputs_of(self, name: str) -> list[Edge]:
+        return [e for e in self.edges if e.src == name]
+
+
+def import_class(use: str) -> type:
+    module, _, attr = use.partition(":")
+    if not module or not attr:
+        raise ValueError(f"'use: {use}' must look like 'package.module:ClassName'")
+    return getattr(importlib.import_module(module), attr)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def load_graph(path: str | Path, overrides: list[str] | None = None) -> Graph:
+    """Read and validate a graph file. `overrides` are `node.param=value` strings (CLI --set)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise GraphError([f"{path}: cannot read graph file ({e.strerror}). "
+                          "Fix: check the path"]) from None
+    return parse_graph(text, str(path), overrides or [])
+
+
+def parse_graph(text: str, path: str = "<graph>", overrides: list[str] = ()) -> Graph:
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise GraphError([f"{where}: not valid YAML ({getattr(e, 'problem', e)}). "
+                          "Fix: check indentation and quoting"]) from None
+    return _Parser(path).parse(root, list(overrides))
+
+
+def _plain(node: yaml.Node) -> Any:
+    return SafeConstructor().construct_document(node)
+
+
+def _items(node: yaml.MappingNode) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+    """key -> (key node, value node), keeping the marks for error lines."""
+    return {str(_plain(k)): (k, v) for k, v in node.value}
+
+
+def _closest(word: str, choices) -> str:
+    near = difflib.get_close_matches(word, list(choices), n=1)
+    return f"'{near[0]}'" if near else "one of " + ", ".join(sorted(choices))
+
+
+class _Parser:
+    def __init__(self, path: str):
+        self.path = path
+        self.errors: list[str] = []
+
+    def error(self, node: yaml.Node | int | None, msg: str, fix: str) -> None:
+        if isinstance(node, int):
+            line = f":{node}"
+        else:
+            line = f":{node.start_mark.line + 1}" if node is not None else ""
+        self.errors.append(f"{self.path}{line}: {msg}. Fix: {fix}")
+
+    def mapping(self, node: yaml.Node, what: str) -> dict[str, tuple[yaml.Node, yaml.Node]] | None:
+        if isinstance(node, yaml.MappingNode):
+            return _items(node)
+        self.error(node, f"{what} must be a mapping (key: value)", f"write {what} as 'key: value' lines")
+        return None
+
+    def check_keys(self, items, allowed: set[str], what: str) -> None:
+        for key, (knode, _) in items.items():
+            if key not in allowed:
+                self.error(knode, f"unknown key '{key}' in {what}",
+                           f"use {_closest(key, allowed)} (allowed: {', '.join(sorted(allowed))})")
+
+    def parse(self, root: yaml.Node | None, overrides: list[str]) -> Graph:
+        top = self.mapping(root, "the graph file") if root is not None else None
+        if top is None or "nodes" not in top:
+            if not self.errors:
+                self.error(root, "no 'nodes:' section", "add 'nodes:' with one entry per node")
+            raise GraphError(self.errors)
+        self.check_keys(top, TOP_KEYS, "the graph file")
+        nodes_items = self.mapping(top["nodes"][1], "'nodes'") or {}
+
+        specs: dict[str, NodeSpec] = {}
+        classes: dict[str, type] = {}
+        raw_inputs: dict[str, yaml.Node] = {}
+        param_nodes: dict[str, yaml.Node | None] = {}
+        for name, (knode, vnode) in nodes_items.items():
+            spec = self.node(name, knode, vnode, classes, raw_inputs, param_nodes)
+            if spec is not None:
+                specs[name] = spec
+        self.apply_overrides(specs, overrides)
+        for name, spec in specs.items():
+            if name in classes:
+                spec.params = self.params(spec, classes[name], param_nodes[name])
+        edges = [e for name in specs for e in self.inputs(name, raw_inputs.get(name), specs, classes)]
+        self.check_cycles(specs, edges)
+        if self.errors:
+            raise GraphError(self.errors)
+        return Graph(self.path, specs, edges)
+
+    def node(self, name, knode, vnode, classes, raw_inputs, param_nodes) -> NodeSpec | None:
+        items = self.mapping(vnode, f"node '{name}'")
+        if items is None:
+            return None
+        self.check_keys(items, NODE_KEYS, f"node '{name}'")
+        if "use" not in items:
+            self.error(knode, f"node '{name}' has no 'use:'", "add 'use: package.module:ClassName'")
+            return None
+        use_node = items["use"][1]
+        use = str(_plain(use_node))
+        try:
+            cls = import_class(use)
+        except ValueError as e:
+            self.error(use_node, str(e), "write 'use: package.module:ClassName'")
+        except ImportError as e:
+            self.error(use_node, f"node '{name}': cannot import '{use}' ({e})",
+                       "check the module path, or install the package that provides it")
+        except AttributeError:
+            self.error(use_node, f"node '{name}': module '{use.partition(':')[0]}' has no "
+                       f"'{use.partition(':')[2]}'", "check the class name")
+        else:
+            if self.check_class(cls, use, use_node):
+                classes[name] = cls
+        spec = NodeSpec(name=name, use=use, params={}, line=knode.start_mark.line + 1)
+        if "params" in items:
+            pnode = items["params"][1]
+            if self.mapping(pnode, f"params of '{name}'") is not None:
+                spec.params = _plain(pnode)
+            param_nodes[name] = pnode
+        else:
+            param_nodes[name] = None
+        if "inputs" in items:
+            raw_inputs[name] = items["inputs"][1]
+        self.options(spec, items)
+        return spec
+
+    def check_class(self, cls, use: str, node: yaml.Node) -> bool:
+        ok = isinstance(cls, type) and all(hasattr(cls, a) for a in ("inputs", "outputs", "process"))
+        if not ok:
+            self.error(node, f"'{use}' is not a Node class", "point 'use:' at a subclass of omniflow.Node")
+            return False
+        for port, kind in {**cls.inputs, **cls.outputs}.items():
+            if kind not in KINDS:
+                self.error(node, f"'{use}' declares port '{port}' of unknown kind '{kind}'",
+                           f"use one of the kinds in omniflow.frame.KINDS: {', '.join(KINDS)}")
+                ok = False
+        return ok
+
+    def options(self, spec: NodeSpec, items) -> None:
+        if "restart" in items:
+            vnode = items["restart"][1]
+            value = str(_plain(vnode))
+            if value not in RESTART_POLICIES:
+                self.error(vnode, f"node '{spec.name}': unknown restart policy '{value}'",
+                           f"use one of {', '.join(RESTART_POLICIES)}")
+            spec.restart = value
+        for key, typ, low in (("max_restarts", int, 0), ("backoff_s", float, 0.0)):
+            if key in items:
+                vnode = items[key][1]
+                value = _plain(vnode)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low \
+                        or (typ is int and not isinstance(value, int)):
+                    self.error(vnode, f"node '{spec.name}': {key} must be a {typ.__name__} "
+                               f">= {low}, got {value!r}", f"write e.g. '{key}: {typ(3)}'")
+                else:
+                    setattr(spec, key, typ(value))
+        if "host" in items:
+            spec.host = str(_plain(items["host"][1]))
+
+    def apply_overrides(self, specs: dict[str, NodeSpec], overrides: list[str]) -> None:
+        for item in overrides:
+            key, eq, value = item.partition("=")
+            name, dot, param = key.partition(".")
+            if not eq or not dot or not param:
+                self.errors.append(f"--set {item}: expected node.param=value. "
+                                   "Fix: write e.g. --set src.path=examples/hello.wav")
+            elif name not in specs:
+                self.errors.append(f"--set {item}: no node '{name}'. "
+                                   f"Fix: use {_closest(name, specs)}")
+            else:
+                target = specs[name].params
+                *parents, leaf = param.split(".")
+                for p in parents:
+                    target = target.setdefault(p, {})
+                target[leaf] = yaml.safe_load(value) if value else ""
+
+    def params(self, spec: NodeSpec, cls: type, pnode: yaml.Node | None) -> dict[str, Any]:
+        Params = getattr(cls, "Params", None)
+        try:
+            validated = msgspec.convert(spec.params, Params)
+        except msgspec.ValidationError as e:
+            self.param_error(spec, Params, pnode, str(e))
+            return spec.params
+        except TypeError as e:  # Params is not a msgspec Struct
+            self.error(pnode, f"node '{spec.name}': {spec.use}.Params cannot validate params ({e})",
+                       "declare Params as a msgspec.Struct")
+            return spec.params
+        return msgspec.to_builtins(validated)
+
+    def param_error(self, spec: NodeSpec, Params, pnode, msg: str) -> None:
+        fields = {f.name: f for f in msgspec.structs.fields(Params)}
+        signature = ", ".join(f"{n}: {getattr(f.type, '__name__', f.type)}" for n, f in fields.items())
+        items = _items(pnode) if isinstance(pnode, yaml.MappingNode) else {}
+        cls = spec.use.partition(":")[2]
+        if m := re.search(r"unknown field `([^`]*)`", msg):
+            key = m.group(1)
+            node = items.get(key, (pnode, None))[0]
+            self.error(node, f"node '{spec.name}': {cls} has no param '{key}'",
+                       f"use {_closest(key, fields)} (params: {signature or 'none'})")
+        elif m := re.search(r"missing required field `([^`]*)`", msg):
+            key = m.group(1)
+            self.error(pnode, f"node '{spec.name}': {cls} needs param '{key}'",
+                       f"add '{key}: ...' under params (params: {signature})")
+        else:
+            m = re.search(r"at `\$\.([^`\[]*)", msg)
+            key = m.group(1).split(".")[0] if m else ""
+            node = items.get(key, (pnode, None))[1]
+            self.error(node, f"node '{spec.name}': param '{key}': {msg.split(' - at')[0]}",
+                       f"give '{key}' a value of the right type (params: {signature})")
+
+    def inputs(self, name: str, inode, specs, classes) -> list[Edge]:
+        if inode is None:
+            return []
+        items = self.mapping(inode, f"inputs of '{name}'") or {}
+        cls = classes.get(name)
+        edges = []
+        for port, (knode, vnode) in items.items():
+            if cls is not None and port not in cls.inputs:
+                self.error(knode, f"node '{name}' has no input '{port}' "
+                           f"(inputs: {', '.join(cls.inputs) or 'none'})",
+                           f"use {_closest(port, cls.inputs)}" if cls.inputs
+                           else f"remove 'inputs:' — {spec_class(specs[name])} takes no input")
+                continue
+            sources = vnode.value if isinstance(vnode, yaml.SequenceNode) else [vnode]
+            for snode in sources:
+                edge = self.edge(name, port, snode, specs, classes)
+                if edge is not None:
+                    edges.append(edge)
+        return edges
+
+    def edge(self, name, port, snode, specs, classes) -> Edge | None:
+        opts: dict[str, Any] = {}
+        if isinstance(snode, yaml.MappingNode):
+            items = _items(snode)
+            self.check_keys(items, EDGE_KEYS, f"input '{name}/{port}'")
+            if "from" not in items:
+                self.error(snode, f"input '{name}/{port}' has no 'from:'", "add 'from: node/port'")
+                return None
+            opts = {k: _plain(v) for k, (_, v) in items.items() if k != "from"}
+            where = items["from"][1]
+            source = str(_plain(where))
+            if opts.get("policy", "lossless") not in QUEUE_POLICIES:
+                self.error(items["policy"][1], f"input '{name}/{port}': unknown policy "
+                           f"'{opts['policy']}'", f"use one of {', '.join(QUEUE_POLICIES)}")
+            depth = opts.get("depth", DEFAULT_DEPTH)
+            if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+                self.error(items["depth"][1], f"input '{name}/{port}': depth must be a positive "
+                           f"integer, got {depth!r}", "write e.g. 'depth: 64'")
+            if not isinstance(opts.get("feedback", False), bool):
+                self.error(items["feedback"][1], f"input '{name}/{port}': feedback must be "
+                           "true or false", "write 'feedback: true'")
+        else:
+            where, source = snode, str(_plain(snode))
+        src, slash, src_port = source.partition("/")
+        if not slash or not src or not src_port:
+            self.error(where, f"node '{name}' input '{port}' comes from '{source}', which is not "
+                       "'node/port'", "write the producer as 'node/port', e.g. 'mic/audio'")
+            return None
+        if src not in specs:
+            self.error(where, f"node '{name}' input '{port}' comes from '{source}', but there is "
+                       f"no node '{src}'", f"use {_closest(src, specs)}, or add node '{src}'")
+            return None
+        src_cls, dst_cls = classes.get(src), classes.get(name)
+        kind = "any"
+        if src_cls is not None:
+            if src_port not in src_cls.outputs:
+                outs = ", ".join(src_cls.outputs) or "none"
+                fix = (f"use one of {', '.join(f'{src}/{p}' for p in src_cls.outputs)}"
+                       if src_cls.outputs else f"'{src}' produces nothing; take input from another node")
+                self.error(where, f"node '{name}' input '{port}' comes from '{source}', but node "
+                           f"'{src}' has no output '{src_port}' (outputs: {outs})", fix)
+                return None
+            kind = src_cls.outputs[src_port]
+            want = dst_cls.inputs[port] if dst_cls is not None else "any"
+            if "any" not in (kind, want) and kind != want:
+                self.error(where, f"node '{name}' input '{port}' expects '{want}' frames, but "
+                           f"'{source}' produces '{kind}'",
+                           f"connect an output that produces '{want}', or put a converter between")
+        return Edge(src, src_port, name, port, kind=kind,
+                    policy=opts.get("policy", "lossless"), depth=opts.get("depth", DEFAULT_DEPTH),
+                    feedback=bool(opts.get("feedback", False)), line=where.start_mark.line + 1)
+
+    def check_cycles(self, specs: dict[str, NodeSpec], edges: list[Edge]) -> None:
+        after: dict[str, list[Edge]] = {n: [] for n in specs}
+        for e in edges:
+            if not e.feedback:
+                after[e.src].append(e)
+        state: dict[str, int] = {}          # 1 = on the current path, 2 = done
+        path: list[str] = []
+
+        def visit(n: str) -> None:
+            state[n] = 1
+            path.append(n)
+            for e in after[n]:
+                m = e.dst
+                if state.get(m) == 1:
+                    loop = path[path.index(m):] + [m]
+                    self.error(e.line, f"loop {' -> '.join(loop)}: '{m}' waits on itself",
+                               f"if the loop is intended, mark one of its edges 'feedback: true' "
+                               f"(e.g. here: '{e.dst_port}: {{from: {e.src}/{e.src_port}, "
+                               "feedback: true}}'); otherwise remove an edge")
+                elif m not in state:
+                    visit(m)
+            path.pop()
+            state[n] = 2
+
+        for n in specs:
+            if n not in state:
+                visit(n)
+
+
+def spec_class(spec: NodeSpec) -> str:
+    return spec.use.partition(":")[2] or spec.use

@@ -1,0 +1,317 @@
+"""Local launcher: one OS process per node (or one thread per node with `in_process=True`).
+
+The launcher builds the endpoint map, starts every node, forwards the control channel, applies
+each node's restart policy (never | on-failure | always, at most `max_restarts` times, waiting
+`backoff_s` doubled per restart) and returns when every node has exited, when a node failed for
+good, or on Ctrl-C / SIGTERM (every node is then stopped within `STOP_GRACE_S`). Node logs are
+prefixed with the node's name.
+
+    result = run_graph(load_graph("graphs/demo.yaml"))
+    assert result.ok, result.message
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import zmq
+
+from ..frame import FrameError, decode
+from ..graph import Graph, NodeSpec
+from ..runtime import (EXIT_FAILED, EXIT_OK, EXIT_SETUP_FAILED, Metrics, NodeConfig,
+                       NodeRuntime, SetupError, build_node)
+from ..transport import CONTROL_IN, CONTROL_PUB, endpoint_map, wiring_for
+
+STOP_GRACE_S = 4.0          # SIGTERM, then SIGKILL after this: every node is gone within 5 s
+MONITOR_POLL_MS = 50        # how often the launcher checks its children
+LOG_TAIL_LINES = 20         # lines of a node's output kept to explain its failure
+
+log = logging.getLogger("omniflow.launch")
+
+
+class RunResult(msgspec.Struct):
+    ok: bool
+    message: str
+    exit_codes: dict[str, int]                  # last exit code per node that exited
+    restarts: dict[str, int]
+    metrics: dict[str, dict[str, int]]          # per node: frames_in, frames_out, dropped..., rejected
+    run_dir: str | None = None                  # kept only when the caller chose it
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok else (130 if self.message.startswith("interrupted") else 1)
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    if code == EXIT_SETUP_FAILED:
+        return "failed in setup()"
+    return f"exited with code {code}"
+
+
+# --- workers: one running instance of a node -------------------------------------------------
+
+class ProcessWorker:
+    """A node in its own OS process; its output lines are prefixed with `[name]`."""
+
+    def __init__(self, cfg: NodeConfig, cfg_path: Path):
+        self.cfg, self.cfg_path = cfg, cfg_path
+        self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.cfg_path.write_bytes(msgspec.json.encode(self.cfg))
+        env = dict(os.environ, PYTHONUNBUFFERED="1",
+                   PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)))
+        self.proc = subprocess.Popen([sys.executable, "-m", "omniflow.runtime", str(self.cfg_path)],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, env=env, text=True, bufsize=1)
+        self._reader = threading.Thread(target=self._relay, args=(self.proc.stdout,), daemon=True)
+        self._reader.start()
+
+    def _relay(self, stream) -> None:
+        for line in stream:
+            self.tail.append(line.rstrip("\n"))
+            sys.stderr.write(f"[{self.cfg.name}] {line}")
+        stream.close()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def poll(self) -> int | None:
+        code = self.proc.poll()
+        if code is not None:
+            self._reader.join(timeout=1.0)        # let its last lines (the error) come out first
+        return code
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def metrics(self) -> dict[str, int] | None:
+        path = Path(self.cfg.metrics_path)
+        return msgspec.json.decode(path.read_bytes()) if path.exists() else None
+
+
+class ThreadWorker:
+    """A node on a thread of the launcher's process (debugging, tests); sockets are inproc://."""
+
+    def __init__(self, cfg: NodeConfig, context: zmq.Context):
+        self.cfg, self.context = cfg, context
+        self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        self.code: int | None = None
+        self.runtime: NodeRuntime | None = None
+        self.pid = None
+
+    def start(self) -> None:
+        self.code = None
+        self._thread = threading.Thread(target=self._run, name=self.cfg.name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        node_log = logging.getLogger(f"omniflow.{self.cfg.name}")
+        try:
+            self.runtime = NodeRuntime(build_node(self.cfg.name, self.cfg.use, self.cfg.params),
+                                       self.cfg.wiring, context=self.context)
+            self.runtime.run()
+            self.code = EXIT_OK
+        except SetupError as e:
+            node_log.error("%s", e, exc_info=e.__cause__)
+            self.tail.append(f"ERROR {e}")
+            self.code = EXIT_SETUP_FAILED
+        except Exception as e:
+            node_log.exception("node '%s' failed", self.cfg.name)
+            self.tail.append(f"ERROR {e!r}")
+            self.code = EXIT_FAILED
+
+    def poll(self) -> int | None:
+        return None if self._thread.is_alive() else self.code
+
+    def terminate(self) -> None:
+        if self.runtime is not None:
+            self.runtime.stop()
+
+    def kill(self) -> None:
+        self.terminate()
+        self._thread.join(timeout=1.0)
+
+    def metrics(self) -> dict[str, int] | None:
+        return msgspec.structs.asdict(self.runtime.metrics) if self.runtime else None
+
+
+# --- the launcher ----------------------------------------------------------------------------
+
+class LocalLauncher:
+    def __init__(self, graph: Graph, *, in_process: bool = False, run_dir: str | Path | None = None,
+                 endpoints: dict[str, str] | None = None, log_level: str = "INFO"):
+        self.graph, self.in_process, self.log_level = graph, in_process, log_level
+        self.keep_run_dir = run_dir is not None
+        self.run_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="omniflow-"))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.sock_dir = self.run_dir / "ipc"
+        if len(str(self.sock_dir.resolve())) > 80:     # ipc:// paths are length-limited
+            self.sock_dir = Path(tempfile.mkdtemp(prefix="omniflow-ipc-"))
+        self.sock_dir.mkdir(exist_ok=True)
+        self.endpoints = endpoint_map(graph, "inproc" if in_process else "ipc",
+                                      self.sock_dir.resolve(), endpoints)
+        self.context = zmq.Context()
+        self.workers: dict[str, ProcessWorker | ThreadWorker] = {}
+        self.restarts = {name: 0 for name in graph.nodes}
+        self.heartbeats: dict[str, dict[str, Any]] = {}     # node -> last heartbeat's meta
+        self._stop_reason: str | None = None
+
+    def stop(self, reason: str = "stopped") -> None:
+        """Ask `run()` to stop every node and return (thread-safe)."""
+        self._stop_reason = reason
+
+    def _worker(self, spec: NodeSpec):
+        (self.run_dir / "nodes").mkdir(exist_ok=True)
+        cfg = NodeConfig(name=spec.name, use=spec.use, params=spec.params,
+                         wiring=wiring_for(self.graph, spec.name, self.endpoints),
+                         log_level=self.log_level, parent_pid=os.getpid(),
+                         metrics_path=str(self.run_dir / "nodes" / f"{spec.name}.metrics.json"))
+        if self.in_process:
+            return ThreadWorker(cfg, self.context)
+        return ProcessWorker(cfg, self.run_dir / "nodes" / f"{spec.name}.json")
+
+    def run(self) -> RunResult:
+        pub = self.context.socket(zmq.PUB)
+        pull = self.context.socket(zmq.PULL)
+        pub.bind(self.endpoints[CONTROL_PUB])
+        pull.bind(self.endpoints[CONTROL_IN])
+        codes: dict[str, int] = {}
+        ok, message = True, "every node finished"
+        try:
+            for name, spec in self.graph.nodes.items():
+                self.workers[name] = self._worker(spec)
+                self.workers[name].start()
+            log.info("started %d nodes (%s); run dir %s", len(self.workers),
+                     "threads" if self.in_process else "processes", self.run_dir)
+            ok, message = self._supervise(pub, pull, codes)
+        except KeyboardInterrupt:
+            ok, message = False, "interrupted (Ctrl-C or SIGTERM): stopped every node"
+        finally:
+            self._stop_all(codes)
+            pub.close(linger=0)
+            pull.close(linger=0)
+            self.context.term()
+            metrics = self._collect_metrics()
+            shutil.rmtree(self.sock_dir, ignore_errors=True)
+            if not self.keep_run_dir:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+        for name, m in metrics.items():
+            log.info("[%s] %s", name, Metrics(**m).line())
+        (log.info if ok else log.error)("%s", message)
+        return RunResult(ok, message, codes, dict(self.restarts), metrics,
+                         str(self.run_dir) if self.keep_run_dir else None)
+
+    def _supervise(self, pub: zmq.Socket, pull: zmq.Socket, codes: dict[str, int]) -> tuple[bool, str]:
+        done: set[str] = set()
+        due: dict[str, float] = {}                      # node -> when to restart it
+        while True:
+            if pull.poll(MONITOR_POLL_MS):
+                self._forward_control(pub, pull)
+            if self._stop_reason is not None:
+                return True, self._stop_reason
+            now = time.monotonic()
+            for name, worker in self.workers.items():
+                if name in done or name in due:
+                    continue
+                code = worker.poll()
+                if code is None:
+                    continue
+                codes[name] = code
+                spec = self.graph.nodes[name]
+                if code == EXIT_SETUP_FAILED:
+                    return False, self._failure(name, code, "a node that cannot set up stops the run")
+                wanted = spec.restart == "always" or (spec.restart == "on-failure" and code != EXIT_OK)
+                if wanted and self.restarts[name] < spec.max_restarts:
+                    delay = spec.backoff_s * 2 ** self.restarts[name]
+                    log.warning("node '%s' %s; restarting it in %.1f s (restart %d of %d)", name,
+                                describe_exit(code), delay, self.restarts[name] + 1, spec.max_restarts)
+                    due[name] = now + delay
+                elif code != EXIT_OK:
+                    why = (f"its restart policy is '{spec.restart}'. Fix: set 'restart: on-failure' "
+                           "on it to restart it" if spec.restart == "never" else
+                           f"it already restarted {self.restarts[name]} times (max_restarts)")
+                    return False, self._failure(name, code, why)
+                else:
+                    done.add(name)
+            for name, when in list(due.items()):
+                if now >= when:
+                    del due[name]
+                    self.restarts[name] += 1
+                    self.workers[name] = self._worker(self.graph.nodes[name])
+                    self.workers[name].start()
+            if len(done) == len(self.workers):
+                return True, "every node finished"
+
+    def _failure(self, name: str, code: int, why: str) -> str:
+        errors = [l for l in self.workers[name].tail if l.startswith(("ERROR", "Traceback"))
+                  or "Error" in l]
+        detail = f": {errors[-1]}" if errors else ""
+        return f"node '{name}' {describe_exit(code)}{detail}; {why}. Stopping the run"
+
+    def _forward_control(self, pub: zmq.Socket, pull: zmq.Socket) -> None:
+        while True:
+            try:
+                parts = pull.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                frame = decode(parts)
+            except FrameError as e:
+                log.warning("rejected a malformed control frame: %s", e)
+                continue
+            op = frame.meta.get("op")
+            if op == "heartbeat":
+                self.heartbeats[str(frame.meta.get("node"))] = frame.meta
+                continue
+            pub.send_multipart(parts)
+            if op == "stop":
+                self.stop(f"stopped by a node's control frame (session {frame.session})")
+
+    def _stop_all(self, codes: dict[str, int]) -> None:
+        for worker in self.workers.values():
+            worker.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for name, worker in self.workers.items():
+            while worker.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if worker.poll() is None:
+                log.warning("node '%s' did not stop within %.0f s; killing it", name, STOP_GRACE_S)
+                worker.kill()
+            code = worker.poll()
+            if code is not None:
+                codes[name] = code
+
+    def _collect_metrics(self) -> dict[str, dict[str, int]]:
+        out = {}
+        for name, worker in self.workers.items():
+            m = worker.metrics() or self.heartbeats.get(name, {}).get("metrics")
+            if m is not None:
+                out[name] = m
+        return out
+
+
+def run_graph(graph: Graph, **options) -> RunResult:
+    """Run `graph` to completion; options as `LocalLauncher` (in_process, run_dir, endpoints, log_level)."""
+    return LocalLauncher(graph, **options).run()

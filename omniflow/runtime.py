@@ -1,0 +1,332 @@
+"""Runtime: the loop that hosts one node. It calls the node exactly as `omniflow.testing.run_node`:
+
+    setup(); for each input frame: process(port, frame); while has_work(): step();
+    when every input edge reached end of stream: finish(); send "eos" on every output; teardown()
+
+One iteration: read control, poll inputs (not waiting when the node has work), call the node, send
+what it yields, heartbeat. A control frame {"op": "turn"} for session S, turn N calls reset(S) and
+drops data frames of S with turn < N that arrive later; {"op": "stop"} ends the loop. A malformed
+frame is counted and logged; the node keeps serving.
+
+A node process is started as `python -m omniflow.runtime CONFIG.json` (a `NodeConfig`).
+"""
+from __future__ import annotations
+
+import collections
+import faulthandler
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import msgspec
+import zmq
+
+from .frame import Frame, FrameError, decode, encode
+from .node import CONTROL, Node, Output, drain
+from .transport import Link, Wiring, bind_output, connect_input, send_blocking, send_or_drop
+
+HEARTBEAT_S = 1.0          # a node reports liveness and metrics this often
+IDLE_POLL_MS = 100         # longest wait for input, so a stop request is seen within 0.1 s
+READ_BATCH = 64            # frames read from one ready socket before polling again
+FLUSH_LINGER_MS = 5000     # at a normal end, time allowed for queued frames + eos to leave
+EXIT_OK, EXIT_FAILED, EXIT_SETUP_FAILED = 0, 1, 3
+
+
+class SetupError(RuntimeError):
+    """The node's setup() raised: the run cannot work, restarting will not help."""
+
+
+class Metrics(msgspec.Struct):
+    frames_in: int = 0
+    frames_out: int = 0
+    dropped_old_turn: int = 0      # data frames of a session's older turn, dropped on arrival
+    dropped_overflow: int = 0      # drop-oldest edges that overflowed
+    rejected: int = 0              # malformed frames (undecodable, wrong parts, size mismatch)
+
+    def line(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in msgspec.structs.asdict(self).items())
+
+
+class NodeRuntime:
+    def __init__(self, node: Node, wiring: Wiring, *, context: zmq.Context | None = None,
+                 heartbeat_s: float = HEARTBEAT_S, parent_pid: int | None = None):
+        self.node, self.name, self.wiring = node, node.name, wiring
+        self.metrics = Metrics()
+        self.log = logging.getLogger(f"omniflow.{self.name}")
+        self.heartbeat_s, self.parent_pid = heartbeat_s, parent_pid
+        self._own_ctx = context is None
+        self._ctx = context or zmq.Context()
+        self._stopping = False
+        self._turns: dict[str, int] = {}          # session -> current turn
+        self._control: list[Frame] = []           # control frames read, not yet applied
+
+    def stop(self) -> None:
+        """Ask the loop to end soon (safe from another thread or a signal handler)."""
+        self._stopping = True
+
+    # --- sockets ---------------------------------------------------------------------------
+    def _open(self) -> None:
+        self._outs: dict[str, list[tuple[Link, zmq.Socket]]] = collections.defaultdict(list)
+        self._watches = []
+        for link in self.wiring.outputs:
+            sock, watch = bind_output(self._ctx, link)
+            self._outs[link.port].append((link, sock))
+            self._watches.append(watch)
+        self._ins = {connect_input(self._ctx, link): link for link in self.wiring.inputs}
+        self._sub = self._push = None
+        if self.wiring.control_pub:
+            self._sub = self._ctx.socket(zmq.SUB)
+            self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+            self._sub.setsockopt(zmq.LINGER, 0)
+            self._sub.connect(self.wiring.control_pub)
+        if self.wiring.control_in:
+            self._push = self._ctx.socket(zmq.PUSH)
+            self._push.setsockopt(zmq.LINGER, 1000)
+            self._push.connect(self.wiring.control_in)
+
+    def _close(self, flush: bool) -> None:
+        for outs in self._outs.values():
+            for _, sock in outs:
+                sock.close(linger=FLUSH_LINGER_MS if flush else 0)
+        for watch in self._watches:
+            watch.close()
+        for sock in [*self._ins, self._sub, self._push]:
+            if sock is not None and not sock.closed:
+                sock.close()
+        if self._own_ctx:
+            self._ctx.term()
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def run(self) -> None:
+        """Host the node until its streams end or it is stopped. Raises what the node raised."""
+        self._open()
+        finished = False
+        try:
+            try:
+                self.node.setup()
+            except Exception as e:
+                raise SetupError(f"node '{self.name}' failed in setup(): {e!r}") from e
+            try:
+                self._loop()
+                finished = not self._stopping
+            finally:
+                self.node.teardown()
+        finally:
+            self._close(flush=finished)
+            self.log.info("metrics: %s", self.metrics.line())
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        for sock in [self._sub, *self._ins]:
+            if sock is not None:
+                poller.register(sock, zmq.POLLIN)
+        main = {s for s, link in self._ins.items() if not link.feedback}   # inputs without eos yet
+        feedback = set(self._ins) - main
+        ended = False
+        next_beat = time.monotonic()
+        while not self._stopping:
+            self._apply_control()
+            if not ended and not main and not self.node.has_work():
+                self._end()
+                ended = True
+            if ended and not feedback and not any(w.connected() for w in self._watches):
+                return                          # every consumer has read our eos and hung up
+            busy = not ended and self.node.has_work()
+            for sock, _ in poller.poll(0 if busy else IDLE_POLL_MS):
+                if sock is self._sub:
+                    self._read_control()
+                elif self._read_input(sock):            # eos on this edge
+                    poller.unregister(sock)
+                    main.discard(sock)
+                    feedback.discard(sock)
+                    sock.close()                        # tells the producer it may exit
+            if busy and not self._stopping:
+                self._emit(self.node.step())
+            if time.monotonic() >= next_beat:
+                self._heartbeat()
+                next_beat = time.monotonic() + self.heartbeat_s
+
+    def _end(self) -> None:
+        """All inputs ended (or a source ran dry): flush the node, then end every output."""
+        self._emit(self.node.finish())
+        while self.node.has_work() and not self._stopping:
+            self._emit(self.node.step())
+        parts = encode(Frame(kind="eos"))
+        for outs in self._outs.values():
+            for _, sock in outs:
+                send_blocking(sock, parts, self._should_stop)   # never dropped, even if lossy
+
+    # --- input -----------------------------------------------------------------------------
+    def _read_input(self, sock: zmq.Socket) -> bool:
+        """Read what is ready on one edge; True when the edge reached end of stream."""
+        link = self._ins[sock]
+        lossy = link.policy == "drop-oldest"
+        frames: collections.deque[Frame] = collections.deque(maxlen=link.depth if lossy else None)
+        limit = 16 * link.depth if lossy else READ_BATCH
+        eos = False
+        for _ in range(limit):
+            try:
+                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            frame = self._decode(parts, link.id)
+            if frame is None:
+                continue
+            if frame.kind == "eos":
+                eos = True
+                break
+            if lossy and len(frames) == frames.maxlen:
+                self.metrics.dropped_overflow += 1     # the deque drops its oldest
+            frames.append(frame)
+        for frame in frames:
+            if frame.turn < self._turns.get(frame.session, -1):
+                self.metrics.dropped_old_turn += 1
+                continue
+            self.metrics.frames_in += 1
+            self._emit(self.node.process(link.port, frame))
+        return eos
+
+    def _decode(self, parts: list[zmq.Frame], where: str) -> Frame | None:
+        try:
+            return decode([p.buffer for p in parts])
+        except FrameError as e:
+            self.metrics.rejected += 1
+            self.log.warning("rejected a malformed frame on %s (%d so far): %s",
+                             where, self.metrics.rejected, e)
+            return None
+
+    # --- control ---------------------------------------------------------------------------
+    def _read_control(self) -> None:
+        while self._sub is not None:
+            try:
+                parts = self._sub.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            frame = self._decode(parts, "the control channel")
+            if frame is None or frame.kind != "control":
+                continue
+            if frame.meta.get("op") == "stop":
+                self.log.info("stop requested on the control channel")
+                self._stopping = True
+            self._control.append(frame)
+
+    def _apply_control(self) -> None:
+        while self._control:
+            self._on_control(self._control.pop(0))
+
+    def _on_control(self, frame: Frame) -> None:
+        if frame.meta.get("op") == "turn" and frame.turn > self._turns.get(frame.session, -1):
+            self._turns[frame.session] = frame.turn
+            self._emit(self.node.reset(frame.session))
+
+    def _should_stop(self) -> bool:
+        """Called while blocked on a full edge: keep listening for a stop."""
+        self._read_control()
+        return self._stopping
+
+    def _heartbeat(self) -> None:
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            self.log.error("the launcher (pid %d) is gone; stopping", self.parent_pid)
+            self._stopping = True
+        if self._push is not None:
+            beat = Frame(kind="control", meta={"op": "heartbeat", "node": self.name,
+                                               "pid": os.getpid(),
+                                               "metrics": msgspec.structs.asdict(self.metrics)})
+            send_or_drop(self._push, encode(beat))
+
+    # --- output ----------------------------------------------------------------------------
+    def _emit(self, results: Iterable[Output] | None) -> None:
+        for port, frame in drain(results):
+            if port == CONTROL:
+                self._on_control(frame)                 # applies to this node at once
+                if self._push is not None:
+                    send_blocking(self._push, encode(frame), self._should_stop)
+                continue
+            if port not in self.node.outputs:
+                raise KeyError(f"{type(self.node).__name__} emitted on undeclared port {port!r}; "
+                               f"declared: {sorted(self.node.outputs)}")
+            self.metrics.frames_out += 1
+            outs = self._outs.get(port)
+            if not outs:
+                continue                                # declared but not connected in this graph
+            parts = encode(frame.stamp(self.name))
+            for link, sock in outs:
+                if link.policy == "lossless":
+                    if not send_blocking(sock, parts, self._should_stop):
+                        return
+                elif not send_or_drop(sock, parts):
+                    self.metrics.dropped_overflow += 1
+
+
+# --- process entry point ---------------------------------------------------------------------
+
+class NodeConfig(msgspec.Struct):
+    """What a node process needs, written as JSON by the launcher."""
+    name: str
+    use: str
+    params: dict[str, Any]
+    wiring: Wiring
+    log_level: str = "INFO"
+    metrics_path: str | None = None
+    parent_pid: int | None = None
+
+
+def build_node(name: str, use: str, params: dict[str, Any]) -> Node:
+    from .graph import import_class
+    cls = import_class(use)
+    return cls(msgspec.convert(params, cls.Params), name=name)
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the launcher dies, so no node outlives it."""
+    try:
+        import ctypes
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass                                            # elsewhere the heartbeat check does it
+
+
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m omniflow.runtime NODE_CONFIG.json", file=sys.stderr)
+        return 2
+    cfg = msgspec.json.decode(Path(argv[0]).read_bytes(), type=NodeConfig)
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+                        format="%(levelname)s %(message)s")
+    _die_with_parent()
+    signal.signal(signal.SIGTERM, _interrupt)
+    faulthandler.register(signal.SIGUSR1)              # `kill -USR1 PID` prints where a node is stuck
+    if cfg.parent_pid is not None and os.getppid() != cfg.parent_pid:
+        return EXIT_FAILED                              # the launcher died before we started
+    log = logging.getLogger(f"omniflow.{cfg.name}")
+    runtime = None
+    try:
+        runtime = NodeRuntime(build_node(cfg.name, cfg.use, cfg.params), cfg.wiring,
+                              parent_pid=cfg.parent_pid)
+        runtime.run()
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return EXIT_OK                                  # stopped by the launcher or Ctrl-C
+    except SetupError as e:
+        log.error("%s", e, exc_info=e.__cause__)
+        return EXIT_SETUP_FAILED
+    except Exception:
+        log.exception("node '%s' failed", cfg.name)
+        return EXIT_FAILED
+    finally:
+        if runtime is not None and cfg.metrics_path:
+            Path(cfg.metrics_path).write_bytes(msgspec.json.encode(runtime.metrics))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

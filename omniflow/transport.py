@@ -1,0 +1,167 @@
+"""Transport: one ZeroMQ PUSH/PULL socket pair per edge, addressed by a plain endpoint map.
+
+* The endpoint map is a dict `edge id -> address` (plus `CONTROL_PUB` / `CONTROL_IN` for the
+  control channel). Launchers build it; nothing else decides addresses, so a Ray or k8s launcher
+  only has to build its own map.
+* Producers bind, consumers connect: ZeroMQ reconnects by itself, so a restarted node heals its edges.
+* One socket pair per edge (not one PUSH shared by consumers, which would round-robin): fan-out
+  delivers every frame to every consumer.
+* Lossless edges block the producer when the consumer falls `depth` frames behind (backpressure).
+  Drop-oldest edges never block: the consumer keeps the newest `depth` frames.
+* The control channel is a bus: every node PUSHes to `CONTROL_IN`, the launcher republishes on
+  `CONTROL_PUB`, every node SUBscribes to it.
+"""
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+from typing import Callable
+
+import msgspec
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from .graph import Graph
+
+CONTROL_PUB = "$control.pub"      # endpoint-map keys of the control channel
+CONTROL_IN = "$control.in"
+RECONNECT_MS = 20                 # how soon a consumer retries a producer that is not up (yet)
+IPC_PATH_MAX = 100                # sun_path holds 107 bytes on Linux; keep a margin
+
+
+class Link(msgspec.Struct):
+    """One edge as one of its two nodes sees it."""
+    id: str
+    port: str                     # this node's port on the edge
+    address: str
+    policy: str = "lossless"
+    depth: int = 64
+    feedback: bool = False
+
+
+class Wiring(msgspec.Struct):
+    """Everything a node runtime needs to know about its sockets: plain data, JSON-able."""
+    inputs: list[Link] = []
+    outputs: list[Link] = []
+    control_pub: str | None = None
+    control_in: str | None = None
+
+
+def _slug(edge_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", edge_id)
+
+
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def endpoint_map(graph: Graph, scheme: str = "ipc", sock_dir: str | Path | None = None,
+                 overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """Addresses for every edge and the control channel.
+
+    scheme "ipc": files under `sock_dir`; "inproc": one process; "tcp": 127.0.0.1. A node with
+    `host:` binds its outputs with tcp on that host. `overrides` (an --endpoints file) win.
+    """
+    overrides = overrides or {}
+    if scheme == "ipc":
+        if sock_dir is None:
+            raise ValueError("ipc endpoints need a sock_dir")
+        sock_dir = Path(sock_dir)
+        if len(str(sock_dir)) + 24 > IPC_PATH_MAX:
+            raise ValueError(f"socket directory {sock_dir} is too long for ipc:// paths "
+                             f"(limit ~{IPC_PATH_MAX} bytes); use a shorter --run-dir")
+    addresses: dict[str, str] = {}
+
+    def address(key: str, host: str | None, index: int) -> str:
+        if key in overrides:
+            return overrides[key]
+        if host is not None or scheme == "tcp":
+            host = host or "127.0.0.1"
+            return f"tcp://{host}:{free_tcp_port(host)}"
+        if scheme == "inproc":
+            return f"inproc://{_slug(key)}"
+        return f"ipc://{sock_dir}/{index}.sock"   # short names: ipc paths are length-limited
+
+    for i, key in enumerate([CONTROL_PUB, CONTROL_IN]):
+        addresses[key] = address(key, None, i)
+    for i, edge in enumerate(graph.edges, start=2):
+        addresses[edge.id] = address(edge.id, graph.nodes[edge.src].host, i)
+    return addresses
+
+
+def wiring_for(graph: Graph, name: str, endpoints: dict[str, str]) -> Wiring:
+    def link(e, port):
+        return Link(e.id, port, endpoints[e.id], e.policy, e.depth, e.feedback)
+    return Wiring(inputs=[link(e, e.dst_port) for e in graph.inputs_of(name)],
+                  outputs=[link(e, e.src_port) for e in graph.outputs_of(name)],
+                  control_pub=endpoints.get(CONTROL_PUB), control_in=endpoints.get(CONTROL_IN))
+
+
+# --- sockets ---------------------------------------------------------------------------------
+
+def bind_output(ctx: zmq.Context, link: Link) -> tuple[zmq.Socket, "ConsumerWatch"]:
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, link.depth)
+    sock.setsockopt(zmq.LINGER, 0)            # the runtime sets a linger before closing
+    watch = ConsumerWatch(sock)               # before bind, to see the first connection
+    if link.address.startswith("ipc://"):
+        Path(link.address[6:]).unlink(missing_ok=True)   # left by a killed predecessor
+    sock.bind(link.address)
+    return sock, watch
+
+
+class ConsumerWatch:
+    """Counts the consumers connected to a bound socket (ZeroMQ socket monitor).
+
+    Why: closing a bound ipc:// socket loses frames still in flight, whatever its linger
+    (libzmq 4.3). So a producer that sent eos stays up until its consumers, who close their end
+    on reading eos, have disconnected: then everything before eos has arrived.
+    """
+
+    def __init__(self, sock: zmq.Socket):
+        self.monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.peers = 0
+
+    def connected(self) -> int:
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            self.peers += 1 if event == zmq.EVENT_ACCEPTED else -1
+        return self.peers
+
+    def close(self) -> None:
+        self.monitor.close(linger=0)
+
+
+def connect_input(ctx: zmq.Context, link: Link) -> zmq.Socket:
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.RCVHWM, link.depth)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
+    sock.connect(link.address)
+    return sock
+
+
+def send_blocking(sock: zmq.Socket, parts: list, should_stop: Callable[[], bool],
+                  wait_ms: int = 50) -> bool:
+    """Send, waiting while the consumer is full or not connected (backpressure). Returns False
+    if `should_stop()` turned True while waiting (the frame was not sent)."""
+    while True:
+        try:
+            sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            if should_stop():
+                return False
+            sock.poll(wait_ms, zmq.POLLOUT)
+
+
+def send_or_drop(sock: zmq.Socket, parts: list) -> bool:
+    """Send without waiting; False if the edge is full (the frame is dropped)."""
+    try:
+        sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+        return True
+    except zmq.Again:
+        return False
