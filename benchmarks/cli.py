@@ -1,0 +1,24 @@
+"""`omniflow bench NAME [ARGS...]`: dispatch to `benchmarks.<NAME>.main(argv)`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS = {
+    "transport": "one-hop and 6-hop latency/throughput of omniflow edges vs raw pyzmq",
+    "decode": "backbone decode steps per second",
+    "graph": "speech-to-speech graph latency",
+    "train": "training step throughput",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=sorted(BENCHMARKS),
+                        help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()))
+    parser.add_argument("args", nargs=argparse.REMAINDER,
+                        help="passed to the benchmark (see: omniflow bench NAME --help)")
+
+
+def main(args: argparse.Namespace) -> int:
+    module = importlib.import_module(f"benchmarks.{args.name}")
+    return int(module.main(list(args.args)) or 0)
