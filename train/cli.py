@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available; "
                                         "under torchrun, the local rank's GPU)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--stop-after", type=int, metavar="STEP",
+                       help="checkpoint and exit after this step (continue later with --resume)")
         add_config_arguments(p)
         p.set_defaults(_train_stage=stage)
 
@@ -65,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
     if cfg.stage != args._train_stage:
         raise SystemExit(f"--config {args.config} is a {cfg.stage} config, not {args._train_stage}")
     ckpt = train(cfg, args.data, args.out, init=args.init, resume=args.resume, device=args.device,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, stop_after=args.stop_after)
     logging.getLogger(__name__).info("last checkpoint: %s", ckpt)
     return 0
 

@@ -96,8 +96,10 @@ def load_stage_config(stage_or_path: str | Path, overrides: dict[str, object] | 
     try:
         return msgspec.convert(data, StageConfig, strict=False)
     except msgspec.ValidationError as e:
-        fields = ", ".join(f.name for f in msgspec.structs.fields(StageConfig))
-        raise ValueError(f"{path}: {e} (known keys: {fields})") from e
+        hint = ""
+        if "unknown field" in str(e):
+            hint = " (known keys: " + ", ".join(f.name for f in msgspec.structs.fields(StageConfig)) + ")"
+        raise ValueError(f"{path}: {e}{hint}") from e
 
 
 # ----------------------------------------------------------------------- command line ------

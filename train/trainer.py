@@ -164,12 +164,14 @@ def write_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, stat
 
 # ------------------------------------------------------------------------- the loop ---------
 def train(cfg: StageConfig, data: list[str | Path], out_dir: str | Path, *, init: str | Path | None = None,
-          resume: str | Path | None = None, device: str | None = None, progress: bool = True) -> Path:
+          resume: str | Path | None = None, device: str | None = None, progress: bool = True,
+          stop_after: int | None = None) -> Path:
     """Train one stage; returns the last checkpoint directory.
 
     init: starting checkpoint (previous stage's run or checkpoint dir, a Mini-Omni checkpoint, or a
     Hugging Face Qwen2 dir). resume: a checkpoint dir, a run dir, or "auto" (out_dir's latest if
-    any, else start from init).
+    any, else start from init). stop_after: leave after this optimizer step with a checkpoint, as an
+    interrupted job would (for time-limited job slots); `resume` continues exactly.
     """
     from tqdm import tqdm
 
@@ -284,12 +286,15 @@ def train(cfg: StageConfig, data: list[str | Path], out_dir: str | Path, *, init
             bar.set_postfix(loss=f"{record['loss']:.3f}", text=_fmt(record["text"]),
                             audio=_fmt(record["audio_mean"]))
         bar.update(1)
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
+        stopping = stop_after is not None and step >= stop_after
+        if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
             last_ckpt = write_checkpoint(
                 out_dir, step, model, optimizer, scheduler,
                 {"step": step, "samples_seen": samples_seen, "config": cfg.to_dict(),
                  "data_fingerprint": fingerprint, "world_size": ddp.world,
                  "tokenizer_dir": str(tokenizer_dir) if tokenizer_dir else None}, ddp, tokenizer_dir)
+        if stopping:
+            break
     bar.close()
     return last_ckpt
 
