@@ -87,6 +87,21 @@ def test_stepping_a_subset_leaves_the_others_where_they_are(model):
     assert outs_q == solo(model, "T1A2", text_ids=TEXT[:2], max_new_tokens=8)
 
 
+def test_a1a2_prefill_shares_the_prompt_prefix_exactly(model):
+    """The batch trick's two rows share all but the last position: the engine runs that prefix
+    once; its cache and last hidden states equal a plain 2-row forward."""
+    e = embeds_for(model, 5, 9)
+    ids = build_input_ids("A1A2", n_audio_frames=5)  # (2, 8, 8)
+    eng = Engine(model, max_sessions=1)
+    with torch.inference_mode():
+        last = eng._prefill(0, ids, e, 5)  # (2, C)
+        hidden, kvs = model(ids, e, [5, 5], return_kv=True)
+    torch.testing.assert_close(last, hidden[:, -1], rtol=1e-5, atol=1e-5)
+    for layer, (k, v) in enumerate(kvs):
+        torch.testing.assert_close(eng.k_cache[layer, :2, :, :8], k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(eng.v_cache[layer, :2, :, :8], v, rtol=1e-5, atol=1e-5)
+
+
 def test_static_shapes_give_the_same_tokens(model):
     e = embeds_for(model, 4, 7)
     fast = answer(Engine(model, max_sessions=2), "A1A2", embeds=e, max_new_tokens=15)

@@ -1,0 +1,205 @@
+"""Decode benchmark: the real Mini-Omni shape with random weights, omniflow Engine vs the original.
+
+    python benchmarks/decode.py [--dtypes float32,bfloat16] [--batches 1,2,8,32] [--steps 5]
+    omniflow bench decode ...
+
+Prints prefill time for a 154-token audio prompt (151 whisper frames = 3 s of speech), decode
+ms/step and steps/s for 1, 2, 8 and 32 concurrent A1A2 sessions (2 cache rows each: the
+original's streaming batch trick), KV-cache bytes per session and the real-time factor. The
+baseline, measured in the same run, re-creates the original's decode step (REFERENCE.md §4.4):
+a 14-head-expanded fp32 cache of all 2048 slots, attention over every slot with a boolean mask,
+full 181120-row logits for both rows.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from omniflow.model import tokens as tk
+from omniflow.model.config import Config
+from omniflow.model.engine import Engine
+from omniflow.model.gpt import MiniOmni, apply_rope
+from omniflow.model.prompts import build_input_ids
+
+REAL_TIME_STEPS_PER_S = 24000 / 2048   # 11.72 model steps (SNAC frames) per second of speech
+PROMPT_FRAMES = 151                    # whisper frames -> A1A2 prompt of 154 positions
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def random_model(cfg: Config, dtype: torch.dtype, device: str, seed: int = 0) -> MiniOmni:
+    """The real architecture with N(0, 0.02) weights (allocated once, no kaiming init cost)."""
+    with torch.device("meta"):
+        model = MiniOmni(cfg)
+    model = model.to_empty(device="cpu")
+    from omniflow.model.gpt import rope_tables
+
+    model.rope_cos, model.rope_sin = rope_tables(cfg)
+    model.lm_head.weight = model.transformer.wte.weight
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm_1.weight") or name.endswith("norm_2.weight") or name.endswith("ln_f.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+class OriginalDecoder:
+    """The original's cached forward: 14-head-expanded cache over all block_size slots, masked."""
+
+    def __init__(self, model: MiniOmni, batch: int) -> None:
+        self.model, cfg = model, model.config
+        shape = (batch, cfg.n_head, cfg.block_size, cfg.head_size)
+        self.k = [torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(cfg.n_layer)]
+        L = cfg.block_size
+        self.mask_cache = torch.ones(L, L, dtype=torch.bool, device=model.device).tril()[None, None]  # (1, 1, L, L)
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, 8, T) at positions input_pos (T,) -> logits (B, T, padded_vocab)."""
+        m, c = self.model, self.model.config
+        B, _, T = input_ids.shape
+        x = m.transformer.wte(input_ids).sum(1) / tk.N_STREAMS  # (B, T, C)
+        cos, sin = m.rope_cos[input_pos], m.rope_sin[input_pos]  # (T, n_elem)
+        mask = self.mask_cache.index_select(2, input_pos)  # (1, 1, T, L)
+        for layer, block in enumerate(m.transformer.h):
+            a = block.attn
+            h = block.norm_1(x)
+            qkv = a.attn(h).view(B, T, c.n_query_groups, c.q_per_kv + 2, c.head_size).permute(0, 2, 3, 1, 4)
+            q, k, v = qkv.split((c.q_per_kv, 1, 1), dim=2)  # (B, G, qpk|1|1, T, hs)
+            k = k.expand(B, c.n_query_groups, c.q_per_kv, T, c.head_size)  # expanded to 14 heads
+            v = v.expand(B, c.n_query_groups, c.q_per_kv, T, c.head_size)
+            q = apply_rope(q.reshape(B, -1, T, c.head_size), cos, sin)  # (B, nh, T, hs)
+            k = apply_rope(k.reshape(B, -1, T, c.head_size), cos, sin)
+            v = v.reshape(B, -1, T, c.head_size)
+            kc = self.k[layer].index_copy_(2, input_pos, k)  # (B, nh, 2048, hs)
+            vc = self.v[layer].index_copy_(2, input_pos, v)
+            y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=a.scale)  # (B, nh, T, hs)
+            x = x + a.proj(y.transpose(1, 2).reshape(B, T, -1))
+            x = x + block.mlp(block.norm_2(x))
+        return m.lm_head(m.transformer.ln_f(x))  # (B, T, padded_vocab)
+
+    def step(self, input_ids: torch.Tensor, pos: int) -> list[int]:
+        """One batch-2 decode step and the original's sampling (audio from row 0, text from row 1)."""
+        logits = self.forward(input_ids, torch.tensor([pos], device=input_ids.device))[:, -1]  # (B, V)
+        text, audio = self.model.split_logits(logits)
+        return audio[0].argmax(-1).tolist() + [int(text[-1].argmax())]
+
+
+def timed(fn, repeat: int) -> float:
+    """Median seconds of `repeat` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench_original(model: MiniOmni, steps: int, device: str) -> dict:
+    prompt = build_input_ids("A1A2", n_audio_frames=PROMPT_FRAMES).to(device)  # (2, 8, 154)
+    S = prompt.size(-1)
+    dec = OriginalDecoder(model, batch=2)
+    prefill = timed(lambda: (dec.forward(prompt, torch.arange(S, device=device)), sync(device)), 1)
+    feed = prompt[:, :, -1:]  # (2, 8, 1)
+    pos = iter(range(S, model.config.block_size))
+    step = timed(lambda: (dec.step(feed, next(pos)), sync(device)), steps)
+    return dict(prefill_s=prefill, step_s=step, cache_bytes=dec.cache_bytes)
+
+
+def bench_engine(model: MiniOmni, sessions: int, steps: int, device: str, prefill_repeat: int = 1, **kw) -> dict:
+    eng = Engine(model, max_sessions=sessions, max_rows=2 * sessions, **kw)
+    g = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        embeds = model.adapt(torch.randn(PROMPT_FRAMES, model.config.whisper_adapter_dim, generator=g).to(device))
+    ids = iter(range(10**9))
+
+    def prefill():
+        sid = f"p{next(ids)}"
+        eng.start(sid, "A1A2", embeds=embeds)
+        sync(device)
+        eng.stop(sid)
+
+    prefill_s = timed(prefill, prefill_repeat) if prefill_repeat else float("nan")
+    for i in range(sessions):
+        eng.start(f"s{i}", "A1A2", embeds=embeds)
+
+    def step():
+        eng.step()
+        sync(device)
+
+    step_s = timed(step, steps)
+    return dict(prefill_s=prefill_s, step_s=step_s, cache_bytes_per_session=2 * eng.kv_bytes_per_row)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="omniflow bench decode", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma list of float32,bfloat16,float16")
+    p.add_argument("--batches", default="1,2,8,32", help="concurrent A1A2 sessions to time")
+    p.add_argument("--steps", type=int, default=5, help="timed decode steps per point (median)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-baseline", action="store_true", help="skip the original's decode step")
+    p.add_argument("--compile", action="store_true", help="torch.compile the engine's decode step")
+    p.add_argument("--n-layer", type=int, default=None, help="fewer layers for a quick smoke run")
+    args = p.parse_args(argv)
+
+    cfg = Config() if args.n_layer is None else Config(n_layer=args.n_layer)
+    batches = [int(b) for b in args.batches.split(",")]
+    print(f"Mini-Omni decode benchmark: {cfg.n_layer} layers, n_embd {cfg.n_embd}, {cfg.n_head} heads, "
+          f"{cfg.n_query_groups} KV groups, vocab {cfg.padded_vocab_size}, block {cfg.block_size}; "
+          f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"prompt: A1A2, {PROMPT_FRAMES} whisper frames = {PROMPT_FRAMES + 3} positions; "
+          f"real time = {REAL_TIME_STEPS_PER_S:.2f} steps/s per session")
+    base = None
+    for dname in args.dtypes.split(","):
+        dtype = DTYPES[dname]
+        t0 = time.perf_counter()
+        model = random_model(cfg, dtype, args.device)
+        print(f"\n== {dname} (random weights built in {time.perf_counter() - t0:.1f} s)")
+        if dname == "float32" and not args.no_baseline:
+            base = bench_original(model, args.steps, args.device)
+            print(f"original (re-created), batch 2 (1 A1A2 session): prefill {base['prefill_s'] * 1e3:8.1f} ms | "
+                  f"step {base['step_s'] * 1e3:7.1f} ms = {1 / base['step_s']:6.2f} steps/s | "
+                  f"KV cache {base['cache_bytes'] / 2**20:7.1f} MiB/session (2048 slots x 14 heads)")
+        for n in batches:
+            r = bench_engine(model, n, args.steps, args.device, prefill_repeat=1 if n == batches[0] else 0,
+                             compile=args.compile)
+            per_s = 1 / r["step_s"]
+            line = (f"omniflow  {n:3d} session(s) ({2 * n:3d} rows): step {r['step_s'] * 1e3:7.1f} ms = "
+                    f"{per_s:6.2f} steps/s per session, {n * per_s:7.1f} steps/s total, "
+                    f"RTF {per_s / REAL_TIME_STEPS_PER_S:5.2f}x real time")
+            if base is not None and n == 1:
+                line += f" | vs original step: {base['step_s'] / r['step_s']:.2f}x faster"
+            print(line)
+            if not math.isnan(r["prefill_s"]):
+                pre = f"omniflow  prefill {PROMPT_FRAMES + 3} positions (2 rows): {r['prefill_s'] * 1e3:8.1f} ms"
+                if base is not None:
+                    pre += f" | vs original: {base['prefill_s'] / r['prefill_s']:.2f}x faster"
+                print(pre)
+                cache = f"omniflow  KV cache {r['cache_bytes_per_session'] / 2**20:.1f} MiB/session (2 rows x 2048 slots x {cfg.n_query_groups} heads)"
+                if base is not None:
+                    cache += f" | vs original: {base['cache_bytes'] / r['cache_bytes_per_session']:.1f}x smaller"
+                print(cache)
+        del model
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
