@@ -57,8 +57,8 @@ class StreamState:
     rnn: np.ndarray = field(default_factory=lambda: np.zeros(STATE_SHAPE, np.float32))
     context: np.ndarray = field(default_factory=lambda: np.zeros(CONTEXT, np.float32))
     pending: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # < 1 window, unscored
-    audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))    # scored audio kept
-    audio_start: int = 0          # stream position (samples) of audio[0]
+    kept: list[np.ndarray] = field(default_factory=list)   # scored audio still needed, in order
+    audio_start: int = 0          # stream position (samples) of kept[0][0]
     position: int = 0             # samples scored so far
     triggered: bool = False
     speech_start: int = 0         # first speech window's start
@@ -146,7 +146,7 @@ class SileroVAD(Node):
     def _score(self, frame: Frame, s: StreamState, window: np.ndarray):
         prob = self.model.prob(window, s)
         start, s.position = s.position, s.position + WINDOW
-        s.audio = np.concatenate([s.audio, window])
+        s.kept.append(window)            # a list: joined once per utterance, not once per window
         p = self.params
         if prob >= p.threshold:
             s.silence_start = 0
@@ -171,12 +171,11 @@ class SileroVAD(Node):
                 # (a silence already running before the cut keeps counting: it ends the rest as empty)
                 s.triggered, s.speech_start, s.announced = True, cut, False
                 s.silence_start = silence_start
-                s.audio, s.audio_start = s.audio[cut - s.audio_start:], cut
+                s.kept, s.audio_start = [self._audio(s)[cut - s.audio_start:]], cut
         if not s.triggered:                  # keep only what a future utterance's front pad needs
             keep = self.pad + WINDOW
-            if len(s.audio) > keep:
-                s.audio_start += len(s.audio) - keep
-                s.audio = s.audio[-keep:]
+            while len(s.kept) > 1 and s.position - s.audio_start - len(s.kept[0]) >= keep:
+                s.audio_start += len(s.kept.pop(0))
 
     def _announce(self, frame: Frame, s: StreamState):
         """Confirmed speech: a session's second and later utterances start a new turn now."""
@@ -186,6 +185,13 @@ class SileroVAD(Node):
             self.turns[session] += 1
             yield CONTROL, Frame(kind="control", session=session, turn=self.turns[session],
                                  meta={"op": "turn", "reason": "barge-in"}).stamp("vad")
+
+    @staticmethod
+    def _audio(s: StreamState) -> np.ndarray:
+        """The kept audio as one array (stream positions audio_start .. position)."""
+        if len(s.kept) > 1:
+            s.kept = [np.concatenate(s.kept)]
+        return s.kept[0] if s.kept else np.zeros(0, np.float32)
 
     def _utterance_start(self, s: StreamState) -> int:
         return max(s.audio_start, s.speech_start - self.pad)
@@ -199,7 +205,7 @@ class SileroVAD(Node):
             return
         if not s.announced:
             yield from self._announce(frame, s)
-        audio = s.audio[seg.start - s.audio_start: seg.end - s.audio_start].copy()
+        audio = self._audio(s)[seg.start - s.audio_start: seg.end - s.audio_start].copy()
         session = frame.session
         self.count[session] = self.count.get(session, 0) + 1
         meta = {"rate": RATE, "start_s": seg.start / RATE, "end_s": seg.end / RATE,
@@ -216,7 +222,7 @@ class SileroVAD(Node):
             s.pending = np.zeros(0, np.float32)
             yield from self._score(frame, s, window)
             s.position -= WINDOW - tail                   # the zero padding is not audio
-            s.audio = s.audio[: len(s.audio) - (WINDOW - tail)]
+            s.kept[-1] = s.kept[-1][: len(s.kept[-1]) - (WINDOW - tail)]
         if s.triggered:
             yield from self._close(frame, s, s.silence_start or s.position)
         self.streams.pop(frame.session, None)
