@@ -212,7 +212,8 @@ class _LazyEncoders:
 def _encode(samples: list[Sample], tokenizer, enc: _LazyEncoders, fp16: bool):
     """Yield (sample, record, None) or (sample, None, error) — the whisper batch runs once."""
     records: dict[str, dict] = {}
-    pcm: dict[str, np.ndarray] = {}
+    pcm: dict = {}                             # audio to encode, by file path (or ("bytes", sample id))
+    waiting: dict = {}                         # that audio -> ids of the samples that need its features
     for s in samples:
         try:
             rec = {"task": s.task, "id": s.id, "features": None, "codes": None, "prompt_text": None}
@@ -234,17 +235,21 @@ def _encode(samples: list[Sample], tokenizer, enc: _LazyEncoders, fp16: bool):
                 if known is not None:
                     rec["features"] = known.half() if fp16 else known
                 else:
-                    pcm[s.id] = load_audio(s.input_audio, WHISPER_SAMPLE_RATE)
+                    # one whisper run per distinct file in the batch (a file often serves several tasks)
+                    key = s.input_audio if isinstance(s.input_audio, str) else ("bytes", s.id)
+                    if key not in pcm:
+                        pcm[key] = load_audio(s.input_audio, WHISPER_SAMPLE_RATE)
+                    waiting.setdefault(key, []).append(s.id)
             records[s.id] = rec
         except (BadAudio, ValueError) as e:
             yield s, None, str(e)
-    ids = list(pcm)
-    if ids:
-        feats = enc.whisper([pcm[i] for i in ids])                          # each (T, D)
-        sources = {s.id: s.input_audio for s in samples}
-        for i, f in zip(ids, feats):
-            records[i]["features"] = f.half() if fp16 else f
-            enc.remember(enc.features_memo, sources[i], f)
+    keys = list(pcm)
+    if keys:
+        feats = enc.whisper([pcm[k] for k in keys])                         # each (T, D)
+        for key, f in zip(keys, feats):
+            enc.remember(enc.features_memo, key, f)
+            for sid in waiting[key]:
+                records[sid]["features"] = f.half() if fp16 else f
     for s in samples:
         if s.id in records:
             yield s, records[s.id], None
