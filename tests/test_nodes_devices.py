@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import types
 
 import numpy as np
@@ -24,6 +25,7 @@ def fake_sounddevice(devices: list[dict], rates: set[int], recording: np.ndarray
     """A module with the parts of sounddevice's API the nodes use; `recording` is what the mic hears."""
     sd = types.ModuleType("sounddevice")
     sd.PortAudioError = PortAudioError
+    sd.autoplay = False
     sd.streams = []
 
     def query_devices(device=None, kind=None):
@@ -62,8 +64,17 @@ def fake_sounddevice(devices: list[dict], rates: set[int], recording: np.ndarray
             threading.Thread(target=feed, daemon=True).start()
 
     class OutputStream(Stream):
+        played: list[np.ndarray]
+
         def start(self):
-            self.active = True
+            self.active, self.played = True, []
+            if sd.autoplay:                    # PortAudio's thread pulls a block every few ms
+
+                def play():
+                    while self.active:
+                        self.played.append(self.pull(self.blocksize))
+                        time.sleep(0.001)
+                threading.Thread(target=play, daemon=True).start()
 
         def pull(self, frames: int) -> np.ndarray:     # what PortAudio would do each period
             out = np.empty((frames, 1), np.float32)
@@ -123,4 +134,19 @@ def test_speaker_plays_in_order_resamples_clips_and_drops_interrupted_audio(monk
     assert abs(int((np.abs(rest - 0.25) < 0.01).sum()) - 2400) < 50      # b's 1600 samples at 16 kHz -> ~2400
     assert not np.any(rest == 1.0)                                       # a's unplayed audio never plays
     node.finish()
+    node.teardown()
+
+
+def test_speaker_plays_everything_before_it_finishes(monkeypatch):
+    sd = fake_sounddevice([SPK], {24000})
+    sd.autoplay = True
+    monkeypatch.setitem(sys.modules, "sounddevice", sd)
+    answer = np.sin(np.arange(1, 6001) / 7).astype(np.float32)      # starts non-zero
+    frames = [Frame(kind="pcm", seq=i, data=answer[i * 1500:(i + 1) * 1500], meta={"rate": 24000}) for i in range(4)]
+    node = Speaker({"blocksize": 256})
+    run_node(node, frames)                             # finish() waits until the device played it all
+    (stream,) = sd.streams
+    played = np.concatenate(stream.played)
+    start = int(np.flatnonzero(played)[0])             # the device may play silence before the first frame
+    np.testing.assert_array_equal(played[start:start + len(answer)], answer)
     node.teardown()
