@@ -4,7 +4,7 @@ import torch
 
 from omniflow.model import tokens as tk
 from omniflow.model.config import Config
-from omniflow.model.engine import STOP_EOA, STOP_EOT, STOP_LENGTH, Engine
+from omniflow.model.engine import STOP_EOA, STOP_EOT, STOP_LENGTH, Engine, prepare_for_decode
 from omniflow.model.generate import answer, stream
 from omniflow.model.gpt import MiniOmni
 from omniflow.model.prompts import build_input_ids, decode_feedback, get_task
@@ -202,3 +202,42 @@ def test_errors_name_the_fix(model):
         eng.start("t", "T1T2", text_ids=TEXT)
     with pytest.raises(ValueError, match="already running"):
         eng.start("s", "T1T2", text_ids=TEXT)
+
+
+def test_prepare_for_decode_keeps_values_and_training(model):
+    """The engine's weight relayout changes memory order only: same state dict, same forward,
+    and gradients still reach every parameter."""
+    torch.manual_seed(3)
+    fresh = MiniOmni(model.config)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    ids = build_input_ids("T1A2", text_ids=TEXT)
+    with torch.inference_mode():
+        logits = fresh(ids)
+    prepare_for_decode(fresh)
+    assert not fresh.transformer.h[0].mlp.fc_1.weight.is_contiguous()  # fp32 CPU: transposed storage
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    with torch.inference_mode():
+        torch.testing.assert_close(fresh(ids), logits, rtol=1e-5, atol=1e-5)
+        x = torch.randn(3, model.config.n_embd)
+        mlp = fresh.transformer.h[0].mlp
+        torch.testing.assert_close(mlp.infer(x), mlp(x), rtol=1e-5, atol=1e-5)
+    speech = build_input_ids("A1A2_SINGLE", n_audio_frames=4)
+    fresh(speech, fresh.adapt(torch.randn(1, 4, model.config.whisper_adapter_dim))).logsumexp(-1).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fresh.parameters())
+
+
+def test_bfloat16_engine_batches_like_solo_runs():
+    torch.manual_seed(4)
+    cfg = Config(block_size=48, n_layer=2, n_embd=32, n_head=4, n_query_groups=2, head_size=8,
+                 intermediate_size=48)
+    m = MiniOmni(cfg).to(torch.bfloat16).eval()
+    eng = Engine(m, max_sessions=2)
+    assert m.transformer.h[0].mlp.fc_1.weight.is_contiguous()  # bf16 keeps the original order
+    a = eng.start("a", "T1A2", text_ids=TEXT, max_new_tokens=10)
+    b = eng.start("b", "T1T2", text_ids=TEXT[:2], max_new_tokens=10)
+    got = {"a": [a.tokens], "b": [b.tokens]}
+    while eng.sessions:
+        for sid, o in eng.step().items():
+            got[sid].append(o.tokens)
+    assert got["a"] == solo(m, "T1A2", text_ids=TEXT, max_new_tokens=10)
+    assert got["b"] == solo(m, "T1T2", text_ids=TEXT[:2], max_new_tokens=10)

@@ -48,6 +48,33 @@ class LLaMAMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
 
+    def fuse_gate_up_(self, transposed: bool = False) -> None:
+        """Move fc_1 and fc_2 into one (2 * hidden, in) weight so inference runs one GEMM for both.
+
+        fc_1/fc_2 stay Parameters (views of the fused storage), so state dicts, loading and
+        training are unchanged; `infer` uses the fused weight. transposed=True stores it
+        (in, 2 * hidden)-contiguous (faster for fp32 small-batch GEMMs on CPU).
+        """
+        w1, w2 = self.fc_1.weight.data, self.fc_2.weight.data
+        n = w1.size(0)
+        if transposed:
+            storage = torch.cat([w1.t(), w2.t()], dim=1).contiguous()  # (in, 2 * hidden)
+            self.fc_1.weight.data, self.fc_2.weight.data = storage[:, :n].t(), storage[:, n:].t()
+            self._gate_up = storage.t()  # (2 * hidden, in) view
+        else:
+            storage = torch.cat([w1, w2], dim=0).contiguous()  # (2 * hidden, in)
+            self.fc_1.weight.data, self.fc_2.weight.data = storage[:n], storage[n:]
+            self._gate_up = storage
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference-only forward: the fused gate/up GEMM when it still aliases fc_1 (it does
+        not after the module was moved or re-loaded with new tensors)."""
+        fused = getattr(self, "_gate_up", None)
+        if fused is None or fused.data_ptr() != self.fc_1.weight.data_ptr() or fused.device != x.device:
+            return self.forward(x)
+        gate, up = F.linear(x, fused).chunk(2, dim=-1)  # (..., hidden) each
+        return self.proj(F.silu(gate) * up)
+
 
 def rope_tables(cfg: Config, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(block_size, rope_n_elem) cos and sin tables, fp32, NeoX layout (halves repeated)."""
@@ -139,7 +166,7 @@ class Block(nn.Module):
 
     def decode(self, x, cos, sin, k_cache, v_cache, rows, pos, mask):
         x = x + self.attn.decode(self.norm_1(x), cos, sin, k_cache, v_cache, rows, pos, mask)
-        return x + self.mlp(self.norm_2(x))  # (R, C)
+        return x + self.mlp.infer(self.norm_2(x))  # (R, C)
 
 
 class MiniOmni(nn.Module):
