@@ -177,6 +177,7 @@ class LocalLauncher:
         self.restarts = {name: 0 for name in graph.nodes}
         self.heartbeats: dict[str, dict[str, Any]] = {}     # node -> last heartbeat's meta
         self._stop_reason: str | None = None
+        self._turns: dict[str, tuple[int, list[bytes]]] = {}  # session -> latest turn frame
 
     def stop(self, reason: str = "stopped") -> None:
         """Ask `run()` to stop every node and return (thread-safe)."""
@@ -193,7 +194,8 @@ class LocalLauncher:
         return ProcessWorker(cfg, self.run_dir / "nodes" / f"{spec.name}.json")
 
     def run(self) -> RunResult:
-        pub = self.context.socket(zmq.PUB)
+        pub = self.context.socket(zmq.XPUB)       # XPUB: hears each node subscribe (see below)
+        pub.setsockopt(zmq.XPUB_VERBOSE, 1)
         pull = self.context.socket(zmq.PULL)
         pub.bind(self.endpoints[CONTROL_PUB])
         pull.bind(self.endpoints[CONTROL_IN])
@@ -226,9 +228,15 @@ class LocalLauncher:
     def _supervise(self, pub: zmq.Socket, pull: zmq.Socket, codes: dict[str, int]) -> tuple[bool, str]:
         done: set[str] = set()
         due: dict[str, float] = {}                      # node -> when to restart it
+        poller = zmq.Poller()
+        poller.register(pull, zmq.POLLIN)
+        poller.register(pub, zmq.POLLIN)
         while True:
-            if pull.poll(MONITOR_POLL_MS):
+            ready = dict(poller.poll(MONITOR_POLL_MS))
+            if pull in ready:
                 self._forward_control(pub, pull)
+            if pub in ready:
+                self._replay_turns(pub)
             if self._stop_reason is not None:
                 return True, self._stop_reason
             now = time.monotonic()
@@ -286,8 +294,25 @@ class LocalLauncher:
                 self.heartbeats[str(frame.meta.get("node"))] = frame.meta
                 continue
             pub.send_multipart(parts)
+            if op == "turn":
+                latest = self._turns.get(frame.session)
+                if latest is None or frame.turn > latest[0]:
+                    self._turns[frame.session] = (frame.turn, parts)
             if op == "stop":
                 self.stop(f"stopped by a node's control frame (session {frame.session})")
+
+    def _replay_turns(self, pub: zmq.Socket) -> None:
+        """A node (re)joined the control channel: send it the current turn of every session, so
+        a node that starts late or restarts still drops old turns (last-value cache)."""
+        joined = False
+        while True:
+            try:
+                joined |= pub.recv(zmq.NOBLOCK)[:1] == b"\x01"
+            except zmq.Again:
+                break
+        if joined:
+            for _, parts in self._turns.values():
+                pub.send_multipart(parts)
 
     def _stop_all(self, codes: dict[str, int]) -> None:
         for worker in self.workers.values():

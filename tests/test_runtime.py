@@ -1,0 +1,132 @@
+"""The runtime with real processes and real sockets: sample-exact streaming, fan-out, malformed
+frames straight to a node's socket, and turn changes on the control channel."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import msgspec
+import numpy as np
+import soundfile as sf
+import zmq
+
+from omniflow.frame import MAX_HEADER_BYTES, Frame, decode, encode
+from omniflow.graph import parse_graph
+from omniflow.launch.local import run_graph
+from omniflow.runtime import NodeConfig
+from omniflow.transport import Link, Wiring
+
+from nodes.audio import to_int16
+
+
+def gained(pcm: np.ndarray, db: float) -> np.ndarray:
+    """What FileSource -> Gain(db) -> WavSink must write, computed without the framework."""
+    x = pcm.astype(np.float32) / np.float32(32768)            # soundfile's int16 -> float32
+    return to_int16(x * np.float32(10 ** (db / 20)))
+
+
+def test_three_processes_sample_exact_over_thousands_of_frames(tone_wav, tmp_path):
+    path, pcm = tone_wav(seconds=5.0)
+    out = tmp_path / "out.wav"
+    graph = parse_graph(f"""
+nodes:
+  src:  {{use: "nodes.audio:FileSource", params: {{path: "{path}", rate: 16000, chunk_ms: 2}}}}
+  gain: {{use: "nodes.dsp:Gain", params: {{db: -6}}, inputs: {{audio: src/audio}}}}
+  sink: {{use: "nodes.audio:WavSink", params: {{path: "{out}"}}, inputs: {{audio: gain/audio}}}}
+""")
+    result = run_graph(graph)
+    assert result.ok, result.message
+    written, rate = sf.read(out, dtype="int16")
+    assert rate == 16000
+    np.testing.assert_array_equal(written, gained(pcm, -6.0))    # nothing lost or reordered
+    assert result.metrics["gain"]["frames_in"] == 2500 == result.metrics["sink"]["frames_in"]
+    assert all(m["rejected"] == 0 and m["dropped_overflow"] == 0 for m in result.metrics.values())
+
+
+def test_fan_out_delivers_every_frame_to_every_consumer_in_process(tone_wav, tmp_path):
+    path, pcm = tone_wav(seconds=1.0)
+    graph = parse_graph(f"""
+nodes:
+  src:  {{use: "nodes.audio:FileSource", params: {{path: "{path}", chunk_ms: 5}}}}
+  a:    {{use: "nodes.audio:WavSink", params: {{path: "{tmp_path}/a.wav"}}, inputs: {{audio: src/audio}}}}
+  loud: {{use: "nodes.dsp:Gain", params: {{db: 3}}, inputs: {{audio: src/audio}}}}
+  b:    {{use: "nodes.audio:WavSink", params: {{path: "{tmp_path}/b.wav"}}, inputs: {{audio: loud/audio}}}}
+""")
+    result = run_graph(graph, in_process=True)
+    assert result.ok, result.message
+    np.testing.assert_array_equal(sf.read(tmp_path / "a.wav", dtype="int16")[0], pcm)
+    np.testing.assert_array_equal(sf.read(tmp_path / "b.wav", dtype="int16")[0], gained(pcm, 3.0))
+
+
+def test_malformed_frames_on_a_nodes_socket_are_counted_and_it_keeps_serving(tmp_path):
+    ctx = zmq.Context()
+    feed, out = f"ipc://{tmp_path}/in.sock", f"ipc://{tmp_path}/out.sock"
+    producer = ctx.socket(zmq.PUSH)
+    producer.setsockopt(zmq.SNDTIMEO, 10_000)  # fail, not hang, if the node never connects
+    producer.bind(feed)                       # the test plays the upstream node
+    consumer = ctx.socket(zmq.PULL)
+    consumer.connect(out)                     # ... and the downstream node
+    cfg = NodeConfig(name="relay", use="test_runtime_nodes:Relay", params={},
+                     wiring=Wiring(inputs=[Link("up->relay", "in", feed)],
+                                   outputs=[Link("relay->down", "out", out)]),
+                     metrics_path=str(tmp_path / "metrics.json"))
+    (tmp_path / "relay.json").write_bytes(msgspec.json.encode(cfg))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))   # finds test_runtime_nodes
+    proc = subprocess.Popen([sys.executable, "-m", "omniflow.runtime", str(tmp_path / "relay.json")],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        header, payload = encode(Frame(kind="pcm", data=np.arange(4, dtype=np.float32)))
+        bad = [
+            [b"\x93garbage bytes that are not msgpack"],                      # one part
+            [bytes(header), bytes(payload), b"extra"],                        # three parts
+            [bytes(header), bytes(payload)[:-4]],                             # payload too short
+            [b"\x00" * (MAX_HEADER_BYTES + 1), b""],                          # oversize header
+        ]
+        for parts in bad:
+            producer.send_multipart(parts)
+        good = Frame(kind="pcm", seq=7, data=np.arange(4, dtype=np.float32), meta={"rate": 8000})
+        producer.send_multipart(encode(good))
+        assert consumer.poll(10_000), "the node stopped serving after malformed frames"
+        echoed = decode(consumer.recv_multipart())
+        assert echoed.seq == 7 and echoed.meta == {"rate": 8000}
+        np.testing.assert_array_equal(echoed.data, good.data)
+        producer.send_multipart(encode(Frame(kind="eos")))
+        assert decode(consumer.recv_multipart()).kind == "eos"    # eos is forwarded
+        consumer.close()                                           # lets the node exit
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        producer.close(linger=0)
+        if not consumer.closed:
+            consumer.close(linger=0)
+        ctx.term()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["rejected"] == 4 and metrics["frames_in"] == 1
+    log = proc.stderr.read()
+    for reason in ("expected 2 message parts", "payload is 12 bytes", "exceeds"):
+        assert reason in log
+
+
+def test_turn_change_makes_every_node_drop_the_old_turn(tmp_path):
+    rec, resets = tmp_path / "rec.jsonl", tmp_path / "relay_resets.txt"
+    graph = parse_graph(f"""
+nodes:
+  src:   {{use: "test_runtime_nodes:TurnSource", params: {{n: 5}}}}
+  relay: {{use: "test_runtime_nodes:Relay", params: {{reset_log: "{resets}"}}, inputs: {{in: src/out}}}}
+  rec:   {{use: "test_runtime_nodes:Recorder", params: {{path: "{rec}"}}, inputs: {{in: [relay/out, src/out]}}}}
+""")
+    result = run_graph(graph)
+    assert result.ok, result.message
+    records = [json.loads(line) for line in rec.read_text().splitlines()]
+    frames = [(r["turn"], r["seq"]) for r in records if "reset" not in r]
+    # each frame arrives twice (through relay and directly); stale turn-0 frames (seq 5..9) never
+    assert sorted(frames) == sorted(2 * ([(0, i) for i in range(5)] + [(1, i) for i in range(5)]))
+    assert {"reset": "s", "by": "rec"} in records
+    first_new = min(i for i, r in enumerate(records) if r.get("turn") == 1)
+    assert records.index({"reset": "s", "by": "rec"}) < first_new      # reset before the new turn
+    assert resets.read_text().split() == ["s"]
+    assert result.metrics["relay"]["dropped_old_turn"] == 5
+    assert result.metrics["rec"]["dropped_old_turn"] == 5               # the direct copies

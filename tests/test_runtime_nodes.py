@@ -1,0 +1,94 @@
+"""Helper nodes for the runtime tests (no tests here): they run inside real node processes."""
+from __future__ import annotations
+
+import json
+import time
+
+import msgspec
+import numpy as np
+
+from omniflow import CONTROL, Frame, Node
+
+
+class Relay(Node):
+    """Forward every frame unchanged; append each reset's session to `reset_log` if given."""
+    inputs = {"in": "any"}
+    outputs = {"out": "any"}
+
+    class Params(msgspec.Struct, forbid_unknown_fields=True):
+        reset_log: str = ""
+
+    def process(self, port, frame):
+        yield "out", frame
+
+    def reset(self, session):
+        if self.params.reset_log:
+            with open(self.params.reset_log, "a") as f:
+                f.write(session + "\n")
+        return ()
+
+
+class TurnSource(Node):
+    """Session "s": `n` frames of turn 0; after `pause_s` (they have arrived everywhere) it
+    announces turn 1 on the control channel, waits `pause_s` again, then sends `n` stale frames
+    of turn 0 and `n` frames of turn 1."""
+    outputs = {"out": "any"}
+
+    class Params(msgspec.Struct, forbid_unknown_fields=True):
+        n: int = 5
+        pause_s: float = 0.5
+        start_s: float = 0.5        # let the other nodes join the control channel first
+
+    def setup(self):
+        n = self.params.n
+        self.plan = ([("sleep", self.params.start_s)] + [("data", 0, i) for i in range(n)]
+                     + [("sleep", self.params.pause_s), ("turn", 1), ("sleep", self.params.pause_s)]
+                     + [("data", 0, n + i) for i in range(n)] + [("data", 1, i) for i in range(n)])
+
+    def has_work(self):
+        return bool(self.plan)
+
+    def step(self):
+        action = self.plan.pop(0)
+        if action[0] == "sleep":
+            time.sleep(action[1])
+        elif action[0] == "turn":
+            yield CONTROL, Frame(kind="control", session="s", turn=action[1], meta={"op": "turn"})
+        else:
+            _, turn, seq = action
+            yield "out", Frame(kind="pcm", session="s", turn=turn, seq=seq,
+                               data=np.full(4, seq, np.float32), meta={"rate": 16000})
+
+
+class Recorder(Node):
+    """Append every received frame (and every reset) as one JSON line to `path`."""
+    inputs = {"in": "any"}
+
+    class Params(msgspec.Struct, forbid_unknown_fields=True):
+        path: str
+
+    def setup(self):
+        self.file = open(self.params.path, "a")
+
+    def _write(self, record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def process(self, port, frame):
+        self._write({"kind": frame.kind, "session": frame.session, "turn": frame.turn,
+                     "seq": frame.seq, "meta": frame.meta})
+        return ()
+
+    def reset(self, session):
+        self._write({"reset": session, "by": self.name})
+        return ()
+
+    def teardown(self):
+        self.file.close()
+
+
+class BrokenSetup(Node):
+    outputs = {"out": "any"}
+
+    def setup(self):
+        raise RuntimeError("the model file is corrupt (a test failure on purpose)")
