@@ -18,7 +18,9 @@ emits its step 0, so a new utterance joins the running batch at the next `step()
 ONE batched decode step for every live session and emits one frame per session. A turn that
 finds no free cache slot waits in a FIFO queue and starts as soon as a session ends — never
 dropped. A new turn of a session that is still answering replaces the old one (barge-in);
-`reset(session)` (the runtime calls it on a control "turn") frees the session's slot.
+`reset(session)` (the runtime calls it on a control "turn") frees the session's slot. A bad
+request (wrong embedding width, empty prompt, a task the input cannot take) is logged as an error
+and dropped: it must not end the other sessions.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from omniflow.node import Node
 DTYPES = ("float32", "bfloat16", "float16")
 SPEECH_TASKS = ("A1A2", "A1A2_SINGLE", "A1T2", "ASR")     # take embeds
 TEXT_TASKS = ("T1A2", "T1T2")                             # take a text prompt
+PROMPT_EXTRA = 3            # positions a prompt adds around its T frames / L tokens (REFERENCE §3)
 
 
 @dataclass
@@ -60,7 +63,8 @@ class Backbone(Node):
         dtype: str = "float32"             # float32 (the original) | bfloat16 | float16
         device: str = "cpu"
         max_sessions: int = 8              # sessions decoded together; more wait in a queue
-        max_new_tokens: int | None = None  # answer steps incl. the prefill; None: up to block_size
+        max_new_tokens: int | None = None  # answer steps incl. the prefill (capped by the context
+                                           # left after the prompt); None: fill the context
         temperature: float = 0.9           # the original's sampling: top_k 1 = greedy
         top_k: int | None = 1
         top_p: float = 1.0
@@ -111,7 +115,11 @@ class Backbone(Node):
         running = self.live.get(frame.session)
         if running is not None and frame.turn < running.turn:
             return                                   # a late frame of an older turn
-        request = self._request(port, frame)
+        try:
+            request = self._request(port, frame)
+        except ValueError as e:                      # one bad request must not end every session
+            self.log.error("%s. The frame is dropped.", e)
+            return
         self._cancel(frame.session)                  # a new turn replaces whatever the session had
         self.queue.append(request)
         yield from self._admit()
@@ -130,7 +138,7 @@ class Backbone(Node):
             if embeds.ndim != 2 or embeds.shape[1] != self.cfg.n_embd or len(embeds) == 0:
                 raise ValueError(f"session {frame.session!r}: embeds of shape {embeds.shape}; expected "
                                  f"(T >= 1, {self.cfg.n_embd}): the adapter output of this checkpoint")
-            room = self.cfg.block_size - 4               # the prompt adds 3 positions, 1 step must fit
+            room = self.cfg.block_size - PROMPT_EXTRA - 1    # the prompt's extra positions + 1 step
             if len(embeds) > room:
                 raise ValueError(f"session {frame.session!r}: {len(embeds)} whisper frames do not fit the "
                                  f"model's context (block_size {self.cfg.block_size}): at most {room}")
@@ -154,10 +162,17 @@ class Backbone(Node):
         while self.queue and self._has_room(self.queue[0].task):
             req = self.queue.popleft()
             out = self.engine.start(req.session, req.task, embeds=req.embeds, text_ids=req.text_ids,
-                                    sampling=self.sampling, max_new_tokens=self.params.max_new_tokens)
+                                    sampling=self.sampling, max_new_tokens=self._max_new_tokens(req))
             req.embeds = None                        # the prompt is in the KV cache now
             self.live[req.session] = req
             yield self._emit(req, out)
+
+    def _max_new_tokens(self, req: _Request) -> int | None:
+        """params.max_new_tokens, capped by what the context has left after this prompt."""
+        if self.params.max_new_tokens is None:
+            return None                              # the engine's default: fill the context
+        prompt = (len(req.embeds) if req.embeds is not None else len(req.text_ids)) + PROMPT_EXTRA
+        return max(1, min(self.params.max_new_tokens, self.cfg.block_size - prompt + 1))
 
     def has_work(self) -> bool:
         return bool(self.live)

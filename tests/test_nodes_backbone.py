@@ -121,12 +121,23 @@ def test_text_prompt_and_per_frame_task(ckpt, n_embd):
     assert {f.meta["task"] for f in out.on("tokens") if f.session == "r"} == {"ASR"}
 
 
-def test_bad_inputs_name_the_problem(ckpt, n_embd):
-    with pytest.raises(ValueError, match="expected \\(T >= 1, 64\\)"):
-        run_node(backbone(ckpt), [("embeds", Frame(kind="embeds", data=np.zeros((5, 3), np.float32)))])
-    with pytest.raises(ValueError, match="non-empty meta\\['text'\\]"):
-        run_node(backbone(ckpt), [("text", Frame(kind="text", meta={"text": " "}))])
-    with pytest.raises(ValueError, match="that input takes tasks"):
-        run_node(backbone(ckpt), [embeds_frame(n_embd, task="T1A2")])
+def test_bad_inputs_are_logged_with_the_fix_and_dropped(ckpt, n_embd, caplog):
+    bad = [("embeds", Frame(kind="embeds", session="w", data=np.zeros((5, 3), np.float32))),
+           ("text", Frame(kind="text", session="e", meta={"text": " "})),
+           embeds_frame(n_embd, "t", task="T1A2")]
+    good = embeds_frame(n_embd, "ok")
+    with caplog.at_level("ERROR"):
+        out = run_node(backbone(ckpt), [*bad, good])          # the good session is still served
+    assert {f.session for f in out.on("tokens")} == {"ok"}
+    assert "expected (T >= 1, 64)" in caplog.text
+    assert "non-empty meta['text']" in caplog.text
+    assert "that input takes tasks" in caplog.text
     with pytest.raises(ValueError, match="does not take speech"):
         Backbone({"task": "T1T2"})
+
+
+def test_max_new_tokens_is_capped_by_the_context_left(ckpt, n_embd):
+    frames = 500                                       # tiny demo model: block_size 512
+    out = run_node(backbone(ckpt, max_new_tokens=1000), [embeds_frame(n_embd, frames=frames)])
+    steps = out.on("tokens")
+    assert len(steps) <= 512 - (frames + 3) + 1 and steps[-1].last
