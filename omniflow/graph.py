@@ -133,8 +133,10 @@ def _items(node: yaml.MappingNode) -> dict[str, tuple[yaml.Node, yaml.Node]]:
 
 
 def _closest(word: str, choices) -> str:
-    near = difflib.get_close_matches(word, list(choices), n=1)
-    return f"'{near[0]}'" if near else "one of " + ", ".join(sorted(choices))
+    """The likely intended choice (case-insensitive), or the list of all of them."""
+    by_lower = {c.lower(): c for c in choices}
+    near = difflib.get_close_matches(word.lower(), list(by_lower), n=1)
+    return f"'{by_lower[near[0]]}'" if near else "one of " + ", ".join(sorted(choices))
 
 
 class _Parser:
