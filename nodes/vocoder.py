@@ -23,6 +23,9 @@ original is stochastic. `noise` selects what this node does:
   "off"     no noise (the NoiseBlock adds nothing);
   "random"  the original's fresh torch.randn on every call.
 
+  With `runtime: onnx` the decoder is an onnxruntime export of the same weights, which has no
+  noise blocks: noise is "off" there.
+
 Weights: the official `config.json` + `pytorch_model.bin` (hubertsiuzdak/snac_24khz), found by
 `omniflow.weights.resolve("snac", params.checkpoint)`.
 """
@@ -45,6 +48,7 @@ SAMPLE_RATE = 24_000               # Hz, SNAC 24 kHz model
 HOP = 512                          # samples per finest SNAC step (encoder_rates 2·4·8·8)
 SAMPLES_PER_FRAME = HOP * 4        # 2048 samples = 85.33 ms per coarse frame (vq_strides [4, 2, 1])
 NOISE_MODES = ("fixed", "off", "random")
+RUNTIMES = ("torch", "onnx")
 
 
 def frames_to_codes(frames: np.ndarray, device="cpu") -> list[torch.Tensor]:
@@ -94,7 +98,9 @@ class FixedNoise(nn.Module):
 class SnacDecoder:
     """A loaded SNAC model that decodes whole frames at a known position in the turn."""
 
-    def __init__(self, model: nn.Module, noise: str = "fixed", seed: int = 0, device="cpu"):
+    def __init__(self, model: nn.Module, noise: str = "fixed", seed: int = 0, device="cpu", backend=None):
+        """backend: something with SNAC's `decode(codes)` to run instead of `model` (onnxruntime's
+        `OrtSnacDecoder`, which has no noise: use noise="off" with it)."""
         if noise not in NOISE_MODES:
             raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
         hop = int(np.prod(model.encoder_rates))
@@ -110,6 +116,9 @@ class SnacDecoder:
                   for name, child in parent.named_children() if isinstance(child, (NoiseBlock, FixedNoise))]
         for index, (parent, name, child) in enumerate(blocks):
             setattr(parent, name, FixedNoise(child, index, seed, self.window, noise))
+        if backend is not None and noise != "off":
+            raise ValueError(f"{backend!r} decodes without SNAC's noise blocks: use noise='off' with it")
+        self.backend = backend or self.model
 
     @classmethod
     def from_dir(cls, path: str | Path, **kwargs) -> "SnacDecoder":
@@ -134,7 +143,7 @@ class SnacDecoder:
             raise ValueError(f"SNAC codes must be in [0, {self.model.codebook_size}); got "
                              f"[{frames.min()}, {frames.max()}] (special ids must be dropped upstream)")
         self.window.start_frame, self.window.n_frames = start_frame, len(frames)
-        audio = self.model.decode(frames_to_codes(frames, self.device))          # (1, 1, F·2048)
+        audio = self.backend.decode(frames_to_codes(frames, self.device))        # (1, 1, F·2048)
         return audio[0, 0].float().cpu().numpy()
 
 
@@ -197,19 +206,27 @@ class SnacVocoder(Node):
         checkpoint: str | None = None     # SNAC dir (config.json + pytorch_model.bin); None: cache/fetch
         context_frames: int = 2           # already-played frames re-decoded as left context
         crossfade_ms: float = 10.0        # held back per chunk and cross-faded at the seam
-        noise: str = "fixed"              # fixed | off | random (see module doc)
+        noise: str | None = None          # fixed | off | random (module doc); None: fixed (torch), off (onnx)
         seed: int = 0                     # for noise="fixed"
         device: str = "cpu"
-        runtime: str = "torch"            # only torch for now
+        runtime: str = "torch"            # torch | onnx (onnxruntime, exported once next to the weights)
 
     def setup(self):
-        if self.params.runtime != "torch":
-            raise ValueError(f"runtime {self.params.runtime!r} is not available for SnacVocoder; use torch")
+        p = self.params
+        if p.runtime not in RUNTIMES:
+            raise ValueError(f"runtime {p.runtime!r} is not available for SnacVocoder; use one of {RUNTIMES}")
+        noise = p.noise or ("fixed" if p.runtime == "torch" else "off")
+        if p.runtime == "onnx" and noise != "off":
+            raise ValueError(f"runtime: onnx decodes without SNAC's noise; noise: {noise!r} needs "
+                             "runtime: torch (or set noise: off)")
         from omniflow import weights
-        path = weights.resolve("snac", self.params.checkpoint)
+        path = weights.resolve("snac", p.checkpoint)
         weights.warn_if_demo(path, self.log)
-        decoder = SnacDecoder.from_dir(path, noise=self.params.noise, seed=self.params.seed,
-                                       device=self.params.device)
+        decoder = SnacDecoder.from_dir(path, noise=noise, seed=p.seed, device=p.device)
+        if p.runtime == "onnx":
+            from omniflow.model.ort import OrtSnacDecoder
+            backend = OrtSnacDecoder.from_torch(decoder.model, cache_dir=path, device=p.device)
+            decoder = SnacDecoder(decoder.model, noise="off", device=p.device, backend=backend)
         self.stream = StreamingSnac(decoder, self.params.context_frames, self.params.crossfade_ms)
         self.states: dict[str, StreamState] = {}
 

@@ -148,6 +148,20 @@ def test_demo_weights_are_announced(snac_dir, caplog):
 def test_unknown_runtime_and_noise_are_refused(snac_dir, decoder):
     with pytest.raises(ValueError, match="runtime"):
         SnacVocoder({"checkpoint": str(snac_dir), "runtime": "tensorrt"}).setup()
+    with pytest.raises(ValueError, match="decodes without SNAC's noise"):
+        SnacVocoder({"checkpoint": str(snac_dir), "runtime": "onnx", "noise": "fixed"}).setup()
     with pytest.raises(ValueError, match="noise must be one of"):
         SnacDecoder.from_dir(snac_dir, noise="loud")
     assert torch.is_grad_enabled()
+
+
+@pytest.mark.slow     # the first ONNX export of SNAC takes ~25 s on 2 cores (then it is cached)
+def test_onnx_runtime_streams_like_torch_without_noise(snac_dir, frames, tmp_path):
+    import shutil
+    local = shutil.copytree(snac_dir, tmp_path / "snac")       # the export is cached next to the weights
+    onnx = run_node(SnacVocoder({"checkpoint": str(local), "runtime": "onnx"}), chunk_frames(frames))
+    torch_off = run_node(SnacVocoder({"checkpoint": str(local), "noise": "off"}), chunk_frames(frames))
+    a = np.concatenate([f.data for f in onnx.on("pcm")])
+    b = np.concatenate([f.data for f in torch_off.on("pcm")])
+    assert a.shape == b.shape == (N_FRAMES * SAMPLES_PER_FRAME,)
+    np.testing.assert_allclose(a, b, atol=1e-4)
