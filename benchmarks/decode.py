@@ -97,9 +97,11 @@ class OriginalDecoder:
         return audio[0].argmax(-1).tolist() + [int(text[-1].argmax())]
 
 
-def timed(fn, repeat: int) -> float:
-    """Median seconds of `repeat` calls (after one warm-up call)."""
-    fn()
+def timed(fn, repeat: int, warmup: int = 1) -> float:
+    """Median seconds of `repeat` calls after `warmup` untimed ones (the median resists the
+    spikes of a shared machine)."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -154,7 +156,7 @@ def bench_step(model: MiniOmni, sessions: int, steps: int, device: str, **kw) ->
         eng.step()
         sync(device)
 
-    return timed(step, steps)
+    return timed(step, steps, warmup=3)
 
 
 def random_embeds(model: MiniOmni, frames: int, device: str) -> torch.Tensor:

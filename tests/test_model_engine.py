@@ -241,3 +241,12 @@ def test_bfloat16_engine_batches_like_solo_runs():
             got[sid].append(o.tokens)
     assert got["a"] == solo(m, "T1A2", text_ids=TEXT, max_new_tokens=10)
     assert got["b"] == solo(m, "T1T2", text_ids=TEXT[:2], max_new_tokens=10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("static", [True, False])
+def test_compiled_decode_step_gives_the_same_tokens(model, static):
+    e = embeds_for(model, 4, 13)
+    ref = answer(Engine(model, max_sessions=1), "A1A2", embeds=e, max_new_tokens=12)
+    compiled = Engine(model, max_sessions=1, compile=True, static_shapes=static)
+    assert answer(compiled, "A1A2", embeds=e, max_new_tokens=12) == ref

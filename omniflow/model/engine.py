@@ -178,6 +178,7 @@ class Engine:
         """Drop every session."""
         self.sessions.clear()
         self.n_rows = 0
+        self.positions.zero_()
 
     # --- prefill -----------------------------------------------------------------------------
     @torch.inference_mode()
