@@ -41,7 +41,9 @@ def test_resume_gives_the_same_curve_and_weights(setup):
     straight = train(cfg, [root / "cache"], root / "straight", init=init, progress=False)
     first = train(cfg, [root / "cache"], root / "resumed", init=init, progress=False, stop_after=10)
     assert first.name == "step-000010"
-    resumed = train(cfg, [root / "cache"], root / "resumed", resume="auto", progress=False)
+    # the second half loads data in 2 worker processes: prefetching must not change the order
+    with_workers = load_stage_config("stage3", {**cfg.to_dict(), "num_workers": 2})
+    resumed = train(with_workers, [root / "cache"], root / "resumed", resume="auto", progress=False)
     assert resumed.name == "step-000020"
 
     a, b = losses(root / "straight"), losses(root / "resumed")
@@ -78,3 +80,15 @@ def test_checkpoint_is_the_official_format_with_tokenizer(setup, tmp_path):
     assert (ckpt / "model_config.yaml").exists() and (ckpt / "tokenizer.json").read_text() == "{}"
     assert (tmp_path / "run" / "latest").read_text().strip() == ckpt.name
     (init / "tokenizer.json").unlink()
+
+
+def test_bf16_autocast_trains(setup, tmp_path):
+    """The GPU default (bf16 autocast, fp32 master weights) also runs on CPU when asked for."""
+    root, init, cfg = setup
+    bf16 = load_stage_config("stage3", {**cfg.to_dict(), "precision": "bf16", "max_steps": 2, "warmup_steps": 0})
+    ckpt = train(bf16, [root / "cache"], tmp_path / "run", init=init, progress=False)
+    model, _ = load_model(ckpt)
+    assert model.transformer.wte.weight.dtype == torch.float32
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    log = losses(tmp_path / "run")
+    assert len(log) == 2 and all(r["loss"] == r["loss"] for r in log)
