@@ -250,3 +250,11 @@ def test_compiled_decode_step_gives_the_same_tokens(model, static):
     ref = answer(Engine(model, max_sessions=1), "A1A2", embeds=e, max_new_tokens=12)
     compiled = Engine(model, max_sessions=1, compile=True, static_shapes=static)
     assert answer(compiled, "A1A2", embeds=e, max_new_tokens=12) == ref
+
+
+def test_embeds_of_the_wrong_shape_are_explained(model):
+    eng = Engine(model, max_sessions=1)
+    with pytest.raises(ValueError, match="model.adapt"):
+        eng.start("s", "ASR", embeds=torch.randn(5, 768))  # whisper features, not adapter output
+    out = eng.start("s", "ASR", embeds=embeds_for(model, 5, 2)[None], max_new_tokens=2)  # (1, T, C) is fine
+    assert out.step == 0

@@ -142,6 +142,11 @@ class Engine:
         self.n_rows = 0
         self._trunk_fn = self._trunk
         if compile:
+            if self.static_shapes:
+                # Buffers the decode step writes in place: static addresses let CUDA graphs
+                # ("reduce-overhead") capture the step with them.
+                for buf in (self.k_cache, self.v_cache, self.feed, self.positions, self._row_index, self._slots):
+                    torch._dynamo.mark_static_address(buf)
             self._trunk_fn = torch.compile(self._trunk, mode="reduce-overhead" if self.static_shapes else None,
                                            dynamic=not self.static_shapes)
 
@@ -207,6 +212,15 @@ class Engine:
         n_frames = None
         if embeds is not None:
             embeds = embeds.to(self.device, self.dtype)
+            if embeds.dim() == 3 and embeds.size(0) == 1:
+                embeds = embeds[0]  # (T, C), shared by the task's rows
+            rows = len(spec.rows)
+            if embeds.dim() not in (2, 3) or (embeds.dim() == 3 and embeds.size(0) != rows) \
+                    or embeds.size(-1) != self.cfg.n_embd:
+                raise ValueError(
+                    f"embeds must be adapter output (T, {self.cfg.n_embd}) (or ({rows}, T, {self.cfg.n_embd}) "
+                    f"for task {task}), got {tuple(embeds.shape)}; whisper features go through model.adapt first"
+                )
             n_frames = int(embeds.shape[-2])
         input_ids = build_input_ids(task, n_frames, text_ids).to(self.device)  # (R, 8, S)
         R, _, S = input_ids.shape
@@ -312,10 +326,14 @@ class Engine:
             R = sum(s.n_rows for s in chosen)
             n_slots = max(s.length for s in chosen) + 1
             rows = torch.tensor([s.row0 + i for s in chosen for i in range(s.n_rows)], device=self.device)
-        if self.static_shapes or all_rows:
+        if self.static_shapes:
+            # The very same tensors every step (no views), so a captured graph can mutate them.
+            h = self._trunk_fn(self.feed, self.positions, self.k_cache, self.v_cache, rows, n_slots)
+            local = {s.id: s.row0 for s in chosen}
+        elif all_rows:
             k_cache = self.k_cache[:, :R, :, :n_slots]  # views: (layers, R, G, L, hs)
             v_cache = self.v_cache[:, :R, :, :n_slots]
-            h = self._trunk_fn(self.feed[:R], self.positions[:R], k_cache, v_cache, rows[:R], n_slots)
+            h = self._trunk_fn(self.feed[:R], self.positions[:R], k_cache, v_cache, rows, n_slots)
             local = {s.id: s.row0 for s in chosen}
         else:
             # A subset at scattered rows: decode on a gathered copy, then write the new k/v back.
