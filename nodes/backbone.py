@@ -142,7 +142,7 @@ class Backbone(Node):
             if len(embeds) > room:
                 raise ValueError(f"session {frame.session!r}: {len(embeds)} whisper frames do not fit the "
                                  f"model's context (block_size {self.cfg.block_size}): at most {room}")
-            req.embeds = torch.from_numpy(np.array(embeds, dtype=np.float32))     # (T, n_embd), writable copy
+            req.embeds = torch.from_numpy(np.array(embeds, dtype=np.float32)).to(self.params.device)  # (T, n_embd)
         else:
             text = frame.meta.get("text")
             if not isinstance(text, str) or not text.strip():

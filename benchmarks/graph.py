@@ -1,0 +1,317 @@
+"""`omniflow bench graph`: end of speech -> first audio sample, per stage, original vs omniflow.
+
+Both paths run in the same process on the same machine, on models of the REAL size with random
+weights built in memory (nothing is written to disk): whisper-small's encoder (12 layers, 768),
+Mini-Omni's Qwen2-0.5B trunk (24 layers, 896, GQA 14/2, 181120-row vocabulary) and SNAC 24 kHz.
+The clock starts when the VAD hands over the utterance (end of speech) and stops when the first
+PCM sample leaves the vocoder:
+
+    whisper   log-mel + encoder on the 30 s window (both paths: the features must stay the same)
+    adapter   whisper features -> embeddings
+    prefill   the A1A2 batch (speech row + text row) prompt
+    steps     decode steps until the scheduler has the first chunk
+    vocoder   SNAC decode of that chunk
+
+original  the reference's path, re-enacted step for step (`ReferenceDecoder`): prefill computes
+          logits at every prompt position; every decode step runs both batch rows through the
+          trunk with a 14-head (expanded) KV cache of 2048 slots, attends over all 2048 slots with
+          a boolean mask, and computes full-vocabulary logits for both rows (REFERENCE.md §4.4);
+          the first 4-frame chunk leaves after 10 steps and is decoded alone, with no context.
+omniflow  the nodes' defaults: last-position logits only, attention over the filled prefix, first
+          chunk = 1 frame (leaves after 7 steps, `SnacScheduler`), decoded by `SnacVocoder`'s
+          streaming path.
+
+Random weights make the model emit random tokens; the steps to the first chunk are counted as
+they happen (a frame holding a special id is dropped, so it can take a step or two more).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_AUDIO = REPO / "examples" / "question.wav"
+MS_PER_STEP_OF_AUDIO = 2048 / 24_000 * 1000          # 85.33 ms of speech per decode step
+STAGES = ("whisper", "adapter", "prefill", "steps", "vocoder")
+
+
+def build_models(seed: int = 0):
+    """Real-size whisper-small encoder, Mini-Omni and SNAC 24 kHz with random weights (in memory)."""
+    import torch
+    from snac import SNAC
+    from whisper.model import AudioEncoder, ModelDimensions
+
+    from nodes.vocoder import SnacDecoder
+    from omniflow.model.config import Config
+    from omniflow.model.gpt import MiniOmni
+    from omniflow.weights import INIT_STD, SNAC_CONFIG, WHISPER_DIMS
+
+    torch.manual_seed(seed)
+    d = ModelDimensions(**WHISPER_DIMS["real"])                     # whisper-small
+    encoder = AudioEncoder(d.n_mels, d.n_audio_ctx, d.n_audio_state, d.n_audio_head, d.n_audio_layer).eval()
+    with torch.device("meta"):
+        model = MiniOmni(Config())                      # the official Qwen2-0.5B shape
+    model = model.to_empty(device="cpu")
+    from omniflow.model.gpt import rope_tables
+    model.rope_cos, model.rope_sin = rope_tables(model.config)
+    with torch.no_grad():                               # normal init: no NaNs/denormals to slow math
+        for name, p in model.named_parameters():
+            p.normal_(0.0, INIT_STD) if p.dim() > 1 else p.fill_(1.0 if "norm" in name or "ln_f" in name else 0.0)
+    model.lm_head.weight = model.transformer.wte.weight
+    model.eval()
+    snac = SnacDecoder(SNAC(**SNAC_CONFIG["real"]), noise="fixed")
+    return encoder, d, model, snac
+
+
+def whisper_features(encoder, dims, audio: np.ndarray) -> np.ndarray:
+    """What the WhisperEncoder node computes (and the original): 30 s window, int(ms/20)+1 frames."""
+    import torch
+    import whisper
+
+    from nodes.whisper import frames_to_keep
+
+    window = whisper.pad_or_trim(torch.from_numpy(audio))                          # (480000,)
+    mel = whisper.log_mel_spectrogram(window, n_mels=dims.n_mels)                  # (80, 3000)
+    with torch.inference_mode():
+        feats = encoder(mel[None])[0]                                              # (1500, 768)
+    return feats[: frames_to_keep(len(audio))].numpy()
+
+
+class ReferenceDecoder:
+    """The reference's decode step (litgpt `GPT.forward` with a KV cache, REFERENCE.md §4.3-4.4),
+    on omniflow's weights: for timing the original path at the same model size and machine."""
+
+    def __init__(self, model, rows: int = 2):
+        import torch
+
+        c = self.cfg = model.config
+        self.model, self.rows = model, rows
+        shape = (c.n_layer, rows, c.n_head, c.block_size, c.head_size)    # 14 heads: expanded, as cached
+        self.k, self.v = torch.zeros(shape), torch.zeros(shape)
+        self.mask = torch.ones(c.block_size, c.block_size, dtype=torch.bool).tril()   # (L, L)
+
+    def prefill(self, ids, embeds) -> "torch.Tensor":
+        """(R, 8, S) prompt -> logits (R, S, padded_vocab) at EVERY position; fills the cache."""
+        c, m = self.cfg, self.model
+        S = ids.size(-1)
+        x, kvs = m(ids, embeds, [len(embeds)] * self.rows, return_kv=True)          # (R, S, C)
+        for layer, (k, v) in enumerate(kvs):                                          # (R, G, S, hs)
+            self.k[layer, :, :, :S] = k.repeat_interleave(c.q_per_kv, dim=1)
+            self.v[layer, :, :, :S] = v.repeat_interleave(c.q_per_kv, dim=1)
+        return m.lm_head(x)
+
+    def step(self, ids, pos: int) -> "torch.Tensor":
+        """(R, 8) inputs at position `pos` -> logits (R, padded_vocab) for both rows."""
+        import torch.nn.functional as F
+
+        from omniflow.model.gpt import apply_rope
+
+        c, m = self.cfg, self.model
+        R = ids.size(0)
+        x = m.transformer.wte(ids).mean(dim=1)                                        # (R, C)
+        cos, sin = m.rope_cos[pos], m.rope_sin[pos]                                   # (n_elem,)
+        for layer, block in enumerate(m.transformer.h):
+            qkv = block.attn.attn(block.norm_1(x)).view(R, c.n_query_groups, c.q_per_kv + 2, c.head_size)
+            q = apply_rope(qkv[:, :, : c.q_per_kv], cos, sin).reshape(R, c.n_head, 1, c.head_size)
+            k = apply_rope(qkv[:, :, c.q_per_kv], cos, sin).repeat_interleave(c.q_per_kv, dim=1)  # (R, nh, hs)
+            v = qkv[:, :, c.q_per_kv + 1].repeat_interleave(c.q_per_kv, dim=1)
+            self.k[layer, :, :, pos], self.v[layer, :, :, pos] = k, v
+            y = F.scaled_dot_product_attention(q, self.k[layer], self.v[layer],
+                                               attn_mask=self.mask[pos][None, None, None])  # (R, nh, 1, hs)
+            x = x + block.attn.proj(y.reshape(R, c.n_head * c.head_size))
+            x = x + block.mlp(block.norm_2(x))
+        return m.lm_head(m.transformer.ln_f(x))                                      # (R, padded_vocab)
+
+
+def reference_tokens(logits) -> list[int]:
+    """The batch trick's sampling (greedy): audio from row 0, text from row 1 -> 7 audio + text."""
+    from omniflow.model import tokens as tk
+
+    audio = logits[0, tk.TEXT_VOCAB: tk.PADDED_VOCAB].view(tk.N_AUDIO_LAYERS, tk.AUDIO_VOCAB).argmax(-1)
+    return audio.tolist() + [int(logits[1, : tk.TEXT_VOCAB].argmax())]
+
+
+def first_audio(path: str, encoder, dims, model, snac, audio: np.ndarray, max_steps: int) -> dict:
+    """One end-of-speech -> first-sample run; returns seconds per stage and step details."""
+    import torch
+
+    from nodes.scheduler import SnacScheduler
+    from nodes.vocoder import StreamingSnac, StreamState
+    from omniflow.frame import Frame
+    from omniflow.model.engine import Engine
+    from omniflow.model.prompts import build_input_ids, decode_feedback, get_task
+
+    original = path == "original"
+    t = {}
+    t0 = time.perf_counter()
+    feats = whisper_features(encoder, dims, audio)                                  # (T, 768)
+    t["whisper"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        embeds = model.adapt(torch.from_numpy(feats))                               # (T, 896)
+    t["adapter"] = time.perf_counter() - t0
+
+    ids = build_input_ids("A1A2", len(embeds))                                      # (2, 8, S)
+    pos = ids.size(-1)                              # the reference's next cache position
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        if original:
+            ref = ReferenceDecoder(model)
+            tokens = reference_tokens(ref.prefill(ids, embeds)[:, -1])
+        else:
+            engine = Engine(model, max_sessions=1)
+            tokens = engine.start("s", "A1A2", embeds=embeds).tokens
+    t["prefill"] = time.perf_counter() - t0
+
+    def next_tokens(tokens):
+        nonlocal pos
+        if not original:
+            outs = engine.step()
+            if "s" not in outs:
+                raise RuntimeError("the random model ended its answer before the first chunk; "
+                                   "rerun with another --seed")
+            return outs["s"].tokens
+        feed = decode_feedback(get_task("A1A2"), tokens[:7], tokens[7])                # (2, 8)
+        out = reference_tokens(ref.step(feed, pos))
+        pos += 1
+        return out
+
+    chunking = (4, 4) if original else (1, 4)
+    sched = SnacScheduler({"first_chunk_frames": chunking[0], "chunk_frames": chunking[1]})
+    step_times, chunk, step = [], None, 0
+    t0 = time.perf_counter()
+    while chunk is None:
+        if step > 0:
+            ts = time.perf_counter()
+            with torch.inference_mode():
+                tokens = next_tokens(tokens)
+            step_times.append(time.perf_counter() - ts)
+        frame = Frame(kind="tokens", session="s", seq=step, data=np.asarray(tokens, np.int64),
+                      meta={"step": step})
+        for _, f in sched.process("tokens", frame):
+            chunk = f.data
+        step += 1
+        if step > max_steps:
+            raise RuntimeError(f"no chunk after {max_steps} steps (random tokens were specials)")
+    t["steps"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if original:
+        pcm = snac.decode(chunk)                      # the chunk alone, no context
+    else:
+        pcm = StreamingSnac(snac, context_frames=2, crossfade_ms=10.0).push(StreamState(turn=0), chunk, last=False)
+    t["vocoder"] = time.perf_counter() - t0
+    assert len(pcm) > 0
+
+    # steady state: a few more steps for the per-step cost (real time needs <= 85.3 ms per step)
+    for _ in range(3):
+        ts = time.perf_counter()
+        with torch.inference_mode():
+            tokens = next_tokens(tokens)
+        step_times.append(time.perf_counter() - ts)
+    return {"stages": t, "first_audio": sum(t.values()), "steps_to_first_chunk": step - 1,
+            "chunk_frames": len(chunk), "step_ms": 1000 * statistics.median(step_times),
+            "whisper_frames": len(feats)}
+
+
+def warm_up(encoder, dims, model, snac) -> None:
+    """Run every kernel once (first calls allocate and pick algorithms) so neither path pays it."""
+    import torch
+
+    from omniflow.model.engine import Engine
+    from omniflow.model.prompts import build_input_ids
+
+    whisper_features(encoder, dims, np.zeros(16000, np.float32))
+    with torch.inference_mode():
+        embeds = model.adapt(torch.zeros(10, dims.n_audio_state))                   # (10, 896)
+        engine = Engine(model, max_sessions=1)
+        engine.start("w", "A1A2", embeds=embeds)
+        engine.step()
+        ref = ReferenceDecoder(model)
+        ids = build_input_ids("A1A2", 10)
+        ref.prefill(ids, embeds)
+        ref.step(ids[:, :, -1], ids.size(-1))
+    snac.decode(np.zeros((1, 7), np.int64))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--audio", default=str(DEFAULT_AUDIO), help="spoken question (any libsndfile format)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per path; the median is reported")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--max-steps", type=int, default=40, help="give up if no chunk after this many steps")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+
+
+def run(args: argparse.Namespace) -> dict:
+    import soundfile as sf
+    import soxr
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    audio, rate = sf.read(args.audio, dtype="float32", always_2d=True)
+    audio = audio.mean(axis=1)
+    if rate != 16000:
+        audio = soxr.resample(audio, rate, 16000).astype(np.float32)
+    print(f"building real-size models with random weights (seed {args.seed}) ...", file=sys.stderr)
+    t0 = time.perf_counter()
+    encoder, dims, model, snac = build_models(args.seed)
+    print(f"  built in {time.perf_counter() - t0:.1f} s; warming up ...", file=sys.stderr)
+    warm_up(encoder, dims, model, snac)
+    results = {}
+    for path in ("original", "omniflow"):
+        runs = [first_audio(path, encoder, dims, model, snac, audio, args.max_steps)
+                for _ in range(max(1, args.repeats))]
+        best = sorted(runs, key=lambda r: r["first_audio"])[len(runs) // 2]
+        results[path] = best
+    results["meta"] = {"load_average": os.getloadavg()[0], "audio": args.audio, "seconds": len(audio) / 16000, "threads": torch.get_num_threads(),
+                       "repeats": args.repeats, "weights": "random, real size (demo)"}
+    return results
+
+
+def report(results: dict) -> str:
+    o, n = results["original"], results["omniflow"]
+    meta = results["meta"]
+    lines = [f"end of speech -> first audio sample ({meta['seconds']:.2f} s question, {meta['threads']} "
+             f"torch threads, real-size random weights; load average {meta['load_average']:.1f} "
+             f"on {os.cpu_count()} CPUs)",
+             f"{'stage':<28}{'original':>12}{'omniflow':>12}"]
+    for stage in STAGES:
+        label = stage
+        if stage == "steps":
+            label = f"steps ({o['steps_to_first_chunk']} vs {n['steps_to_first_chunk']})"
+        if stage == "vocoder":
+            label = f"vocoder ({o['chunk_frames']} vs {n['chunk_frames']} frames)"
+        lines.append(f"{label:<28}{o['stages'][stage] * 1000:>10.0f}ms{n['stages'][stage] * 1000:>10.0f}ms")
+    lines.append(f"{'first audio':<28}{o['first_audio'] * 1000:>10.0f}ms{n['first_audio'] * 1000:>10.0f}ms"
+                 f"   ({n['first_audio'] / o['first_audio']:.0%} of the original)")
+    lines.append(f"{'decode step (median)':<28}{o['step_ms']:>10.0f}ms{n['step_ms']:>10.0f}ms"
+                 f"   (real time needs <= {MS_PER_STEP_OF_AUDIO:.1f} ms)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    if isinstance(argv, argparse.Namespace):
+        args = argv
+    else:
+        parser = argparse.ArgumentParser(prog="omniflow bench graph", description=__doc__.splitlines()[0])
+        add_arguments(parser)
+        args = parser.parse_args(argv)
+    results = run(args)
+    print(report(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
