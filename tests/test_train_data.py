@@ -151,22 +151,24 @@ def test_preprocess_caches_tensors_skips_bad_files_and_resumes(tmp_path, encoder
     write_wav(tmp_path / "good.wav", seconds=0.5)
     (tmp_path / "corrupt.wav").write_bytes(b"RIFF not really a wav file")
     sf.write(tmp_path / "empty.wav", np.zeros(0), 16000)
+    sf.write(tmp_path / "long.wav", np.zeros(31 * 8000), 8000)           # 31 s: over whisper's window
     manifest = tmp_path / "m.jsonl"
     lines = [{"task": "ASR", "id": "good", "input_audio": "good.wav", "target_text": "hi"},
              {"task": "ASR", "id": "corrupt", "input_audio": "corrupt.wav", "target_text": "x"},
              {"task": "T1A2", "id": "empty", "input_text": "x", "target_audio": "empty.wav"},
              {"task": "T1A2", "id": "missing", "input_text": "x", "target_audio": "nowhere.wav"},
              {"task": "T1T2", "id": "text", "input_text": "q?", "target_text": "a."},
-             {"task": "T1A2", "id": "tts", "input_text": "hi", "target_audio": "good.wav"}]
+             {"task": "T1A2", "id": "tts", "input_text": "hi", "target_audio": "good.wav"},
+             {"task": "A1T2", "id": "long", "input_audio": "long.wav", "target_text": "x"}]
     manifest.write_text("".join(json.dumps(x) + "\n" for x in lines) + "{not json\n")
     cache = tmp_path / "cache"
 
     report = preprocess(open_source(str(manifest), skip_invalid=True), cache, CharTokenizer(),
                         whisper=whisper, snac=snac, progress=False, batch_size=4)
-    assert (report.written, report.bad) == (3, 4)
+    assert (report.written, report.bad) == (3, 5)
     bad = {json.loads(x)["key"]: json.loads(x)["error"] for x in (cache / "bad.jsonl").read_text().splitlines()}
-    assert "cannot read audio" in bad["corrupt"] and "empty" in bad["empty"] and "m.jsonl:7" in bad
-    assert "nowhere.wav" in bad["missing"]
+    assert "cannot read audio" in bad["corrupt"] and "empty" in bad["empty"] and "m.jsonl:8" in bad
+    assert "nowhere.wav" in bad["missing"] and "longer than whisper's 30 s window" in bad["long"]
 
     data = SampleCache(cache)
     recs = {r["id"]: r for r in data}
@@ -180,7 +182,7 @@ def test_preprocess_caches_tensors_skips_bad_files_and_resumes(tmp_path, encoder
 
     again = preprocess(open_source(str(manifest), skip_invalid=True), cache, CharTokenizer(),
                        whisper=whisper, snac=snac, progress=False)
-    assert (again.written, again.skipped_done, again.bad) == (0, 7, 0), "a rerun redoes nothing"
+    assert (again.written, again.skipped_done, again.bad) == (0, 8, 0), "a rerun redoes nothing"
     with pytest.raises(ValueError, match="preprocessed with"):
         preprocess([], cache, CharTokenizer(), whisper="other.pt", snac=snac, progress=False)
 

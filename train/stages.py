@@ -8,7 +8,10 @@ Parts (REFERENCE.md §7.1):
                         embeddings and the 7 audio output heads: what the paper's stage 1 trains as
                         a "TTS adapter", which the released model does not have. A gradient hook
                         zeroes the text rows' gradient, and the embedding gets no weight decay,
-                        so text rows stay bit-identical.
+                        so text rows stay bit-identical. (Unlike a separate TTS adapter, the audio
+                        rows of the prompt's specials — _input_a, _pad_a, _eoa — also receive ASR
+                        gradients through the input side; issue #110's "ASR and TTS share no
+                        trainable parameters" holds only for the output heads here.)
 * trunk                 the LLM: transformer.* (embedding with all rows, blocks, final norm)
 """
 from __future__ import annotations

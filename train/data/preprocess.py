@@ -238,7 +238,7 @@ def _encode(samples: list[Sample], tokenizer, enc: _LazyEncoders, fp16: bool):
                     # one whisper run per distinct file in the batch (a file often serves several tasks)
                     key = s.input_audio if isinstance(s.input_audio, str) else ("bytes", s.id)
                     if key not in pcm:
-                        pcm[key] = load_audio(s.input_audio, WHISPER_SAMPLE_RATE)
+                        pcm[key] = _whisper_window(load_audio(s.input_audio, WHISPER_SAMPLE_RATE), s)
                     waiting.setdefault(key, []).append(s.id)
             records[s.id] = rec
         except (BadAudio, ValueError) as e:
@@ -253,6 +253,17 @@ def _encode(samples: list[Sample], tokenizer, enc: _LazyEncoders, fp16: bool):
     for s in samples:
         if s.id in records:
             yield s, records[s.id], None
+
+
+def _whisper_window(pcm: np.ndarray, sample: Sample) -> np.ndarray:
+    """Refuse spoken prompts longer than whisper's 30 s window: the encoder would see a truncated
+    prompt while the target still answers all of it."""
+    from .encoders import WHISPER_WINDOW_S
+    seconds = len(pcm) / WHISPER_SAMPLE_RATE
+    if seconds > WHISPER_WINDOW_S:
+        raise BadAudio(f"input audio is {seconds:.1f} s, longer than whisper's {WHISPER_WINDOW_S} s window "
+                       f"(split the utterance, or leave it out)")
+    return pcm
 
 
 def _ids(tokenizer, text: str, what: str) -> torch.Tensor:
