@@ -46,7 +46,7 @@ def espeak_available() -> bool:
     return shutil.which(ESPEAK) is not None
 
 
-def make_espeak_set(out_dir: str | Path, count: int = 36, voice: str = "en-us", speed_wpm: int = 160,
+def make_espeak_set(out_dir: str | Path, count: int = 36, *, voice: str = "en-us", speed_wpm: int = 160,
                     tasks: tuple[str, ...] = ("ASR", "T1A2")) -> Path:
     """Speak the first `count` sentences into `out_dir`; returns the manifest path."""
     unknown = set(tasks) - set(_SAMPLE)
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--voice", default="en-us")
     p.add_argument("--tasks", default="ASR,T1A2", help="comma-separated: ASR,T1A2,A1T2,A1A2,T1T2")
     args = p.parse_args(argv)
-    print(make_espeak_set(args.out_dir, args.count, args.voice, tuple(args.tasks.split(","))))
+    print(make_espeak_set(args.out_dir, args.count, voice=args.voice, tasks=tuple(args.tasks.split(","))))
     return 0
 
 
