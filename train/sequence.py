@@ -157,6 +157,12 @@ class Batch:
         return Batch(move(self.input_ids), move(self.targets), move(self.loss_mask), move(self.features),
                      move(self.whisper_lens), self.tasks)
 
+    def pin_memory(self) -> "Batch":
+        """Called by DataLoader(pin_memory=True): page-locked tensors copy to the GPU asynchronously."""
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return Batch(pin(self.input_ids), pin(self.targets), pin(self.loss_mask), pin(self.features),
+                     pin(self.whisper_lens), self.tasks)
+
     @property
     def n_loss_tokens(self) -> int:
         return int(self.loss_mask.sum())
