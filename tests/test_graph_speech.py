@@ -136,7 +136,6 @@ def recorded_tokens(records, session="default", turn=None):
 
 # --- tests ---------------------------------------------------------------------------------
 
-@pytest.mark.slow    # 10 processes each importing torch: about a minute on 2 shared cores
 def test_full_graph_each_node_its_own_process(demo_home, tmp_path):
     from omniflow.launch.local import run_graph
     from omniflow.model.tokenizer import Tokenizer
