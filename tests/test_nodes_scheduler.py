@@ -5,7 +5,7 @@ import pytest
 from nodes.scheduler import SnacScheduler
 from omniflow.frame import Frame
 from omniflow.model.delay import delay
-from omniflow.model.tokens import EOA, EOT, PAD_A, PAD_T
+from omniflow.model.tokens import EOT, PAD_A, PAD_T
 from omniflow.testing import run_node
 
 
@@ -124,7 +124,6 @@ def test_text_stream_does_not_matter():
     for f in steps:
         f.data[7] = EOT
     np.testing.assert_array_equal(np.concatenate(codes_of(run_node(SnacScheduler(), steps))), frames)
-    assert EOA == 4096
 
 
 def test_dataless_last_frame_ends_the_turn():
