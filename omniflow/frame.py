@@ -10,6 +10,7 @@ A frame travels as two ZeroMQ message parts:
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -123,7 +124,7 @@ def decode(parts: list[bytes | memoryview]) -> Frame:
             raise FrameError(f"unknown dtype {h.dtype!r}") from None
         if dt.hasobject or any(s < 0 for s in h.shape):
             raise FrameError(f"refusing dtype {h.dtype!r} / shape {h.shape}")
-        expected = dt.itemsize * int(np.prod(h.shape, dtype=np.int64))
+        expected = dt.itemsize * math.prod(h.shape)   # exact ints; np.prod costs ~3 µs
         if expected != len(payload):
             raise FrameError(f"payload is {len(payload)} bytes but {h.dtype}{list(h.shape)} "
                              f"needs {expected}")
