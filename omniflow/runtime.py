@@ -31,7 +31,6 @@ from .transport import Link, Wiring, bind_output, connect_input, send_blocking, 
 
 HEARTBEAT_S = 1.0          # a node reports liveness and metrics this often
 IDLE_POLL_MS = 100         # longest wait for input, so a stop request is seen within 0.1 s
-READ_BATCH = 64            # frames read from one ready socket before polling again
 FLUSH_LINGER_MS = 5000     # at a normal end, time allowed for queued frames + eos to leave
 EXIT_OK, EXIT_FAILED, EXIT_SETUP_FAILED = 0, 1, 3
 
@@ -162,13 +161,30 @@ class NodeRuntime:
 
     # --- input -----------------------------------------------------------------------------
     def _read_input(self, sock: zmq.Socket) -> bool:
-        """Read what is ready on one edge; True when the edge reached end of stream."""
+        """Read what is ready on one edge; True when the edge reached end of stream.
+
+        A lossless edge yields one frame per poll: polling again (~3 µs) is cheaper than
+        reading until zmq.Again (an exception, ~9 µs), and keeps the edges fair."""
         link = self._ins[sock]
-        lossy = link.policy == "drop-oldest"
-        frames: collections.deque[Frame] = collections.deque(maxlen=link.depth if lossy else None)
-        limit = 16 * link.depth if lossy else READ_BATCH
+        if link.policy == "drop-oldest":
+            return self._read_lossy(sock, link)
+        try:
+            parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        frame = self._decode(parts, link.id)
+        if frame is None:
+            return False
+        if frame.kind == "eos":
+            return True
+        self._deliver(link, frame)
+        return False
+
+    def _read_lossy(self, sock: zmq.Socket, link: Link) -> bool:
+        """Drain a drop-oldest edge, keeping its newest `depth` frames."""
+        frames: collections.deque[Frame] = collections.deque(maxlen=link.depth)
         eos = False
-        for _ in range(limit):
+        for _ in range(16 * link.depth):
             try:
                 parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -179,16 +195,19 @@ class NodeRuntime:
             if frame.kind == "eos":
                 eos = True
                 break
-            if lossy and len(frames) == frames.maxlen:
+            if len(frames) == frames.maxlen:
                 self.metrics.dropped_overflow += 1     # the deque drops its oldest
             frames.append(frame)
         for frame in frames:
-            if frame.turn < self._turns.get(frame.session, -1):
-                self.metrics.dropped_old_turn += 1
-                continue
-            self.metrics.frames_in += 1
-            self._emit(self.node.process(link.port, frame))
+            self._deliver(link, frame)
         return eos
+
+    def _deliver(self, link: Link, frame: Frame) -> None:
+        if frame.turn < self._turns.get(frame.session, -1):
+            self.metrics.dropped_old_turn += 1
+            return
+        self.metrics.frames_in += 1
+        self._emit(self.node.process(link.port, frame))
 
     def _decode(self, parts: list[zmq.Frame], where: str) -> Frame | None:
         try:
