@@ -130,3 +130,43 @@ nodes:
     assert resets.read_text().split() == ["s"]
     assert result.metrics["relay"]["dropped_old_turn"] == 5
     assert result.metrics["rec"]["dropped_old_turn"] == 5               # the direct copies
+
+
+def test_a_loop_closed_by_a_feedback_edge_ends_when_eos_comes_back(tmp_path):
+    graph = parse_graph(f"""
+nodes:
+  client: {{use: "test_runtime_nodes:LoopClient", params: {{path: "{tmp_path}/back.json", n: 300}},
+            inputs: {{back: {{from: relay/out, feedback: true}}}}}}
+  relay:  {{use: "test_runtime_nodes:Relay", inputs: {{in: client/out}}}}
+""")
+    result = run_graph(graph)
+    assert result.ok, result.message
+    assert json.loads((tmp_path / "back.json").read_text()) == list(range(300))
+
+
+def test_tcp_edges_from_host_keys_carry_the_stream_exactly(tone_wav, tmp_path):
+    path, pcm = tone_wav(seconds=1.0)
+    out = tmp_path / "out.wav"
+    graph = parse_graph(f"""
+nodes:
+  src:  {{use: "nodes.audio:FileSource", params: {{path: "{path}", chunk_ms: 10}}, host: 127.0.0.1}}
+  gain: {{use: "nodes.dsp:Gain", params: {{db: -3}}, inputs: {{audio: src/audio}}, host: 127.0.0.1}}
+  sink: {{use: "nodes.audio:WavSink", params: {{path: "{out}"}}, inputs: {{audio: gain/audio}}}}
+""")
+    from omniflow.transport import endpoint_map
+    endpoints = endpoint_map(graph, "ipc", tmp_path)
+    assert endpoints["src/audio->gain/audio"].startswith("tcp://127.0.0.1:")
+    result = run_graph(graph)
+    assert result.ok, result.message
+    np.testing.assert_array_equal(sf.read(out, dtype="int16")[0], gained(pcm, -3.0))
+
+
+def test_cli_run_with_set_overrides(tone_wav, tmp_path):
+    from omniflow import cli
+    path, pcm = tone_wav(seconds=0.5)
+    out = tmp_path / "demo.wav"
+    code = cli.main(["run", "graphs/demo.yaml", "--in-process", "--set", f"src.path={path}",
+                     "--set", f"sink.path={out}", "--set", "gain.db=0"])
+    assert code == 0
+    np.testing.assert_array_equal(sf.read(out, dtype="int16")[0], pcm)
+    assert cli.main(["run", "graphs/demo.yaml", "--set", "gain.gain=1"]) == 2     # validated first

@@ -92,3 +92,31 @@ class BrokenSetup(Node):
 
     def setup(self):
         raise RuntimeError("the model file is corrupt (a test failure on purpose)")
+
+
+class LoopClient(Node):
+    """Sends `n` frames out and counts those that come back on a feedback edge."""
+    inputs = {"back": "any"}
+    outputs = {"out": "any"}
+
+    class Params(msgspec.Struct, forbid_unknown_fields=True):
+        path: str
+        n: int = 100
+
+    def setup(self):
+        self.sent, self.back = 0, []
+
+    def has_work(self):
+        return self.sent < self.params.n
+
+    def step(self):
+        yield "out", Frame(kind="pcm", seq=self.sent, data=np.zeros(2, np.float32))
+        self.sent += 1
+
+    def process(self, port, frame):
+        self.back.append(frame.seq)
+        return ()
+
+    def teardown(self):
+        with open(self.params.path, "w") as f:
+            json.dump(self.back, f)

@@ -60,7 +60,10 @@ def main(args: argparse.Namespace) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(NodePrefixFormatter(set(graph.nodes)))
     logging.basicConfig(level=args.log_level, handlers=[handler], force=True)
-    signal.signal(signal.SIGTERM, _interrupt)
-    result = LocalLauncher(graph, in_process=args.in_process, run_dir=args.run_dir,
-                           endpoints=endpoints, log_level=args.log_level).run()
+    previous = signal.signal(signal.SIGTERM, _interrupt)      # SIGTERM stops nodes like Ctrl-C
+    try:
+        result = LocalLauncher(graph, in_process=args.in_process, run_dir=args.run_dir,
+                               endpoints=endpoints, log_level=args.log_level).run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return result.exit_code
