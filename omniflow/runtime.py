@@ -60,6 +60,7 @@ class NodeRuntime:
         self._own_ctx = context is None
         self._ctx = context or zmq.Context()
         self._stopping = False
+        self._ended = False                       # eos sent on every output
         self._turns: dict[str, int] = {}          # session -> current turn
         self._control: list[Frame] = []           # control frames read, not yet applied
 
@@ -120,24 +121,25 @@ class NodeRuntime:
 
     def _loop(self) -> None:
         poller = zmq.Poller()
-        for sock in [self._sub, *self._ins]:
+        monitors = {w.monitor: w for w in self._watches}
+        for sock in [self._sub, *self._ins, *monitors]:
             if sock is not None:
                 poller.register(sock, zmq.POLLIN)
         main = {s for s, link in self._ins.items() if not link.feedback}   # inputs without eos yet
         feedback = set(self._ins) - main
-        ended = False
         next_beat = time.monotonic()
         while not self._stopping:
             self._apply_control()
-            if not ended and not main and not self.node.has_work():
+            if not self._ended and not main and not self.node.has_work():
                 self._end()
-                ended = True
-            if ended and not feedback and not any(w.connected() for w in self._watches):
+            if self._ended and not feedback and not any(w.connected() for w in self._watches):
                 return                          # every consumer has read our eos and hung up
-            busy = not ended and self.node.has_work()
+            busy = not self._ended and self.node.has_work()
             for sock, _ in poller.poll(0 if busy else IDLE_POLL_MS):
                 if sock is self._sub:
                     self._read_control()
+                elif sock in monitors:
+                    monitors[sock].connected()          # a consumer came or went
                 elif self._read_input(sock):            # eos on this edge
                     poller.unregister(sock)
                     main.discard(sock)
@@ -158,6 +160,7 @@ class NodeRuntime:
         for outs in self._outs.values():
             for _, sock in outs:
                 send_blocking(sock, parts, self._should_stop)   # never dropped, even if lossy
+        self._ended = True
 
     # --- input -----------------------------------------------------------------------------
     def _read_input(self, sock: zmq.Socket) -> bool:
@@ -268,8 +271,11 @@ class NodeRuntime:
             if port not in self.node.outputs:
                 raise KeyError(f"{type(self.node).__name__} emitted on undeclared port {port!r}; "
                                f"declared: {sorted(self.node.outputs)}")
-            self.metrics.frames_out += 1
             outs = self._outs.get(port)
+            if self._ended:                             # e.g. a feedback frame's answer
+                self.log.warning("dropped a frame emitted on %r after end of stream", port)
+                continue
+            self.metrics.frames_out += 1
             if not outs:
                 continue                                # declared but not connected in this graph
             parts = encode(frame.stamp(self.name))
