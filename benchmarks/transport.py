@@ -33,7 +33,7 @@ import zmq
 from omniflow import Frame, Node
 from omniflow.frame import decode, encode
 from omniflow.runtime import NodeConfig, NodeRuntime
-from omniflow.transport import Link, Wiring, free_tcp_port
+from omniflow.transport import COPY_BELOW_BYTES, Link, Wiring, free_tcp_port
 
 SIZES = [640, 4 * 1024, 64 * 1024, 1024 * 1024]      # payload bytes
 CHAIN = 6                                            # relay nodes in the chain
@@ -77,6 +77,8 @@ class Driver:
 
     def __init__(self, ctx: zmq.Context, addr_in: str, addr_out: str, framed: bool):
         self.push, self.pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+        if framed:                             # the driver stands for an upstream omniflow node
+            self.push.copy_threshold = COPY_BELOW_BYTES
         self.push.bind(addr_in)
         self.pull.bind(addr_out) if not framed else self.pull.connect(addr_out)
         self.framed = framed

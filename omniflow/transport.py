@@ -28,6 +28,7 @@ CONTROL_PUB = "$control.pub"      # endpoint-map keys of the control channel
 CONTROL_IN = "$control.in"
 RECONNECT_MS = 20                 # how soon a consumer retries a producer that is not up (yet)
 IPC_PATH_MAX = 100                # sun_path holds 107 bytes on Linux; keep a margin
+COPY_BELOW_BYTES = 512 * 1024    # copying a payload this small beats zero-copy send bookkeeping
 
 
 class Link(msgspec.Struct):
@@ -105,6 +106,7 @@ def wiring_for(graph: Graph, name: str, endpoints: dict[str, str]) -> Wiring:
 def bind_output(ctx: zmq.Context, link: Link) -> tuple[zmq.Socket, "ConsumerWatch"]:
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, link.depth)
+    sock.copy_threshold = COPY_BELOW_BYTES
     sock.setsockopt(zmq.LINGER, 0)            # the runtime sets a linger before closing
     watch = ConsumerWatch(sock)               # before bind, to see the first connection
     if link.address.startswith("ipc://"):
