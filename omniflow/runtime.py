@@ -5,8 +5,9 @@
 
 One iteration: read control, poll inputs (not waiting when the node has work), call the node, send
 what it yields, heartbeat. A control frame {"op": "turn"} for session S, turn N calls reset(S) and
-drops data frames of S with turn < N that arrive later; {"op": "stop"} ends the loop. A malformed
-frame is counted and logged; the node keeps serving.
+drops data frames of S with turn < N that arrive later; {"op": "stop"} ends the loop. A data
+frame of a newer turn than the session's current one starts that turn the same way (its control
+frame is still on the way). A malformed frame is counted and logged; the node keeps serving.
 
 A node process is started as `python -m omniflow.runtime CONFIG.json` (a `NodeConfig`).
 """
@@ -206,9 +207,17 @@ class NodeRuntime:
         return eos
 
     def _deliver(self, link: Link, frame: Frame) -> None:
-        if frame.turn < self._turns.get(frame.session, -1):
+        current = self._turns.get(frame.session)
+        if current is None:
+            self._turns[frame.session] = frame.turn
+        elif frame.turn < current:
             self.metrics.dropped_old_turn += 1
             return
+        elif frame.turn > current:
+            # A newer turn's data outran its announcement (data takes one hop, control two):
+            # start the turn now, as if the control frame had come first; it is ignored later.
+            self._on_control(Frame(kind="control", session=frame.session, turn=frame.turn,
+                                   meta={"op": "turn"}))
         self.metrics.frames_in += 1
         self._emit(self.node.process(link.port, frame))
 

@@ -170,3 +170,18 @@ def test_cli_run_with_set_overrides(tone_wav, tmp_path):
     assert code == 0
     np.testing.assert_array_equal(sf.read(out, dtype="int16")[0], pcm)
     assert cli.main(["run", "graphs/demo.yaml", "--set", "gain.gain=1"]) == 2     # validated first
+
+
+def test_a_new_turns_data_arriving_before_its_announcement_starts_the_turn(tmp_path):
+    rec = tmp_path / "rec.jsonl"
+    graph = parse_graph(f"""
+nodes:
+  src: {{use: "test_runtime_nodes:TurnSource", params: {{n: 3, announce_late: true, pause_s: 0.3}}}}
+  rec: {{use: "test_runtime_nodes:Recorder", params: {{path: "{rec}"}}, inputs: {{in: src/out}}}}
+""")
+    result = run_graph(graph, in_process=True)
+    assert result.ok, result.message
+    records = [json.loads(line) for line in rec.read_text().splitlines()]
+    # reset exactly once, before the first frame of turn 1; the late control frame changes nothing
+    assert [r.get("reset") or (r["turn"], r["seq"]) for r in records] == \
+        [(0, 0), (0, 1), (0, 2), "s", (1, 0), (1, 1), (1, 2)]

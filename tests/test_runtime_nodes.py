@@ -38,12 +38,16 @@ class TurnSource(Node):
         n: int = 5
         pause_s: float = 0.5
         start_s: float = 0.5        # let the other nodes join the control channel first
+        announce_late: bool = False  # send turn 1's frames first, its control frame after them
 
     def setup(self):
-        n = self.params.n
-        self.plan = ([("sleep", self.params.start_s)] + [("data", 0, i) for i in range(n)]
-                     + [("sleep", self.params.pause_s), ("turn", 1), ("sleep", self.params.pause_s)]
-                     + [("data", 0, n + i) for i in range(n)] + [("data", 1, i) for i in range(n)])
+        n, pause = self.params.n, ("sleep", self.params.pause_s)
+        self.plan = [("sleep", self.params.start_s)] + [("data", 0, i) for i in range(n)] + [pause]
+        if self.params.announce_late:
+            self.plan += [("data", 1, i) for i in range(n)] + [pause, ("turn", 1), pause]
+        else:
+            self.plan += [("turn", 1), pause] + [("data", 0, n + i) for i in range(n)] \
+                + [("data", 1, i) for i in range(n)]
 
     def has_work(self):
         return bool(self.plan)
