@@ -39,6 +39,7 @@ EDGE_KEYS = {"from", "policy", "depth", "feedback"}
 TOP_KEYS = {"nodes", "description"}
 RESTART_POLICIES = ("never", "on-failure", "always")
 QUEUE_POLICIES = ("lossless", "drop-oldest")
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 DEFAULT_DEPTH = 64           # frames buffered at each end of an edge before the producer blocks
 
 
@@ -191,6 +192,9 @@ class _Parser:
         return Graph(self.path, specs, edges)
 
     def node(self, name, knode, vnode, classes, raw_inputs, param_nodes) -> NodeSpec | None:
+        if not NAME.fullmatch(name):
+            self.error(knode, f"node name '{name}' is not a plain name",
+                       "use letters, digits, '_' and '-' (it appears in 'node/port' and file names)")
         items = self.mapping(vnode, f"node '{name}'")
         if items is None:
             return None

@@ -124,6 +124,7 @@ def test_bad_use_and_restart_policy():
           b: {use: nodes.dsp:Gainn}
           c: {use: nodes.dsp, restart: sometimes}
           d: {params: {}}
+          e/f: {use: nodes.dsp:Gain}
     """)
     assert errs[0].startswith("g.yaml:3: node 'a': cannot import 'nodes.nothere:Thing'")
     assert errs[1] == "g.yaml:4: node 'b': module 'nodes.dsp' has no 'Gainn'. Fix: check the class name"
@@ -131,6 +132,7 @@ def test_bad_use_and_restart_policy():
     assert errs[3].startswith("g.yaml:5: node 'c': unknown restart policy 'sometimes'. Fix: use one "
                               "of never, on-failure, always")
     assert errs[4] == "g.yaml:6: node 'd' has no 'use:'. Fix: add 'use: package.module:ClassName'"
+    assert errs[5].startswith("g.yaml:7: node name 'e/f' is not a plain name. Fix: use letters")
 
 
 def test_mismatched_frame_kinds():

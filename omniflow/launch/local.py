@@ -214,7 +214,8 @@ class LocalLauncher:
             self._stop_all(codes)
             pub.close(linger=0)
             pull.close(linger=0)
-            self.context.term()
+            if all(w.poll() is not None for w in self.workers.values()):
+                self.context.term()          # (a node thread stuck in a call would block it)
             metrics = self._collect_metrics()
             shutil.rmtree(self.sock_dir, ignore_errors=True)
             if not self.keep_run_dir:
