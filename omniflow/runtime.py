@@ -78,6 +78,8 @@ class NodeRuntime:
             self._outs[link.port].append((link, sock))
             self._watches.append(watch)
         self._ins = {connect_input(self._ctx, link): link for link in self.wiring.inputs}
+        self._backlog = {sock: collections.deque(maxlen=link.depth)
+                         for sock, link in self._ins.items() if link.policy == "drop-oldest"}
         self._sub = self._push = None
         if self.wiring.control_pub:
             self._sub = self._ctx.socket(zmq.SUB)
@@ -136,7 +138,8 @@ class NodeRuntime:
             if self._ended and not feedback and not any(w.connected() for w in self._watches):
                 return                          # every consumer has read our eos and hung up
             busy = not self._ended and self.node.has_work()
-            for sock, _ in poller.poll(0 if busy else IDLE_POLL_MS):
+            backlog = any(self._backlog.values())
+            for sock, _ in poller.poll(0 if busy or backlog else IDLE_POLL_MS):
                 if sock is self._sub:
                     self._read_control()
                 elif sock in monitors:
@@ -146,6 +149,9 @@ class NodeRuntime:
                     main.discard(sock)
                     feedback.discard(sock)
                     sock.close()                        # tells the producer it may exit
+            for sock, frames in self._backlog.items():      # one frame per drop-oldest edge
+                if frames:
+                    self._deliver(self._ins[sock], frames.popleft())
             if busy and not self._stopping:
                 self._emit(self.node.step())
             if time.monotonic() >= next_beat:
@@ -185,26 +191,24 @@ class NodeRuntime:
         return False
 
     def _read_lossy(self, sock: zmq.Socket, link: Link) -> bool:
-        """Drain a drop-oldest edge, keeping its newest `depth` frames."""
-        frames: collections.deque[Frame] = collections.deque(maxlen=link.depth)
-        eos = False
-        for _ in range(16 * link.depth):
+        """Move everything ready on a drop-oldest edge into its backlog of the newest `depth`
+        frames; the loop hands the node one per iteration. At eos the backlog is flushed."""
+        backlog = self._backlog[sock]
+        while True:
             try:
                 parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                break
+                return False
             frame = self._decode(parts, link.id)
             if frame is None:
                 continue
             if frame.kind == "eos":
-                eos = True
-                break
-            if len(frames) == frames.maxlen:
+                while backlog:
+                    self._deliver(link, backlog.popleft())
+                return True
+            if len(backlog) == backlog.maxlen:
                 self.metrics.dropped_overflow += 1     # the deque drops its oldest
-            frames.append(frame)
-        for frame in frames:
-            self._deliver(link, frame)
-        return eos
+            backlog.append(frame)
 
     def _deliver(self, link: Link, frame: Frame) -> None:
         current = self._turns.get(frame.session)

@@ -7,7 +7,7 @@
 * One socket pair per edge (not one PUSH shared by consumers, which would round-robin): fan-out
   delivers every frame to every consumer.
 * Lossless edges block the producer when the consumer falls `depth` frames behind (backpressure).
-  Drop-oldest edges never block: the consumer keeps the newest `depth` frames.
+  Drop-oldest edges never block: the consumer keeps the newest `depth` frames and drops older ones.
 * The control channel is a bus: every node PUSHes to `CONTROL_IN`, the launcher republishes on
   `CONTROL_PUB`, every node SUBscribes to it.
 """
@@ -28,6 +28,7 @@ CONTROL_PUB = "$control.pub"      # endpoint-map keys of the control channel
 CONTROL_IN = "$control.in"
 RECONNECT_MS = 20                 # how soon a consumer retries a producer that is not up (yet)
 IPC_PATH_MAX = 100                # sun_path holds 107 bytes on Linux; keep a margin
+LOSSY_QUEUE_CAP = 1000           # frames a drop-oldest edge's sockets hold before the producer drops
 COPY_BELOW_BYTES = 512 * 1024    # copying a payload this small beats zero-copy send bookkeeping
 
 
@@ -103,9 +104,16 @@ def wiring_for(graph: Graph, name: str, endpoints: dict[str, str]) -> Wiring:
 
 # --- sockets ---------------------------------------------------------------------------------
 
+def _hwm(link: Link) -> int:
+    """Frames queued at each end. Lossless: `depth`, then the producer blocks. Drop-oldest: the
+    consumer keeps the newest `depth` itself, so the socket queues are only a safety cap (beyond
+    it the producer drops, counted)."""
+    return link.depth if link.policy == "lossless" else max(link.depth, LOSSY_QUEUE_CAP)
+
+
 def bind_output(ctx: zmq.Context, link: Link) -> tuple[zmq.Socket, "ConsumerWatch"]:
     sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.SNDHWM, link.depth)
+    sock.setsockopt(zmq.SNDHWM, _hwm(link))
     sock.copy_threshold = COPY_BELOW_BYTES
     sock.setsockopt(zmq.LINGER, 0)            # the runtime sets a linger before closing
     watch = ConsumerWatch(sock)               # before bind, to see the first connection
@@ -139,7 +147,7 @@ class ConsumerWatch:
 
 def connect_input(ctx: zmq.Context, link: Link) -> zmq.Socket:
     sock = ctx.socket(zmq.PULL)
-    sock.setsockopt(zmq.RCVHWM, link.depth)
+    sock.setsockopt(zmq.RCVHWM, _hwm(link))
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
     sock.connect(link.address)

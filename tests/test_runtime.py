@@ -185,3 +185,25 @@ nodes:
     # reset exactly once, before the first frame of turn 1; the late control frame changes nothing
     assert [r.get("reset") or (r["turn"], r["seq"]) for r in records] == \
         [(0, 0), (0, 1), (0, 2), "s", (1, 0), (1, 1), (1, 2)]
+
+
+def test_drop_oldest_edge_never_blocks_the_producer_and_keeps_the_newest_frames(tone_wav, tmp_path):
+    path, _ = tone_wav(seconds=1.0)
+    rec = tmp_path / "rec.jsonl"
+    graph = parse_graph(f"""
+nodes:
+  src: {{use: "nodes.audio:FileSource", params: {{path: "{path}", chunk_ms: 2, realtime: true}}}}
+  rec:
+    use: "test_runtime_nodes:Recorder"
+    params: {{path: "{rec}", delay_s: 0.02}}
+    inputs: {{in: {{from: src/audio, policy: drop-oldest, depth: 4}}}}
+""")
+    result = run_graph(graph)
+    assert result.ok, result.message
+    seqs = [json.loads(line)["seq"] for line in rec.read_text().splitlines()]
+    assert seqs == sorted(seqs) and seqs[-1] == 499             # in order; the newest survived
+    rec_m, src_m = result.metrics["rec"], result.metrics["src"]
+    assert rec_m["dropped_overflow"] > 0 and rec_m["frames_in"] < 100   # 20 ms per 2 ms frame
+    # each frame was delivered or counted: by the consumer (oldest), or by the producer while
+    # no consumer had connected yet (a lossy edge never waits)
+    assert rec_m["frames_in"] + rec_m["dropped_overflow"] + src_m["dropped_overflow"] == 500

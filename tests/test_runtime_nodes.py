@@ -70,6 +70,7 @@ class Recorder(Node):
 
     class Params(msgspec.Struct, forbid_unknown_fields=True):
         path: str
+        delay_s: float = 0.0        # seconds spent on each frame: a slow consumer
 
     def setup(self):
         self.file = open(self.params.path, "a")
@@ -79,8 +80,9 @@ class Recorder(Node):
         self.file.flush()
 
     def process(self, port, frame):
+        time.sleep(self.params.delay_s)
         self._write({"kind": frame.kind, "session": frame.session, "turn": frame.turn,
-                     "seq": frame.seq, "meta": frame.meta})
+                     "seq": frame.seq, "last": frame.last, "meta": frame.meta})
         return ()
 
     def reset(self, session):
