@@ -258,3 +258,10 @@ def test_embeds_of_the_wrong_shape_are_explained(model):
         eng.start("s", "ASR", embeds=torch.randn(5, 768))  # whisper features, not adapter output
     out = eng.start("s", "ASR", embeds=embeds_for(model, 5, 2)[None], max_new_tokens=2)  # (1, T, C) is fine
     assert out.step == 0
+
+
+def test_packed_and_plain_heads_give_the_same_tokens(model):
+    e = embeds_for(model, 4, 17)
+    packed = answer(Engine(model, max_sessions=1, pack_heads=True), "A1A2", embeds=e, max_new_tokens=15)
+    plain = answer(Engine(model, max_sessions=1, pack_heads=False), "A1A2", embeds=e, max_new_tokens=15)
+    assert packed == plain
