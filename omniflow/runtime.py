@@ -329,7 +329,15 @@ def _die_with_parent() -> None:
         pass                                            # elsewhere the heartbeat check does it
 
 
+def _ignore(signum, _frame):
+    pass                            # (SIG_IGN would print a warning for an already pending signal)
+
+
 def _interrupt(signum, _frame):
+    """First SIGTERM/SIGINT: stop (the loop unwinds, tears down, writes metrics). Later ones
+    (Ctrl-C reaches us and the launcher's SIGTERM follows) must not cut that cleanup short."""
+    signal.signal(signal.SIGTERM, _ignore)
+    signal.signal(signal.SIGINT, _ignore)
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -343,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(message)s")
     _die_with_parent()
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)           # Ctrl-C, even if started ignoring it
     faulthandler.register(signal.SIGUSR1)              # `kill -USR1 PID` prints where a node is stuck
     if cfg.parent_pid is not None and os.getppid() != cfg.parent_pid:
         return EXIT_FAILED                              # the launcher died before we started

@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _interrupt(signum, _frame):
+    """First Ctrl-C/SIGTERM stops the run; later ones must not cut the shutdown short."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -60,10 +63,13 @@ def main(args: argparse.Namespace) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(NodePrefixFormatter(set(graph.nodes)))
     logging.basicConfig(level=args.log_level, handlers=[handler], force=True)
-    previous = signal.signal(signal.SIGTERM, _interrupt)      # SIGTERM stops nodes like Ctrl-C
+    # SIGTERM stops the run like Ctrl-C; SIGINT is re-armed in case a shell started us ignoring it
+    previous = {sig: signal.signal(sig, handler) for sig, handler in
+                [(signal.SIGTERM, _interrupt), (signal.SIGINT, _interrupt)]}
     try:
         result = LocalLauncher(graph, in_process=args.in_process, run_dir=args.run_dir,
                                endpoints=endpoints, log_level=args.log_level).run()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return result.exit_code
