@@ -284,11 +284,11 @@ class NodeRuntime:
             if port not in self.node.outputs:
                 raise KeyError(f"{type(self.node).__name__} emitted on undeclared port {port!r}; "
                                f"declared: {sorted(self.node.outputs)}")
-            outs = self._outs.get(port)
             if self._ended:                             # e.g. a feedback frame's answer
                 self.log.warning("dropped a frame emitted on %r after end of stream", port)
                 continue
             self.metrics.frames_out += 1
+            outs = self._outs.get(port)
             if not outs:
                 continue                                # declared but not connected in this graph
             parts = encode(frame.stamp(self.name))

@@ -47,10 +47,11 @@ class RunResult(msgspec.Struct):
     restarts: dict[str, int]
     metrics: dict[str, dict[str, int]]          # per node: frames_in, frames_out, dropped..., rejected
     run_dir: str | None = None                  # kept only when the caller chose it
+    interrupted: bool = False                   # Ctrl-C or SIGTERM
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.ok else (130 if self.message.startswith("interrupted") else 1)
+        return 130 if self.interrupted else 0 if self.ok else 1
 
 
 def describe_exit(code: int) -> str:
@@ -200,7 +201,7 @@ class LocalLauncher:
         pub.bind(self.endpoints[CONTROL_PUB])
         pull.bind(self.endpoints[CONTROL_IN])
         codes: dict[str, int] = {}
-        ok, message = True, "every node finished"
+        ok, message, interrupted = True, "every node finished", False
         try:
             for name, spec in self.graph.nodes.items():
                 self.workers[name] = self._worker(spec)
@@ -209,7 +210,7 @@ class LocalLauncher:
                      "threads" if self.in_process else "processes", self.run_dir)
             ok, message = self._supervise(pub, pull, codes)
         except KeyboardInterrupt:
-            ok, message = False, "interrupted (Ctrl-C or SIGTERM): stopped every node"
+            ok, message, interrupted = False, "interrupted (Ctrl-C or SIGTERM): stopped every node", True
         finally:
             self._stop_all(codes)
             pub.close(linger=0)
@@ -224,7 +225,7 @@ class LocalLauncher:
             log.info("[%s] %s", name, Metrics(**m).line())
         (log.info if ok else log.error)("%s", message)
         return RunResult(ok, message, codes, dict(self.restarts), metrics,
-                         str(self.run_dir) if self.keep_run_dir else None)
+                         str(self.run_dir) if self.keep_run_dir else None, interrupted)
 
     def _supervise(self, pub: zmq.Socket, pull: zmq.Socket, codes: dict[str, int]) -> tuple[bool, str]:
         done: set[str] = set()
