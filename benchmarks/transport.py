@@ -12,6 +12,7 @@ For each payload size it measures
              same six nodes directly in one process.
 Latency: p50/p99 over ping-pongs. Throughput: frames/s while a sender thread streams frames
 through and the driver receives them (lossless edges, so backpressure paces the sender).
+Every row is the median of `--repeat` interleaved runs.
 """
 from __future__ import annotations
 
@@ -221,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="payload bytes, comma-separated")
     ap.add_argument("--quick", action="store_true", help="5x fewer iterations")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="measure each row this many times, interleaved, and report medians "
+                         "(a shared machine's noise hits single runs hard)")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -240,14 +244,20 @@ def main(argv: list[str] | None = None) -> int:
         for size in sizes:
             payload = np.zeros(size, np.uint8)
             n_lat, n_thr = iterations(size, args.quick)
-            for scheme in ("ipc", "tcp"):
-                row("floor (raw pyzmq)", scheme, size, *measure_floor(scheme, payload, n_lat, n_thr, tmp))
-            for scheme in ("inproc", "ipc", "tcp"):
-                row("1 hop", scheme, size, *measure_path(scheme, 1, payload, n_lat, n_thr, tmp))
-            row(f"{CHAIN} nodes direct", "call", size, *measure_direct(payload, n_lat), 0.0)
-            for scheme in ("inproc", "ipc"):
-                row(f"{CHAIN}-node chain", scheme, size,
-                    *measure_path(scheme, CHAIN, payload, n_lat, n_thr // 2, tmp))
+            cases = [("floor (raw pyzmq)", s, lambda s=s: measure_floor(s, payload, n_lat, n_thr, tmp))
+                     for s in ("ipc", "tcp")]
+            cases += [("1 hop", s, lambda s=s: measure_path(s, 1, payload, n_lat, n_thr, tmp))
+                      for s in ("inproc", "ipc", "tcp")]
+            cases += [(f"{CHAIN} nodes direct", "call", lambda: (*measure_direct(payload, n_lat), 0.0))]
+            cases += [(f"{CHAIN}-node chain", s,
+                       lambda s=s: measure_path(s, CHAIN, payload, n_lat, n_thr // 2, tmp))
+                      for s in ("inproc", "ipc")]
+            results = {(path, s): [] for path, s, _ in cases}
+            for _ in range(args.repeat):              # interleaved: noise hits every row alike
+                for path, s, measure in cases:
+                    results[(path, s)].append(measure())
+            for (path, s), runs in results.items():
+                row(path, s, size, *np.median(np.array(runs), axis=0))
     print()
     by = {(r["path"], r["transport"], r["bytes"]): r for r in rows}
     for size in sizes:
