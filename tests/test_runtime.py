@@ -207,3 +207,25 @@ nodes:
     # each frame was delivered or counted: by the consumer (oldest), or by the producer while
     # no consumer had connected yet (a lossy edge never waits)
     assert rec_m["frames_in"] + rec_m["dropped_overflow"] + src_m["dropped_overflow"] == 500
+
+
+def test_endpoint_map_is_plain_data_with_overrides_and_a_clear_ipc_length_error(tmp_path):
+    import pytest
+    from omniflow.transport import CONTROL_IN, CONTROL_PUB, endpoint_map, wiring_for
+    graph = parse_graph("""
+nodes:
+  a: {use: "test_runtime_nodes:TurnSource"}
+  b: {use: "test_runtime_nodes:Relay", inputs: {in: a/out}}
+  c: {use: "test_runtime_nodes:Recorder", params: {path: x}, inputs: {in: [a/out, b/out]}}
+""")
+    endpoints = endpoint_map(graph, "ipc", "/tmp/of", {"b/out->c/in": "tcp://10.0.0.2:5555"})
+    assert endpoints == {CONTROL_PUB: "ipc:///tmp/of/0.sock", CONTROL_IN: "ipc:///tmp/of/1.sock",
+                         "a/out->b/in": "ipc:///tmp/of/2.sock", "a/out->c/in": "ipc:///tmp/of/3.sock",
+                         "b/out->c/in": "tcp://10.0.0.2:5555"}
+    w = wiring_for(graph, "c", endpoints)
+    assert [(l.port, l.address) for l in w.inputs] == [("in", "ipc:///tmp/of/3.sock"),
+                                                      ("in", "tcp://10.0.0.2:5555")]
+    assert w.outputs == [] and w.control_pub == "ipc:///tmp/of/0.sock"
+    assert msgspec.json.decode(msgspec.json.encode(w), type=Wiring) == w     # travels as JSON
+    with pytest.raises(ValueError, match="too long for ipc:// paths"):
+        endpoint_map(graph, "ipc", "/tmp/" + "x" * 100)
