@@ -129,3 +129,15 @@ def test_sigterm_stops_every_node_within_5s_and_leaves_no_ipc_files(tone_wav, tm
     log = proc.stderr.read()
     assert "[src] INFO metrics" in log and "[gain] INFO metrics" in log   # prefixed node logs
     assert "interrupted" in log
+
+
+def test_a_node_silent_for_too_long_is_reported(monkeypatch, caplog, tmp_path):
+    monkeypatch.setattr("omniflow.launch.local.SILENT_WARN_S", 1.0)
+    graph = parse_graph(f"""
+nodes:
+  src: {{use: "test_runtime_nodes:TurnSource", params: {{n: 1, start_s: 0.1, pause_s: 1.6}}}}
+  rec: {{use: "test_runtime_nodes:Recorder", params: {{path: "{tmp_path}/r.jsonl"}}, inputs: {{in: src/out}}}}
+""")
+    with caplog.at_level("WARNING", logger="omniflow.launch"):
+        assert run_graph(graph, in_process=True).ok
+    assert "node 'src' has sent no heartbeat for 1 s: it is stuck in a long call or hung" in caplog.text

@@ -36,6 +36,7 @@ from ..transport import CONTROL_IN, CONTROL_PUB, endpoint_map, wiring_for
 STOP_GRACE_S = 4.0          # SIGTERM, then SIGKILL after this: every node is gone within 5 s
 MONITOR_POLL_MS = 50        # how often the launcher checks its children
 LOG_TAIL_LINES = 20         # lines of a node's output kept to explain its failure
+SILENT_WARN_S = 10.0        # warn when a running node has not sent a heartbeat for this long
 
 log = logging.getLogger("omniflow.launch")
 
@@ -178,6 +179,7 @@ class LocalLauncher:
         self.restarts = {name: 0 for name in graph.nodes}
         self.heartbeats: dict[str, dict[str, Any]] = {}     # node -> last heartbeat's meta
         self._stop_reason: str | None = None
+        self._silent: set[str] = set()                      # nodes warned about as silent
         self._turns: dict[str, tuple[int, list[bytes]]] = {}  # session -> latest turn frame
 
     def stop(self, reason: str = "stopped") -> None:
@@ -258,6 +260,7 @@ class LocalLauncher:
                     log.warning("node '%s' %s; restarting it in %.1f s (restart %d of %d)", name,
                                 describe_exit(code), delay, self.restarts[name] + 1, spec.max_restarts)
                     due[name] = now + delay
+                    self.heartbeats.pop(name, None)       # the next instance beats anew
                 elif code != EXIT_OK:
                     why = (f"its restart policy is '{spec.restart}'. Fix: set 'restart: on-failure' "
                            "on it to restart it" if spec.restart == "never" else
@@ -265,6 +268,7 @@ class LocalLauncher:
                     return False, self._failure(name, code, why)
                 else:
                     done.add(name)
+            self._warn_silent(done | set(due))
             for name, when in list(due.items()):
                 if now >= when:
                     del due[name]
@@ -273,6 +277,17 @@ class LocalLauncher:
                     self.workers[name].start()
             if len(done) == len(self.workers):
                 return True, "every node finished"
+
+    def _warn_silent(self, not_running: set[str]) -> None:
+        """A node stuck in one call (or hung) stops sending heartbeats: say so, once."""
+        now = time.monotonic()
+        for name, beat in self.heartbeats.items():
+            if name not in not_running and name not in self._silent \
+                    and now - beat["received"] > SILENT_WARN_S:
+                self._silent.add(name)
+                log.warning("node '%s' has sent no heartbeat for %.0f s: it is stuck in a long "
+                            "call or hung (kill -USR1 %s prints its stack)", name,
+                            now - beat["received"], beat.get("pid"))
 
     def _failure(self, name: str, code: int, why: str) -> str:
         errors = [l for l in self.workers[name].tail if l.startswith(("ERROR", "Traceback"))
@@ -293,7 +308,11 @@ class LocalLauncher:
                 continue
             op = frame.meta.get("op")
             if op == "heartbeat":
-                self.heartbeats[str(frame.meta.get("node"))] = frame.meta
+                node = str(frame.meta.get("node"))
+                if node in self._silent:
+                    log.info("node '%s' is responsive again", node)
+                    self._silent.discard(node)
+                self.heartbeats[node] = {**frame.meta, "received": time.monotonic()}
                 continue
             pub.send_multipart(parts)
             if op == "turn":
