@@ -13,8 +13,8 @@ Why it is fast (REFERENCE.md §4.4 lists what the original does instead):
 * only the last position's logits are computed, and only the heads that are read: the 152000-row
   text head for each session's text row, the 7×4160 audio heads for its speaking row;
 * the two rows of an A1A2 session share their prompt prefix, so its prefill runs once;
-* `prepare_for_decode` fuses each MLP's gate/up GEMM and, for fp32 on CPU, stores wide weights
-  in the memory order MKL's few-row GEMM is fastest with (values unchanged);
+* `prepare_for_decode` fuses each MLP's gate/up GEMM; fp32 CPU GEMMs of 2-4 rows run as
+  `weight @ x.T` (`gpt.few_rows_linear`), several times faster in MKL than `x @ weight.T`;
 * buffers are allocated once; decoding runs under `torch.inference_mode`.
 
 Stop rules are the original's (REFERENCE.md §4.2): the prefill step is kept unchecked; in the
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import tokens as tk
-from .gpt import MiniOmni
+from .gpt import MiniOmni, few_rows_linear
 from .prompts import Task, build_input_ids, decode_feedback, get_task
 from .sampling import Sampling, sample
 
@@ -81,29 +81,12 @@ class _Session:
         return len(self.task.rows)
 
 
-def prepare_for_decode(model: MiniOmni, relayout: bool = True, head: bool = True) -> None:
-    """Lay the model's weights out for fast few-row decode steps (values and shapes unchanged).
-
-    * Each block's MLP gate and up projections share one weight: one GEMM instead of two.
-    * fp32 on CPU (relayout=True): wide weights (out_features > in_features: QKV, gate/up, the
-      tied head) are stored (in, out)-contiguous, i.e. the Parameter becomes a transposed view.
-      For the few rows of a decode step MKL's fp32 GEMM is several times faster in this order
-      (2-core dev box, 1 thread, 2 rows: a 4864 x 896 weight 6.3 ms -> 1.2 ms; the 152000 x 896
-      text head 196 ms -> 97 ms). bf16 and CUDA kernels prefer the original order.
-    """
-    transposed = relayout and model.device.type == "cpu" and model.dtype == torch.float32
+def prepare_for_decode(model: MiniOmni) -> None:
+    """Fuse each block's MLP gate and up projections into one weight (one GEMM per decode step
+    instead of two). Values, shapes and parameter names are unchanged."""
     for block in model.transformer.h:
         if getattr(block.mlp, "_gate_up", None) is None:
-            block.mlp.fuse_gate_up_(transposed=transposed)
-    if not transposed:
-        return
-    for module in model.modules():
-        if module is model.lm_head and not head:
-            continue
-        if isinstance(module, torch.nn.Linear) and module.out_features > module.in_features:
-            w = module.weight
-            if w.is_contiguous():  # not yet changed (the tied head is shared with wte: once)
-                w.data = w.data.t().contiguous().t()
+            block.mlp.fuse_gate_up_()
 
 
 class Engine:
@@ -112,8 +95,8 @@ class Engine:
     max_sessions: sessions alive at once; max_rows: cache rows (default 2 per session, enough for
     all-A1A2 traffic); static_shapes: attend over all `block_size` slots of all rows every step,
     so the decode step has one shape (for CUDA graphs / `torch.compile`); default on CUDA only;
-    relayout: let `prepare_for_decode` change the memory order of the model's wide fp32 CPU
-    weights (same values; faster small-batch GEMMs). The MLP gate/up weights are always fused.
+    pack_heads: on CPU keep oneDNN copies of the heads (+ head-size memory; faster head GEMMs
+    above 4 rows). `prepare_for_decode` fuses the model's MLP gate/up weights (values unchanged).
     """
 
     def __init__(
@@ -123,7 +106,6 @@ class Engine:
         max_rows: int | None = None,
         static_shapes: bool | None = None,
         compile: bool = False,
-        relayout: bool = True,
         pack_heads: bool = True,
     ) -> None:
         self.model = model.eval()
@@ -141,7 +123,7 @@ class Engine:
         self._slots = torch.arange(cfg.block_size, device=self.device)
         self.pack_heads = (pack_heads and self.device.type == "cpu" and torch.backends.mkldnn.is_available()
                            and self.dtype in (torch.float32, torch.bfloat16))
-        prepare_for_decode(model, relayout, head=not self.pack_heads)
+        prepare_for_decode(model)
         self.w_text, self.w_audio = model.head_weights()  # (152000, C), (29120, C)
         self._text_logits = torch.empty(self.max_sessions, self.w_text.size(0), dtype=self.dtype, device=self.device)
         self._audio_logits = torch.empty(self.max_sessions, self.w_audio.size(0), dtype=self.dtype, device=self.device)
@@ -398,17 +380,21 @@ class Engine:
         return outs
 
     # --- heads -------------------------------------------------------------------------------
+    def _head(self, x: torch.Tensor, weight: torch.Tensor, packed, out: torch.Tensor) -> torch.Tensor:
+        """x (n, C) -> logits (n, rows of weight)."""
+        if self.pack_heads and not (self.dtype == torch.float32 and 2 <= x.size(0) <= 4):
+            return torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), packed, None).to_dense()
+        if self.dtype == torch.float32 and self.device.type == "cpu":
+            return few_rows_linear(x, weight)  # 2-4 fp32 rows: weight @ x.T is fastest
+        return torch.mm(x, weight.t(), out=out[: x.size(0)])
+
     def _text_head(self, x: torch.Tensor) -> torch.Tensor:
         """x (n, C) -> text logits (n, text_vocab)."""
-        if self.pack_heads:
-            return torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), self._packed_text, None).to_dense()
-        return torch.mm(x, self.w_text.t(), out=self._text_logits[: x.size(0)])
+        return self._head(x, self.w_text, getattr(self, "_packed_text", None), self._text_logits)
 
     def _audio_head(self, x: torch.Tensor) -> torch.Tensor:
         """x (n, C) -> the 7 audio layers' logits, flat (n, 7 * audio_vocab)."""
-        if self.pack_heads:
-            return torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), self._packed_audio, None).to_dense()
-        return torch.mm(x, self.w_audio.t(), out=self._audio_logits[: x.size(0)])
+        return self._head(x, self.w_audio, getattr(self, "_packed_audio", None), self._audio_logits)
 
     # --- per-session rules -------------------------------------------------------------------
     def _sample_one(self, s: _Session, text_logits, audio_logits) -> tuple[int, list[int] | None]:
