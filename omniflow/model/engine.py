@@ -24,6 +24,7 @@ emits `_eoa`; text tasks stop on `_eot`. The stopping step is reported with `sto
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -131,8 +132,12 @@ class Engine:
             # oneDNN copies of the two heads (+ head-size memory): its GEMM streams them about
             # twice as fast as MKL for a few rows (dev box, 2 threads: fp32 text head 45 -> 20
             # ms for 1 row; bf16 39 -> 22 ms for 2 rows).
-            self._packed_text = self.w_text.contiguous().to_mkldnn()
-            self._packed_audio = self.w_audio.contiguous().to_mkldnn()
+            try:
+                self._packed_text = self.w_text.contiguous().to_mkldnn()
+                self._packed_audio = self.w_audio.contiguous().to_mkldnn()
+            except RuntimeError as err:  # a CPU build whose oneDNN lacks this dtype
+                warnings.warn(f"Engine: oneDNN head packing unavailable ({err}); using plain GEMMs")
+                self.pack_heads = False
         self.sessions: dict[str, _Session] = {}  # live sessions, in row order
         self.n_rows = 0
         self._trunk_fn = self._trunk
@@ -347,7 +352,8 @@ class Engine:
         text_rows = [local[s.id] + s.task.text_row for s in chosen]
         speakers = [s for s in chosen if s.task.audio_out]
         audio_rows = [local[s.id] + s.task.audio_row for s in speakers]
-        # Logits land in buffers allocated once (no per-step allocation of the 152000-wide rows).
+        # Only the heads that are read: text rows through the text head, speaking rows through the
+        # audio heads.
         text_logits = self._text_head(h[text_rows])  # (n, 152000)
         audio_logits = None
         if speakers:
