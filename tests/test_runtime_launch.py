@@ -141,3 +141,16 @@ nodes:
     with caplog.at_level("WARNING", logger="omniflow.launch"):
         assert run_graph(graph, in_process=True).ok
     assert "node 'src' has sent no heartbeat for 1 s: it is stuck in a long call or hung" in caplog.text
+
+
+def test_a_stop_on_the_control_channel_ends_every_node(tmp_path):
+    graph = parse_graph(f"""
+nodes:
+  stopper: {{use: "test_runtime_nodes:Stopper", params: {{after_s: 0.3}}}}
+  rec:     {{use: "test_runtime_nodes:Recorder", params: {{path: "{tmp_path}/r.jsonl"}}, inputs: {{in: stopper/out}}}}
+""")
+    t0 = time.monotonic()
+    result = run_graph(graph)
+    assert result.ok and result.message.startswith("stopped by a node's control frame")
+    assert result.exit_codes == {"stopper": 0, "rec": 0}
+    assert time.monotonic() - t0 < 6

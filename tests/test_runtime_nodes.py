@@ -126,3 +126,22 @@ class LoopClient(Node):
     def teardown(self):
         with open(self.params.path, "w") as f:
             json.dump(self.back, f)
+
+
+class Stopper(Node):
+    """Serves forever, but asks the whole graph to stop after `after_s`."""
+    outputs = {"out": "any"}
+
+    class Params(msgspec.Struct, forbid_unknown_fields=True):
+        after_s: float = 0.3
+
+    def setup(self):
+        self.start = time.monotonic()
+
+    def has_work(self):
+        return True
+
+    def step(self):
+        time.sleep(0.01)
+        if time.monotonic() - self.start > self.params.after_s:
+            yield CONTROL, Frame(kind="control", meta={"op": "stop"})
