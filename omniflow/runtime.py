@@ -212,7 +212,9 @@ class NodeRuntime:
 
     def _deliver(self, link: Link, frame: Frame) -> None:
         current = self._turns.get(frame.session)
-        if current is None:
+        if not self.node.drop_old_turns:
+            pass                        # the node's input has no turns (e.g. the VAD's pcm stream)
+        elif current is None:
             self._turns[frame.session] = frame.turn
         elif frame.turn < current:
             self.metrics.dropped_old_turn += 1

@@ -132,6 +132,23 @@ nodes:
     assert result.metrics["rec"]["dropped_old_turn"] == 5               # the direct copies
 
 
+def test_a_node_that_opts_out_of_turns_keeps_hearing_its_stream_after_a_turn_change(tmp_path):
+    rec = tmp_path / "rec.jsonl"
+    graph = parse_graph(f"""
+nodes:
+  src: {{use: "test_runtime_nodes:TurnSource", params: {{n: 3}}}}
+  vad: {{use: "test_runtime_nodes:TurnlessRecorder", params: {{path: "{rec}"}}, inputs: {{in: src/out}}}}
+""")
+    result = run_graph(graph)
+    assert result.ok, result.message
+    records = [json.loads(line) for line in rec.read_text().splitlines()]
+    frames = [(r["turn"], r["seq"]) for r in records if "reset" not in r]
+    # the turn-0 frames sent after turn 1 began (seq 3..5) still arrive; the reset still happens
+    assert frames == [(0, i) for i in range(6)] + [(1, i) for i in range(3)]
+    assert {"reset": "s", "by": "vad"} in records
+    assert result.metrics["vad"]["dropped_old_turn"] == 0
+
+
 def test_a_loop_closed_by_a_feedback_edge_ends_when_eos_comes_back(tmp_path):
     graph = parse_graph(f"""
 nodes:

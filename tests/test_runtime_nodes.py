@@ -145,3 +145,7 @@ class Stopper(Node):
         time.sleep(0.01)
         if time.monotonic() - self.start > self.params.after_s:
             yield CONTROL, Frame(kind="control", meta={"op": "stop"})
+
+class TurnlessRecorder(Recorder):
+    """A Recorder whose input has no turns (like the VAD's pcm stream): it keeps every frame."""
+    drop_old_turns = False
