@@ -66,11 +66,12 @@ class OriginalDecoder:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, 8, T) at positions input_pos (T,) -> logits (B, T, padded_vocab)."""
+    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor, audio_embeds=None, whisper_lens=None):
+        """input_ids (B, 8, T) at positions input_pos (T,) -> logits (B, T, padded_vocab).
+        audio_embeds/whisper_lens (prefill only): adapter output replacing audio positions 1..T."""
         m, c = self.model, self.model.config
         B, _, T = input_ids.shape
-        x = m.transformer.wte(input_ids).sum(1) / tk.N_STREAMS  # (B, T, C)
+        x = m.embed(input_ids, audio_embeds, whisper_lens)  # (B, T, C): 8 streams averaged
         cos, sin = m.rope_cos[input_pos], m.rope_sin[input_pos]  # (T, n_elem)
         mask = self.mask_cache.index_select(2, input_pos)  # (1, 1, T, L)
         for layer, block in enumerate(m.transformer.h):
@@ -119,7 +120,9 @@ def bench_original(model: MiniOmni, steps: int, device: str) -> dict:
     prompt = build_input_ids("A1A2", n_audio_frames=PROMPT_FRAMES).to(device)  # (2, 8, 154)
     S = prompt.size(-1)
     dec = OriginalDecoder(model, batch=2)
-    prefill = timed(lambda: (dec.forward(prompt, torch.arange(S, device=device)), sync(device)), 1)
+    embeds = random_embeds(model, PROMPT_FRAMES, device)
+    prefill = timed(lambda: (dec.forward(prompt, torch.arange(S, device=device), embeds, [PROMPT_FRAMES] * 2),
+                             sync(device)), 1)
     feed = prompt[:, :, -1:]  # (2, 8, 1)
     pos = iter(range(S, model.config.block_size))
     step = timed(lambda: (dec.step(feed, next(pos)), sync(device)), steps)
