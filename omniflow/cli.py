@@ -13,6 +13,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("omniflow.launch.cli_run", "run a graph (one process per node by default)"),
     "validate": ("omniflow.graph_cli", "check a graph file without starting anything"),
     "graph": ("omniflow.graph_cli", "print a graph as Mermaid text"),
+    "keys": ("omniflow.security", "CURVE keys for secured tcp edges: keys generate DIR | keys show DIR"),
+    "export": ("omniflow.launch.k8s", "export a graph for another platform: export k8s GRAPH --out DIR"),
     "fetch": ("omniflow.weights", "download official weights (or write --demo weights)"),
     "bench": ("benchmarks.cli", "run a benchmark: transport | decode | graph | train"),
     "train": ("train.cli", "train a Mini-Omni stage: stage1 | stage2 | stage3 | final"),

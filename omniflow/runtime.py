@@ -28,6 +28,7 @@ import zmq
 
 from .frame import Frame, FrameError, decode, encode
 from .node import CONTROL, Node, Output, drain
+from .security import Curve, is_tcp, secure_connect, start_authenticator, stop_authenticator
 from .transport import Link, Wiring, bind_output, connect_input, send_blocking, send_or_drop
 
 HEARTBEAT_S = 1.0          # a node reports liveness and metrics this often
@@ -46,6 +47,7 @@ class Metrics(msgspec.Struct):
     dropped_old_turn: int = 0      # data frames of a session's older turn, dropped on arrival
     dropped_overflow: int = 0      # drop-oldest edges that overflowed
     rejected: int = 0              # malformed frames (undecodable, wrong parts, size mismatch)
+    refused: int = 0               # CURVE handshakes refused (unknown client key), this process
 
     def line(self) -> str:
         return " ".join(f"{k}={v}" for k, v in msgspec.structs.asdict(self).items())
@@ -53,11 +55,14 @@ class Metrics(msgspec.Struct):
 
 class NodeRuntime:
     def __init__(self, node: Node, wiring: Wiring, *, context: zmq.Context | None = None,
-                 heartbeat_s: float = HEARTBEAT_S, parent_pid: int | None = None):
+                 heartbeat_s: float = HEARTBEAT_S, parent_pid: int | None = None,
+                 curve: Curve | None = None):
         self.node, self.name, self.wiring = node, node.name, wiring
         self.metrics = Metrics()
         self.log = logging.getLogger(f"omniflow.{self.name}")
         self.heartbeat_s, self.parent_pid = heartbeat_s, parent_pid
+        self.curve = curve                        # keys: tcp:// sockets use CURVE (security.py)
+        self._allow = None                        # the ZAP allow list, while we serve CURVE
         self._own_ctx = context is None
         self._ctx = context or zmq.Context()
         self._stopping = False
@@ -71,13 +76,15 @@ class NodeRuntime:
 
     # --- sockets ---------------------------------------------------------------------------
     def _open(self) -> None:
+        if self.curve is not None and any(is_tcp(link.address) for link in self.wiring.outputs):
+            self._allow = start_authenticator(self._ctx, self.curve)   # checks clients' keys
         self._outs: dict[str, list[tuple[Link, zmq.Socket]]] = collections.defaultdict(list)
         self._watches = []
         for link in self.wiring.outputs:
-            sock, watch = bind_output(self._ctx, link)
+            sock, watch = bind_output(self._ctx, link, self.curve)
             self._outs[link.port].append((link, sock))
             self._watches.append(watch)
-        self._ins = {connect_input(self._ctx, link): link for link in self.wiring.inputs}
+        self._ins = {connect_input(self._ctx, link, self.curve): link for link in self.wiring.inputs}
         self._backlog = {sock: collections.deque(maxlen=link.depth)
                          for sock, link in self._ins.items() if link.policy == "drop-oldest"}
         self._sub = self._push = None
@@ -85,11 +92,11 @@ class NodeRuntime:
             self._sub = self._ctx.socket(zmq.SUB)
             self._sub.setsockopt(zmq.SUBSCRIBE, b"")
             self._sub.setsockopt(zmq.LINGER, 0)
-            self._sub.connect(self.wiring.control_pub)
+            secure_connect(self._sub, self.wiring.control_pub, self.curve)
         if self.wiring.control_in:
             self._push = self._ctx.socket(zmq.PUSH)
             self._push.setsockopt(zmq.LINGER, 1000)
-            self._push.connect(self.wiring.control_in)
+            secure_connect(self._push, self.wiring.control_in, self.curve)
 
     def _close(self, flush: bool) -> None:
         for outs in self._outs.values():
@@ -100,6 +107,9 @@ class NodeRuntime:
         for sock in [*self._ins, self._sub, self._push]:
             if sock is not None and not sock.closed:
                 sock.close()
+        if self._allow is not None:
+            self.metrics.refused = self._allow.refused
+            stop_authenticator(self._ctx)
         if self._own_ctx:
             self._ctx.term()
 
@@ -266,6 +276,8 @@ class NodeRuntime:
         return self._stopping
 
     def _heartbeat(self) -> None:
+        if self._allow is not None:
+            self.metrics.refused = self._allow.refused
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
             self.log.error("the launcher (pid %d) is gone; stopping", self.parent_pid)
             self._stopping = True
@@ -313,6 +325,7 @@ class NodeConfig(msgspec.Struct):
     log_level: str = "INFO"
     metrics_path: str | None = None
     parent_pid: int | None = None
+    keys_dir: str | None = None    # CURVE keys (`omniflow keys generate`); secrets stay in that dir
 
 
 def build_node(name: str, use: str, params: dict[str, Any]) -> Node:
@@ -360,8 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger(f"omniflow.{cfg.name}")
     runtime = None
     try:
+        curve = Curve.load(cfg.keys_dir) if cfg.keys_dir else None
         runtime = NodeRuntime(build_node(cfg.name, cfg.use, cfg.params), cfg.wiring,
-                              parent_pid=cfg.parent_pid)
+                              parent_pid=cfg.parent_pid, curve=curve)
         runtime.run()
         return EXIT_OK
     except KeyboardInterrupt:

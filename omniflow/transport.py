@@ -8,6 +8,7 @@
   delivers every frame to every consumer.
 * Lossless edges block the producer when the consumer falls `depth` frames behind (backpressure).
   Drop-oldest edges never block: the consumer keeps the newest `depth` frames and drops older ones.
+* tcp:// sockets are CURVE-encrypted and authenticated when a run has keys (`security.py`).
 * The control channel is a bus: every node PUSHes to `CONTROL_IN`, the launcher republishes on
   `CONTROL_PUB`, every node SUBscribes to it.
 """
@@ -23,6 +24,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from .graph import Graph
+from .security import Curve, secure_bind, secure_connect
 
 CONTROL_PUB = "$control.pub"      # endpoint-map keys of the control channel
 CONTROL_IN = "$control.in"
@@ -111,7 +113,9 @@ def _hwm(link: Link) -> int:
     return link.depth if link.policy == "lossless" else max(link.depth, LOSSY_QUEUE_CAP)
 
 
-def bind_output(ctx: zmq.Context, link: Link) -> tuple[zmq.Socket, "ConsumerWatch"]:
+def bind_output(ctx: zmq.Context, link: Link,
+                curve: Curve | None = None) -> tuple[zmq.Socket, "ConsumerWatch"]:
+    """The producer's end; a CURVE server on tcp:// when `curve` keys are given."""
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, _hwm(link))
     sock.copy_threshold = COPY_BELOW_BYTES
@@ -119,7 +123,7 @@ def bind_output(ctx: zmq.Context, link: Link) -> tuple[zmq.Socket, "ConsumerWatc
     watch = ConsumerWatch(sock)               # before bind, to see the first connection
     if link.address.startswith("ipc://"):
         Path(link.address[6:]).unlink(missing_ok=True)   # left by a killed predecessor
-    sock.bind(link.address)
+    secure_bind(sock, link.address, curve)
     return sock, watch
 
 
@@ -145,12 +149,13 @@ class ConsumerWatch:
         self.monitor.close(linger=0)
 
 
-def connect_input(ctx: zmq.Context, link: Link) -> zmq.Socket:
+def connect_input(ctx: zmq.Context, link: Link, curve: Curve | None = None) -> zmq.Socket:
+    """The consumer's end; a CURVE client on tcp:// when `curve` keys are given."""
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.RCVHWM, _hwm(link))
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
-    sock.connect(link.address)
+    secure_connect(sock, link.address, curve)
     return sock
 
 

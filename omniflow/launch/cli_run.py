@@ -1,4 +1,4 @@
-"""`omniflow run graph.yaml`: validate the graph, then run it with the local launcher."""
+"""`omniflow run graph.yaml`: validate the graph, then run it with the local (or Ray) launcher."""
 from __future__ import annotations
 
 import argparse
@@ -31,8 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NODE.PARAM=VALUE",
                         help="override a node parameter, e.g. --set src.path=other.wav (repeatable)")
     parser.add_argument("--run-dir", help="keep node configs and metrics here (default: a temp dir, removed)")
-    parser.add_argument("--endpoints", help="YAML map of edge id ('a/out->b/in') to address, "
-                                           "e.g. tcp://10.0.0.2:5555")
+    parser.add_argument("--endpoints", help="YAML map of edge id ('a/out->b/in', or '$control.pub' / "
+                                           "'$control.in') to address, e.g. tcp://10.0.0.2:5555")
+    parser.add_argument("--keys", metavar="DIR",
+                        help="CURVE keys from 'omniflow keys generate DIR': every tcp:// edge and "
+                             "the control channel are encrypted, and only holders of the keys connect")
+    parser.add_argument("--launcher", choices=["local", "ray"], default="local",
+                        help="local: one process per node on this machine (default); ray: one Ray "
+                             "actor per node on a Ray cluster (pip install 'omniflow[ray]')")
+    parser.add_argument("--address", default=None,
+                        help="with --launcher ray: the cluster to join ('auto': the one 'ray start' "
+                             "started; default: a new local Ray instance)")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -45,6 +54,7 @@ def _interrupt(signum, _frame):
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..transport import CONTROL_IN, CONTROL_PUB
     from .local import LocalLauncher
     try:
         graph = load_graph(args.graph, args.set)
@@ -55,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
     if args.endpoints:
         with open(args.endpoints) as f:
             endpoints = {str(k): str(v) for k, v in (yaml.safe_load(f) or {}).items()}
-        unknown = set(endpoints) - {e.id for e in graph.edges}
+        unknown = set(endpoints) - {e.id for e in graph.edges} - {CONTROL_PUB, CONTROL_IN}
         if unknown:
             print(f"{args.endpoints}: unknown edge ids {sorted(unknown)}. Fix: use ids printed "
                   f"by 'omniflow graph {args.graph}'", file=sys.stderr)
@@ -63,12 +73,22 @@ def main(args: argparse.Namespace) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(NodePrefixFormatter(set(graph.nodes)))
     logging.basicConfig(level=args.log_level, handlers=[handler], force=True)
+    options = dict(run_dir=args.run_dir, endpoints=endpoints, log_level=args.log_level,
+                   keys=args.keys)
+    try:
+        if args.launcher == "ray":
+            from .ray import RayLauncher
+            launcher = RayLauncher(graph, address=args.address, **options)
+        else:
+            launcher = LocalLauncher(graph, in_process=args.in_process, **options)
+    except (OSError, ValueError, RuntimeError) as e:      # keys missing, ray not installed, ...
+        print(f"omniflow run: {e}", file=sys.stderr)
+        return 2
     # SIGTERM stops the run like Ctrl-C; SIGINT is re-armed in case a shell started us ignoring it
     previous = {sig: signal.signal(sig, handler) for sig, handler in
                 [(signal.SIGTERM, _interrupt), (signal.SIGINT, _interrupt)]}
     try:
-        result = LocalLauncher(graph, in_process=args.in_process, run_dir=args.run_dir,
-                               endpoints=endpoints, log_level=args.log_level).run()
+        result = launcher.run()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

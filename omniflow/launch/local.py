@@ -31,6 +31,7 @@ from ..frame import FrameError, decode
 from ..graph import Graph, NodeSpec
 from ..runtime import (EXIT_FAILED, EXIT_OK, EXIT_SETUP_FAILED, Metrics, NodeConfig,
                        NodeRuntime, SetupError, build_node)
+from ..security import Curve, is_tcp, secure_bind, start_authenticator, stop_authenticator
 from ..transport import CONTROL_IN, CONTROL_PUB, endpoint_map, wiring_for
 
 STOP_GRACE_S = 4.0          # SIGTERM, then SIGKILL after this: every node is gone within 5 s
@@ -116,8 +117,8 @@ class ProcessWorker:
 class ThreadWorker:
     """A node on a thread of the launcher's process (debugging, tests); sockets are inproc://."""
 
-    def __init__(self, cfg: NodeConfig, context: zmq.Context):
-        self.cfg, self.context = cfg, context
+    def __init__(self, cfg: NodeConfig, context: zmq.Context, curve: Curve | None = None):
+        self.cfg, self.context, self.curve = cfg, context, curve
         self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
         self.code: int | None = None
         self.runtime: NodeRuntime | None = None
@@ -132,7 +133,7 @@ class ThreadWorker:
         node_log = logging.getLogger(f"omniflow.{self.cfg.name}")
         try:
             self.runtime = NodeRuntime(build_node(self.cfg.name, self.cfg.use, self.cfg.params),
-                                       self.cfg.wiring, context=self.context)
+                                       self.cfg.wiring, context=self.context, curve=self.curve)
             self.runtime.run()
             self.code = EXIT_OK
         except SetupError as e:
@@ -163,17 +164,21 @@ class ThreadWorker:
 
 class LocalLauncher:
     def __init__(self, graph: Graph, *, in_process: bool = False, run_dir: str | Path | None = None,
-                 endpoints: dict[str, str] | None = None, log_level: str = "INFO"):
+                 endpoints: dict[str, str] | None = None, log_level: str = "INFO",
+                 keys: str | Path | None = None):
         self.graph, self.in_process, self.log_level = graph, in_process, log_level
+        # CURVE keys (security.py): node processes load them from the directory themselves
+        self.keys_dir = str(Path(keys).resolve()) if keys else None
+        self.curve = Curve.load(keys) if keys else None
         self.keep_run_dir = run_dir is not None
         self.run_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="omniflow-"))
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)   # (mkdtemp's is 0700 too)
         self.sock_dir = self.run_dir / "ipc"
         if len(str(self.sock_dir.resolve())) > 80:     # ipc:// paths are length-limited
             self.sock_dir = Path(tempfile.mkdtemp(prefix="omniflow-ipc-"))
         self.sock_dir.mkdir(exist_ok=True)
-        self.endpoints = endpoint_map(graph, "inproc" if in_process else "ipc",
-                                      self.sock_dir.resolve(), endpoints)
+        os.chmod(self.sock_dir, 0o700)        # ipc sockets: only this user may connect to them
+        self.endpoints = self._endpoint_map(endpoints)
         self.context = zmq.Context()
         self.workers: dict[str, ProcessWorker | ThreadWorker] = {}
         self.restarts = {name: 0 for name in graph.nodes}
@@ -181,6 +186,11 @@ class LocalLauncher:
         self._stop_reason: str | None = None
         self._silent: set[str] = set()                      # nodes warned about as silent
         self._turns: dict[str, tuple[int, list[bytes]]] = {}  # session -> latest turn frame
+
+    def _endpoint_map(self, overrides: dict[str, str] | None) -> dict[str, str]:
+        """Every address of the run (a Ray launcher builds its own from its actors' IPs)."""
+        return endpoint_map(self.graph, "inproc" if self.in_process else "ipc",
+                            self.sock_dir.resolve(), overrides)
 
     def stop(self, reason: str = "stopped") -> None:
         """Ask `run()` to stop every node and return (thread-safe)."""
@@ -190,18 +200,22 @@ class LocalLauncher:
         (self.run_dir / "nodes").mkdir(exist_ok=True)
         cfg = NodeConfig(name=spec.name, use=spec.use, params=spec.params,
                          wiring=wiring_for(self.graph, spec.name, self.endpoints),
-                         log_level=self.log_level, parent_pid=os.getpid(),
+                         log_level=self.log_level, parent_pid=os.getpid(), keys_dir=self.keys_dir,
                          metrics_path=str(self.run_dir / "nodes" / f"{spec.name}.metrics.json"))
         if self.in_process:
-            return ThreadWorker(cfg, self.context)
+            return ThreadWorker(cfg, self.context, self.curve)
         return ProcessWorker(cfg, self.run_dir / "nodes" / f"{spec.name}.json")
 
     def run(self) -> RunResult:
         pub = self.context.socket(zmq.XPUB)       # XPUB: hears each node subscribe (see below)
         pub.setsockopt(zmq.XPUB_VERBOSE, 1)
         pull = self.context.socket(zmq.PULL)
-        pub.bind(self.endpoints[CONTROL_PUB])
-        pull.bind(self.endpoints[CONTROL_IN])
+        serving_curve = self.curve is not None and any(
+            is_tcp(self.endpoints[k]) for k in (CONTROL_PUB, CONTROL_IN))
+        if serving_curve:
+            start_authenticator(self.context, self.curve)
+        secure_bind(pub, self.endpoints[CONTROL_PUB], self.curve)
+        secure_bind(pull, self.endpoints[CONTROL_IN], self.curve)
         codes: dict[str, int] = {}
         ok, message, interrupted = True, "every node finished", False
         try:
@@ -217,6 +231,8 @@ class LocalLauncher:
             self._stop_all(codes)
             pub.close(linger=0)
             pull.close(linger=0)
+            if serving_curve:
+                stop_authenticator(self.context)
             if all(w.poll() is not None for w in self.workers.values()):
                 self.context.term()          # (a node thread stuck in a call would block it)
             metrics = self._collect_metrics()
@@ -359,5 +375,6 @@ class LocalLauncher:
 
 
 def run_graph(graph: Graph, **options) -> RunResult:
-    """Run `graph` to completion; options as `LocalLauncher` (in_process, run_dir, endpoints, log_level)."""
+    """Run `graph` to completion; options as `LocalLauncher` (in_process, run_dir, endpoints, log_level,
+    keys)."""
     return LocalLauncher(graph, **options).run()
