@@ -9,6 +9,7 @@
         params: {db: -6}
         inputs: {audio: src/audio}             # port: "node/port"
         restart: on-failure                    # never | on-failure | always
+        resources: {num_cpus: 1, num_gpus: 1}  # optional: what Ray / Kubernetes reserve for it
       sink:
         use: nodes.audio:WavSink
         params: {path: out.wav}
@@ -34,7 +35,7 @@ from yaml.constructor import SafeConstructor
 
 from .frame import KINDS
 
-NODE_KEYS = {"use", "params", "inputs", "restart", "max_restarts", "backoff_s", "host"}
+NODE_KEYS = {"use", "params", "inputs", "restart", "max_restarts", "backoff_s", "host", "resources"}
 EDGE_KEYS = {"from", "policy", "depth", "feedback"}
 TOP_KEYS = {"nodes", "description"}
 RESTART_POLICIES = ("never", "on-failure", "always")
@@ -75,6 +76,7 @@ class NodeSpec(msgspec.Struct):
     max_restarts: int = 3
     backoff_s: float = 0.5
     host: str | None = None  # producers on this node bind tcp:// on this host instead of ipc://
+    resources: dict[str, float] = {}   # num_cpus, num_gpus, memory (bytes), custom: for Ray / k8s
     line: int = 0
 
     def node_class(self) -> type:
@@ -262,6 +264,16 @@ class _Parser:
                     setattr(spec, key, typ(value))
         if "host" in items:
             spec.host = str(_plain(items["host"][1]))
+        if "resources" in items:
+            vnode = items["resources"][1]
+            value = _plain(vnode)
+            if not isinstance(value, dict) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                    for v in value.values()):
+                self.error(vnode, f"node '{spec.name}': resources must map names to numbers "
+                           f">= 0, got {value!r}", "write e.g. 'resources: {num_gpus: 1}'")
+            else:
+                spec.resources = {str(k): float(v) for k, v in value.items()}
 
     def apply_overrides(self, specs: dict[str, NodeSpec], overrides: list[str]) -> None:
         for item in overrides:

@@ -117,7 +117,7 @@ class ProcessWorker:
 class ThreadWorker:
     """A node on a thread of the launcher's process (debugging, tests); sockets are inproc://."""
 
-    def __init__(self, cfg: NodeConfig, context: zmq.Context, curve: Curve | None = None):
+    def __init__(self, cfg: NodeConfig, context: zmq.Context | None, curve: Curve | None = None):
         self.cfg, self.context, self.curve = cfg, context, curve
         self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
         self.code: int | None = None
@@ -196,12 +196,15 @@ class LocalLauncher:
         """Ask `run()` to stop every node and return (thread-safe)."""
         self._stop_reason = reason
 
-    def _worker(self, spec: NodeSpec):
+    def _node_config(self, spec: NodeSpec) -> NodeConfig:
         (self.run_dir / "nodes").mkdir(exist_ok=True)
-        cfg = NodeConfig(name=spec.name, use=spec.use, params=spec.params,
-                         wiring=wiring_for(self.graph, spec.name, self.endpoints),
-                         log_level=self.log_level, parent_pid=os.getpid(), keys_dir=self.keys_dir,
-                         metrics_path=str(self.run_dir / "nodes" / f"{spec.name}.metrics.json"))
+        return NodeConfig(name=spec.name, use=spec.use, params=spec.params,
+                          wiring=wiring_for(self.graph, spec.name, self.endpoints),
+                          log_level=self.log_level, parent_pid=os.getpid(), keys_dir=self.keys_dir,
+                          metrics_path=str(self.run_dir / "nodes" / f"{spec.name}.metrics.json"))
+
+    def _worker(self, spec: NodeSpec):
+        cfg = self._node_config(spec)
         if self.in_process:
             return ThreadWorker(cfg, self.context, self.curve)
         return ProcessWorker(cfg, self.run_dir / "nodes" / f"{spec.name}.json")
