@@ -116,3 +116,8 @@ def test_parity_works_for_other_sizes(tmp_path, shape):
     results = parity.run(tmp_path)
     assert [r.name for r in results] == list(TASKS)
     assert all(r.ok for r in results), [r.line for r in results]
+
+
+@pytest.mark.slow
+def test_parity_with_the_compiled_decode_step():
+    assert parity.main([str(GOLDEN), "--compile"]) == 0

@@ -1,6 +1,6 @@
 """Token-for-token parity with the original Mini-Omni implementation.
 
-    python -m omniflow.model.parity DIR [--device cpu] [--dtype float32]
+    python -m omniflow.model.parity DIR [--device cpu] [--dtype float32] [--compile]
 
 DIR holds `checkpoint/` (official `lit_model.pth` + `model_config.yaml`), `cases.json` (what the
 original `generate_*` functions returned) and per case `features_<case>.npy` (adapter input) and
@@ -117,14 +117,15 @@ def run_case(model: MiniOmni, engine: Engine, root: Path, name: str, case: dict,
     return CaseResult(name, ok, head + (f" ({'; '.join(notes)})" if notes else ""))
 
 
-def run(root: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[CaseResult]:
+def run(root: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+        compile: bool = False) -> list[CaseResult]:
     root = Path(root)
     cases_file = root / "cases.json"
     if not cases_file.exists():
         raise FileNotFoundError(f"{cases_file} not found: DIR must hold cases.json and checkpoint/")
     spec = json.loads(cases_file.read_text())
     model, _ = load_model(root / "checkpoint", device=device, dtype=dtype)
-    engine = Engine(model, max_sessions=2)
+    engine = Engine(model, max_sessions=2, compile=compile)
     probes = spec.get("prefill_probe_indices", {})
     return [run_case(model, engine, root, name, case, probes) for name, case in spec["cases"].items()]
 
@@ -133,9 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m omniflow.model.parity", description=__doc__.split("\n\n")[0])
     parser.add_argument("dir", help="golden directory (checkpoint/, cases.json, features_*.npy)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                        help="exact parity is an fp32 property; other dtypes show how far they drift")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the engine's decode step")
     args = parser.parse_args(argv)
-    results = run(args.dir, args.device, DTYPES[args.dtype])
+    results = run(args.dir, args.device, DTYPES[args.dtype], compile=args.compile)
     for r in results:
         print(r.line)
     failed = [r.name for r in results if not r.ok]
