@@ -9,6 +9,8 @@
         params: {db: -6}
         inputs: {audio: src/audio}             # port: "node/port"
         restart: on-failure                    # never | on-failure | always
+        host: 10.0.0.2:47100                   # optional: outputs bind tcp on this host, ports
+                                               # 47100, 47101, ... (no port: free ports, one machine)
         resources: {num_cpus: 1, num_gpus: 1}  # optional: what Ray / Kubernetes reserve for it
       sink:
         use: nodes.audio:WavSink
@@ -76,6 +78,7 @@ class NodeSpec(msgspec.Struct):
     max_restarts: int = 3
     backoff_s: float = 0.5
     host: str | None = None  # producers on this node bind tcp:// on this host instead of ipc://
+                             # ("HOST" or "HOST:PORT_BASE", see split_host)
     resources: dict[str, float] = {}   # num_cpus, num_gpus, memory (bytes), custom: for Ray / k8s
     line: int = 0
 
@@ -263,7 +266,13 @@ class _Parser:
                 else:
                     setattr(spec, key, typ(value))
         if "host" in items:
-            spec.host = str(_plain(items["host"][1]))
+            vnode = items["host"][1]
+            spec.host = str(_plain(vnode))
+            try:
+                split_host(spec.host)
+            except ValueError as e:
+                self.error(vnode, f"node '{spec.name}': {e}",
+                           "write 'host: 10.0.0.2' or 'host: 10.0.0.2:47100' (a port base)")
         if "resources" in items:
             vnode = items["resources"][1]
             value = _plain(vnode)
@@ -425,6 +434,17 @@ class _Parser:
         for n in specs:
             if n not in state:
                 visit(n)
+
+
+def split_host(host: str) -> tuple[str, int | None]:
+    """'10.0.0.2' -> ('10.0.0.2', None); 'gpu-box:47100' -> ('gpu-box', 47100), the port of the
+    node's first output edge (the k-th binds 47100 + k): every machine computes the same map."""
+    name, colon, port = host.rpartition(":")
+    if not colon or (":" in name and not name.startswith("[")):    # no port (or bare IPv6)
+        return host, None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"host '{host}' has a bad port base '{port}'")
+    return name, int(port)                  # (an IPv6 name keeps its brackets, as tcp:// wants)
 
 
 def spec_class(spec: NodeSpec) -> str:

@@ -23,7 +23,7 @@ import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from .graph import Graph
+from .graph import Graph, split_host
 from .security import Curve, secure_bind, secure_connect
 
 CONTROL_PUB = "$control.pub"      # endpoint-map keys of the control channel
@@ -67,7 +67,9 @@ def endpoint_map(graph: Graph, scheme: str = "ipc", sock_dir: str | Path | None 
     """Addresses for every edge and the control channel.
 
     scheme "ipc": files under `sock_dir`; "inproc": one process; "tcp": 127.0.0.1. A node with
-    `host:` binds its outputs with tcp on that host. `overrides` (an --endpoints file) win.
+    `host:` binds its outputs with tcp on that host: on free ports, or, with a port base
+    (`host: 10.0.0.2:47100`), on base + k for its k-th output edge, so that launchers on several
+    machines compute the same map. `overrides` (an --endpoints file) win.
     """
     overrides = overrides or {}
     if scheme == "ipc":
@@ -79,20 +81,30 @@ def endpoint_map(graph: Graph, scheme: str = "ipc", sock_dir: str | Path | None 
                              f"(limit ~{IPC_PATH_MAX} bytes); use a shorter --run-dir")
     addresses: dict[str, str] = {}
 
-    def address(key: str, host: str | None, index: int) -> str:
+    def address(key: str, host: str | None, index: int, k: int = 0, node: str = "") -> str:
         if key in overrides:
             return overrides[key]
         if host is not None or scheme == "tcp":
-            host = host or "127.0.0.1"
-            return f"tcp://{host}:{free_tcp_port(host)}"
+            name, base = split_host(host or "127.0.0.1")
+            if base is not None:
+                return f"tcp://{name}:{base + k}"
+            try:
+                return f"tcp://{name}:{free_tcp_port(name)}"
+            except OSError:
+                raise ValueError(f"node '{node}': host '{name}' is not an address of this machine, "
+                                 "so no free port can be picked for it here. Fix: give a port "
+                                 f"base, 'host: {name}:47100', so every machine computes the "
+                                 "same ports") from None
         if scheme == "inproc":
             return f"inproc://{_slug(key)}"
         return f"ipc://{sock_dir}/{index}.sock"   # short names: ipc paths are length-limited
 
     for i, key in enumerate([CONTROL_PUB, CONTROL_IN]):
         addresses[key] = address(key, None, i)
+    outputs_seen: dict[str, int] = {}              # node -> its output edges so far
     for i, edge in enumerate(graph.edges, start=2):
-        addresses[edge.id] = address(edge.id, graph.nodes[edge.src].host, i)
+        k = outputs_seen[edge.src] = outputs_seen.get(edge.src, -1) + 1
+        addresses[edge.id] = address(edge.id, graph.nodes[edge.src].host, i, k, edge.src)
     return addresses
 
 

@@ -135,3 +135,55 @@ def test_cli_run_with_keys_and_a_missing_key_dir(tone_wav, tmp_path):
     generate_keys(tmp_path / "keys")
     assert cli.main(["run", str(graph), "--in-process", "--keys", str(tmp_path / "keys")]) == 0
     np.testing.assert_array_equal(sf.read(out, dtype="int16")[0], gained(pcm, -3.0))
+
+
+def test_two_launchers_as_two_machines_run_one_graph_over_curve(tone_wav, tmp_path):
+    """Each 'machine' runs its part (nodes=); host: ADDRESS:PORT_BASE gives both the same map."""
+    wav, pcm = tone_wav(seconds=1.0)
+    out = tmp_path / "out.wav"
+    generate_keys(tmp_path / "keys")
+    base_a, base_b = free_tcp_port(), free_tcp_port()      # one output edge each
+    graph = parse_graph(f"""
+nodes:
+  src:  {{use: "nodes.audio:FileSource", params: {{path: "{wav}", chunk_ms: 10}}, host: "127.0.0.1:{base_a}"}}
+  gain: {{use: "nodes.dsp:Gain", params: {{db: -3}}, inputs: {{audio: src/audio}}, host: "127.0.0.1:{base_b}"}}
+  sink: {{use: "nodes.audio:WavSink", params: {{path: "{out}"}}, inputs: {{audio: gain/audio}}}}
+""")
+    machine_a = LocalLauncher(graph, keys=tmp_path / "keys", nodes=["src", "sink"])
+    machine_b = LocalLauncher(graph, keys=tmp_path / "keys", nodes=["gain"])
+    assert machine_a.endpoints["src/audio->gain/audio"] == f"tcp://127.0.0.1:{base_a}"
+    assert {k: v for k, v in machine_a.endpoints.items() if not k.startswith("$")} == \
+        {k: v for k, v in machine_b.endpoints.items() if not k.startswith("$")}
+    results = {}
+    threads = [threading.Thread(target=lambda m=m, k=k: results.__setitem__(k, m.run()))
+               for k, m in (("a", machine_a), ("b", machine_b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert results["a"].ok and results["b"].ok, (results["a"].message, results["b"].message)
+    assert set(results["a"].metrics) == {"src", "sink"} and set(results["b"].metrics) == {"gain"}
+    np.testing.assert_array_equal(sf.read(out, dtype="int16")[0], gained(pcm, -3.0))
+
+
+def test_a_split_needs_tcp_between_machines_and_ports_for_remote_hosts(tmp_path):
+    graph = parse_graph("""
+nodes:
+  src:  {use: "nodes.audio:FileSource", params: {path: x.wav}}
+  sink: {use: "nodes.audio:WavSink", params: {path: y.wav}, inputs: {audio: src/audio}}
+""")
+    with pytest.raises(ValueError, match="give node 'src' a 'host: ADDRESS:PORT_BASE'"):
+        LocalLauncher(graph, nodes=["sink"])
+    with pytest.raises(ValueError, match="no node"):
+        LocalLauncher(graph, nodes=["snk"])
+    remote = parse_graph("""
+nodes:
+  src:  {use: "nodes.audio:FileSource", params: {path: x.wav}, host: 198.51.100.77}
+  sink: {use: "nodes.audio:WavSink", params: {path: y.wav}, inputs: {audio: src/audio}}
+""")
+    with pytest.raises(ValueError, match="host: 198.51.100.77:47100"):      # not this machine's
+        LocalLauncher(remote, nodes=["sink"])
+    from omniflow.graph import GraphError
+    with pytest.raises(GraphError, match="bad port base '99999'"):
+        parse_graph('nodes:\n  src: {use: "nodes.audio:FileSource", params: {path: x.wav}, host: "h:99999"}\n')
+    assert cli.main(["run", "graphs/demo.yaml", "--skip", "gian"]) == 2          # names checked

@@ -36,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keys", metavar="DIR",
                         help="CURVE keys from 'omniflow keys generate DIR': every tcp:// edge and "
                              "the control channel are encrypted, and only holders of the keys connect")
+    parser.add_argument("--nodes", metavar="A,B,...",
+                        help="run only these nodes here (their partners run on other machines; "
+                             "edges between machines need 'host: ADDRESS:PORT_BASE')")
+    parser.add_argument("--skip", metavar="A,B,...", help="run every node but these here")
     parser.add_argument("--launcher", choices=["local", "ray"], default="local",
                         help="local: one process per node on this machine (default); ray: one Ray "
                              "actor per node on a Ray cluster (pip install 'omniflow[ray]')")
@@ -75,6 +79,15 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, handlers=[handler], force=True)
     options = dict(run_dir=args.run_dir, endpoints=endpoints, log_level=args.log_level,
                    keys=args.keys)
+    if args.nodes or args.skip:
+        skip = set(filter(None, (args.skip or "").split(",")))
+        chosen = list(filter(None, args.nodes.split(","))) if args.nodes else list(graph.nodes)
+        unknown = skip - set(graph.nodes)
+        if unknown:
+            print(f"--skip: no node(s) {', '.join(sorted(unknown))}. Fix: use names from: "
+                  f"{', '.join(graph.nodes)}", file=sys.stderr)
+            return 2
+        options["nodes"] = [n for n in chosen if n not in skip]
     try:
         if args.launcher == "ray":
             from .ray import RayLauncher

@@ -8,6 +8,11 @@ prefixed with the node's name.
 
     result = run_graph(load_graph("graphs/demo.yaml"))
     assert result.ok, result.message
+
+Across machines, one launcher per machine runs its part of the same graph (`nodes=`); the edges
+between the parts are tcp:// (nodes with `host: ADDRESS:PORT_BASE`), so every launcher computes
+the same endpoint map. Each launcher has its own control channel: a new turn reaches the other
+machine with its data (see runtime.py).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import msgspec
 import zmq
@@ -165,8 +170,9 @@ class ThreadWorker:
 class LocalLauncher:
     def __init__(self, graph: Graph, *, in_process: bool = False, run_dir: str | Path | None = None,
                  endpoints: dict[str, str] | None = None, log_level: str = "INFO",
-                 keys: str | Path | None = None):
+                 keys: str | Path | None = None, nodes: Collection[str] | None = None):
         self.graph, self.in_process, self.log_level = graph, in_process, log_level
+        self.here = list(nodes) if nodes is not None else list(graph.nodes)   # nodes we run
         # CURVE keys (security.py): node processes load them from the directory themselves
         self.keys_dir = str(Path(keys).resolve()) if keys else None
         self.curve = Curve.load(keys) if keys else None
@@ -178,10 +184,18 @@ class LocalLauncher:
             self.sock_dir = Path(tempfile.mkdtemp(prefix="omniflow-ipc-"))
         self.sock_dir.mkdir(exist_ok=True)
         os.chmod(self.sock_dir, 0o700)        # ipc sockets: only this user may connect to them
-        self.endpoints = self._endpoint_map(endpoints)
+        try:
+            self.endpoints = self._endpoint_map(endpoints)
+            if nodes is not None:
+                check_split(graph, self.here, self.endpoints)
+        except Exception:
+            shutil.rmtree(self.sock_dir, ignore_errors=True)
+            if not self.keep_run_dir:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
         self.context = zmq.Context()
         self.workers: dict[str, ProcessWorker | ThreadWorker] = {}
-        self.restarts = {name: 0 for name in graph.nodes}
+        self.restarts = {name: 0 for name in self.here}
         self.heartbeats: dict[str, dict[str, Any]] = {}     # node -> last heartbeat's meta
         self._stop_reason: str | None = None
         self._silent: set[str] = set()                      # nodes warned about as silent
@@ -222,8 +236,8 @@ class LocalLauncher:
         codes: dict[str, int] = {}
         ok, message, interrupted = True, "every node finished", False
         try:
-            for name, spec in self.graph.nodes.items():
-                self.workers[name] = self._worker(spec)
+            for name in self.here:
+                self.workers[name] = self._worker(self.graph.nodes[name])
                 self.workers[name].start()
             log.info("started %d nodes (%s); run dir %s", len(self.workers),
                      "threads" if self.in_process else "processes", self.run_dir)
@@ -377,7 +391,20 @@ class LocalLauncher:
         return out
 
 
+def check_split(graph: Graph, here: list[str], endpoints: dict[str, str]) -> None:
+    """Running only `here` on this machine: every edge to or from another machine must be tcp."""
+    unknown = [n for n in here if n not in graph.nodes]
+    if unknown:
+        raise ValueError(f"no node(s) {', '.join(unknown)} in {graph.path}. "
+                         f"Fix: use names from: {', '.join(graph.nodes)}")
+    for edge in graph.edges:
+        if (edge.src in here) != (edge.dst in here) and not endpoints[edge.id].startswith("tcp://"):
+            raise ValueError(f"edge {edge.id} crosses machines but is {endpoints[edge.id]}, which "
+                             f"only this machine can reach. Fix: give node '{edge.src}' a "
+                             "'host: ADDRESS:PORT_BASE' in the graph")
+
+
 def run_graph(graph: Graph, **options) -> RunResult:
     """Run `graph` to completion; options as `LocalLauncher` (in_process, run_dir, endpoints, log_level,
-    keys)."""
+    keys, nodes)."""
     return LocalLauncher(graph, **options).run()

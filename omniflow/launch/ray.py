@@ -144,8 +144,9 @@ def ray_options(spec: NodeSpec) -> dict[str, Any]:
 
 class RayLauncher(LocalLauncher):
     def __init__(self, graph: Graph, *, address: str | None = None, **options):
-        if options.pop("in_process", False):
-            raise ValueError("--in-process does not apply to --launcher ray (nodes run in Ray actors)")
+        if options.pop("in_process", False) or options.pop("nodes", None) is not None:
+            raise ValueError("--in-process and --nodes do not apply to --launcher ray: it places "
+                             "every node of the graph in a Ray actor")
         ray = _ray()
         self._started_ray = not ray.is_initialized()
         if self._started_ray:
