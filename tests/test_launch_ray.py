@@ -34,6 +34,12 @@ nodes:
                                              "resources": {"accelerator_type_h100": 1}}
 
 
+def test_without_ray_the_cli_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)      # import ray fails
+    assert cli.main(["run", "graphs/demo.yaml", "--launcher", "ray"]) == 2
+    assert "pip install 'omniflow[ray]'" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def ray_instance():
     ray = pytest.importorskip("ray", reason="ray is not installed: pip install 'omniflow[ray]'")

@@ -38,7 +38,7 @@ nodes:
 """
 
 
-def test_keys_generate_writes_a_pair_with_private_permissions(tmp_path):
+def test_keys_generate_writes_a_pair_with_private_permissions(tmp_path, capsys):
     keys = tmp_path / "keys"
     assert cli.main(["keys", "generate", str(keys)]) == 0
     secret = keys / "omniflow.key_secret"
@@ -49,6 +49,9 @@ def test_keys_generate_writes_a_pair_with_private_permissions(tmp_path):
     assert curve.allowed == (curve.public,)                      # the cluster admits itself
     assert cli.main(["keys", "generate", str(keys)]) == 2        # never overwrites keys
     assert Curve.load(keys) == curve
+    capsys.readouterr()
+    assert cli.main(["keys", "show", str(keys)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"public key: {curve.public}"
 
 
 def test_loading_keys_from_a_wrong_directory_names_the_fix(tmp_path):

@@ -155,7 +155,11 @@ class RayLauncher(LocalLauncher):
         self._actor_class = ray.remote(max_concurrency=ACTOR_THREADS)(NodeHost)
         self.actors: dict[str, Any] = {}
         self.placement: dict[str, dict[str, Any]] = {}
-        super().__init__(graph, **options)     # calls _endpoint_map below: phase 1 happens there
+        try:
+            super().__init__(graph, **options)     # calls _endpoint_map below: phase 1 is there
+        except BaseException:
+            self._release()
+            raise
 
     def _new_actor(self, spec: NodeSpec, node_id: str | None = None):
         opts = ray_options(spec)
@@ -195,11 +199,16 @@ class RayLauncher(LocalLauncher):
         return RayWorker(self.actors[spec.name], cfg, self.curve, self.placement[spec.name]["pid"])
 
     def run(self):
-        ray = _ray()
         try:
             return super().run()
         finally:
-            for actor in self.actors.values():
-                ray.kill(actor)
-            if self._started_ray:
-                ray.shutdown()
+            self._release()
+
+    def _release(self) -> None:
+        """Kill our actors (Ray would keep them while the driver lives) and a Ray we started."""
+        ray = _ray()
+        for actor in self.actors.values():
+            ray.kill(actor)
+        self.actors.clear()
+        if self._started_ray:
+            ray.shutdown()
