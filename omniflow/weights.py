@@ -3,6 +3,7 @@
 One resolution order for every node that loads weights:
 
     1. an explicit path in the graph's params          (checkpoint: /data/mini-omni)
+       or a Hugging Face repo id, downloaded once into $OMNIFLOW_HOME/hub/ (checkpoint: gpt-omni/mini-omni)
     2. the cache: $OMNIFLOW_HOME/<component>            (default ~/.cache/omniflow)
     3. an error that names the command that fills the cache: `omniflow fetch`
 
@@ -23,6 +24,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import string
 import sys
 from pathlib import Path
@@ -41,6 +43,7 @@ REQUIRED_FILES: dict[str, tuple[str, ...]] = {
     "snac": ("config.json", "pytorch_model.bin"),
 }
 WHISPER_PREFIX = "whisper-"
+HUB_FETCHERS = {"miniomni": "fetch_miniomni", "snac": "fetch_snac"}   # components that live in HF repos
 FETCH_HINT = ("fetch them with `omniflow fetch` (needs internet), or write random demo weights with "
               "`omniflow fetch --demo` (output is not speech)")
 
@@ -92,6 +95,8 @@ def resolve(component: str, explicit: str | os.PathLike | None = None) -> Path:
     (an explicit whisper path may be the file or a directory holding `<size>.pt`).
     """
     _check_component(component)
+    if explicit and _is_repo_id(component, str(explicit)):
+        return _from_hub(component, str(explicit))
     if explicit:
         path = Path(explicit).expanduser()
         found = _locate(component, path)
@@ -109,6 +114,29 @@ def resolve(component: str, explicit: str | os.PathLike | None = None) -> Path:
             f"{component} weights not found in the cache {cached} (set by ${HOME_ENV}, default "
             f"{DEFAULT_HOME}): expected {_describe(component)}. Fix: {FETCH_HINT}"
             + (f" (add `--whisper {size}` for this size)." if size else "."))
+    return found
+
+
+def _is_repo_id(component: str, text: str) -> bool:
+    """"org/name" that is not a local path, for a component that lives in a Hugging Face repo."""
+    return (component in HUB_FETCHERS and re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None
+            and not Path(text).expanduser().exists())
+
+
+def _from_hub(component: str, repo: str) -> Path:
+    """Download `repo` into $OMNIFLOW_HOME/hub/<org>--<name> once; later runs read it from there."""
+    dest = home() / "hub" / repo.replace("/", "--")
+    found = _locate(component, dest)
+    if found is not None:
+        return found
+    from omniflow.model import hub
+
+    log.info("downloading %s from the Hugging Face hub into %s", repo, dest)
+    getattr(hub, HUB_FETCHERS[component])(dest, repo=repo)
+    found = _locate(component, dest)
+    if found is None:
+        raise WeightsNotFound(f"{repo} was downloaded to {dest} but has no {_describe(component)}: "
+                              f"is it a {component} repository?")
     return found
 
 

@@ -84,6 +84,26 @@ def test_resolve_order_explicit_then_cache(demo_home, tmp_path, monkeypatch):
         weights.resolve("snac", tmp_path / "nowhere")
 
 
+def test_a_hub_repo_id_is_downloaded_once_into_the_cache(demo_home, tmp_path, monkeypatch):
+    import shutil
+
+    from omniflow.model import hub
+
+    calls = []
+
+    def fake_fetch(dest, repo):          # stands in for huggingface_hub: copies the demo files
+        calls.append(repo)
+        shutil.copytree(demo_home / "miniomni", dest)
+        return dest
+
+    monkeypatch.setattr(hub, "fetch_miniomni", fake_fetch)
+    monkeypatch.setenv(weights.HOME_ENV, str(tmp_path))
+    expected = tmp_path / "hub" / "gpt-omni--mini-omni"
+    assert weights.resolve("miniomni", "gpt-omni/mini-omni") == expected
+    assert weights.resolve("miniomni", "gpt-omni/mini-omni") == expected    # now from the cache
+    assert calls == ["gpt-omni/mini-omni"]
+
+
 @pytest.mark.parametrize("component", ["miniomni", "snac", "whisper-small", "whisper-base"])
 def test_missing_weights_name_the_fetch_command(component, tmp_path, monkeypatch):
     monkeypatch.setenv(weights.HOME_ENV, str(tmp_path))
