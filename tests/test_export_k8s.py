@@ -42,10 +42,13 @@ def configs(files) -> dict[str, NodeConfig]:
 
 def test_demo_export_has_one_workload_per_node_and_services_for_producers(tmp_path):
     files = export(tmp_path, "graphs/demo.yaml", "--namespace", "voice", "--image", "reg/omniflow:1")
-    assert set(files) == {"namespace.yaml", "config.yaml", "src.yaml", "gain.yaml", "sink.yaml"}
+    assert set(files) == {"namespace.yaml", "config.yaml", "control.yaml", "src.yaml", "gain.yaml",
+                          "sink.yaml"}
     jobs, services = by_kind(files, "Job"), by_kind(files, "Service")
     assert set(jobs) == {"src", "gain", "sink"}                # demo: restart never/on-failure
-    assert set(services) == {"src", "gain"}                    # sink produces nothing
+    assert set(services) == {"src", "gain", "demo-control"}    # sink produces nothing
+    bus = by_kind(files, "Deployment")["demo-control"]["spec"]["template"]["spec"]["containers"][0]
+    assert bus["command"][:3] == ["python", "-m", "omniflow.launch.bus"]
     gain = jobs["gain"]
     assert gain["metadata"]["namespace"] == "voice"
     assert gain["spec"]["backoffLimit"] == 3                   # on-failure, max_restarts 3
@@ -67,7 +70,10 @@ def test_demo_export_has_one_workload_per_node_and_services_for_producers(tmp_pa
     port = services["src"]["spec"]["ports"][0]["port"]
     assert edge_in.address == f"tcp://src.voice.svc:{port}"     # dials the producer's Service
     assert edge_out.address == f"tcp://*:{services['gain']['spec']['ports'][0]['targetPort']}"
-    assert cfg["gain"].keys_dir is None and cfg["gain"].wiring.control_pub is None
+    assert cfg["gain"].keys_dir is None
+    assert cfg["gain"].wiring.control_pub == "tcp://demo-control.voice.svc:5590"
+    assert cfg["gain"].wiring.control_in == "tcp://demo-control.voice.svc:5591"
+    assert [p["port"] for p in services["demo-control"]["spec"]["ports"]] == [5590, 5591]
 
 
 def test_restart_always_is_a_deployment_and_cuda_nodes_request_a_gpu(tmp_path):
@@ -99,7 +105,7 @@ def test_keys_become_a_private_secret_mounted_into_every_pod(tmp_path):
     (sec,) = by_kind(files, "Secret").values()
     assert base64.b64decode(sec["data"]["omniflow.key_secret"]) == secret.read_bytes()
     assert base64.b64decode(sec["data"]["omniflow.key"]) == public.read_bytes()
-    for job in by_kind(files, "Job").values():
+    for job in [*by_kind(files, "Job").values(), *by_kind(files, "Deployment").values()]:
         pod = job["spec"]["template"]["spec"]
         assert {"name": "curve-keys", "mountPath": KEYS_DIR, "readOnly": True} \
             in pod["containers"][0]["volumeMounts"]
@@ -118,8 +124,9 @@ def test_node_names_that_are_not_dns_labels_are_refused_with_a_fix(tmp_path):
 
 
 def test_exported_node_configs_run_as_containers_would(tone_wav, tmp_path):
-    """Run each ConfigMap entry with `python -m omniflow.runtime`, as the pods do, with the Service
-    names pointed at this machine and the Secret's keys in a directory: the stream is exact."""
+    """Run each ConfigMap entry with `python -m omniflow.runtime` and the control bus, as the pods
+    do, with the Service names pointed at this machine and the Secret's keys in a directory: the
+    stream is exact (over CURVE)."""
     wav, pcm = tone_wav(seconds=0.5)
     out = tmp_path / "out.wav"
     generate_keys(tmp_path / "keys")
@@ -131,8 +138,16 @@ def test_exported_node_configs_run_as_containers_would(tone_wav, tmp_path):
         port = address.rpartition(":")[2]
         return local.setdefault((pod, port), f"tcp://127.0.0.1:{free_tcp_port()}")
 
+    (bus,) = by_kind(files, "Deployment").values()
+    command = bus["spec"]["template"]["spec"]["containers"][0]["command"]
+    control = {"--pub": here("bus", "x:5590"), "--in": here("bus", "x:5591")}
+    command = [f"{a.partition('=')[0]}={control[a.partition('=')[0]]}" if a.startswith(("--pub", "--in"))
+               else a.replace(KEYS_DIR, str(tmp_path / "keys")) for a in command]
+    bus_proc = subprocess.Popen([sys.executable, *command[1:]], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
     procs = []
     for name, cfg in configs(files).items():
+        cfg.wiring.control_pub, cfg.wiring.control_in = control["--pub"], control["--in"]
         for link in cfg.wiring.outputs:
             assert link.address.startswith("tcp://*:")
             link.address = here(name, link.address)
@@ -149,5 +164,9 @@ def test_exported_node_configs_run_as_containers_would(tone_wav, tmp_path):
     for proc in procs:
         output, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, output
+    bus_proc.terminate()
+    output, _ = bus_proc.communicate(timeout=10)
+    assert bus_proc.returncode == 0 and "control bus on" in output, output
+    assert all(f"node '{n}' joined" in output for n in ("src", "gain", "sink")), output  # over CURVE
     x = pcm.astype(np.float32) / np.float32(32768)
     np.testing.assert_array_equal(sf.read(out, dtype="int16")[0], to_int16(x * np.float32(10 ** (-6 / 20))))

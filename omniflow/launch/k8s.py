@@ -12,15 +12,16 @@ What is written (every object labelled `app.kubernetes.io/instance: <graph>`):
   The workload follows the node's restart policy: `always` -> Deployment (pods always restart);
   `on-failure` -> Job (restartPolicy OnFailure, backoffLimit = max_restarts); `never` -> Job
   (restartPolicy Never, backoffLimit 0). (Kubernetes applies its own restart backoff, not backoff_s.)
+* `control.yaml`: the control bus (`python -m omniflow.launch.bus`), a Deployment and the Service
+  `<graph>-control`: nodes announce turns (barge-in) and heartbeats on it, as in a local run.
 * `secret.yaml` (with --keys): the CURVE keys as a Secret mounted read-only at
   /etc/omniflow/keys; every tcp edge is then CURVE-secured. The file holds the secret key: it is
   written 0600; keep it out of version control.
 * Resources: `resources: {num_cpus, memory, num_gpus}` become requests (GPUs as limits of
   `nvidia.com/gpu`); a node whose params say `device: cuda...` gets one GPU if it asks for none.
 
-Nodes reach each other through the Services only; there is no launcher, so the control channel is
-not deployed: a new turn reaches a node with its data (see runtime.py), and each pod is supervised
-by Kubernetes. Paths in params (weights, files) are paths inside the container image or volumes.
+Nodes reach each other through the Services only. There is no launcher: Kubernetes supervises each
+pod. Paths in params (weights, files) are paths inside the container image or volumes.
 """
 from __future__ import annotations
 
@@ -38,9 +39,10 @@ import yaml
 from ..graph import Graph, GraphError, NodeSpec, load_graph
 from ..runtime import NodeConfig
 from ..security import KEY_NAME
-from ..transport import wiring_for
+from ..transport import CONTROL_IN, CONTROL_PUB, wiring_for
 
 NODE_PORT_BASE = 5600            # a node's k-th output edge binds this + k in its own pod
+CONTROL_PORTS = {CONTROL_PUB: 5590, CONTROL_IN: 5591}     # the control bus's pod
 CONFIG_DIR = "/etc/omniflow/config"
 KEYS_DIR = "/etc/omniflow/keys"
 DEFAULT_IMAGE = "omniflow:latest"
@@ -69,11 +71,21 @@ def service_names(graph: Graph) -> dict[str, str]:
     return names
 
 
+def control_name(graph: Graph) -> str:
+    name = f"{dns_name(Path(graph.path).stem, 'graph file name')}-control"
+    if name in service_names(graph).values():
+        raise ValueError(f"a node becomes '{name}', the name of the control bus's Service. "
+                         "Fix: rename that node")
+    return name
+
+
 def endpoints(graph: Graph, namespace: str) -> tuple[dict[str, str], dict[str, str], dict[str, int]]:
     """(connect map, bind map, edge -> port): consumers dial the producer's Service DNS name,
-    producers bind every interface of their pod."""
+    producers bind every interface of their pod; every node dials the control bus's Service."""
     names = service_names(graph)
-    connect, bind, ports = {}, {}, {}
+    bus = control_name(graph)
+    connect = {key: f"tcp://{bus}.{namespace}.svc:{port}" for key, port in CONTROL_PORTS.items()}
+    bind, ports = {}, {}
     for name in graph.nodes:
         for k, edge in enumerate(graph.outputs_of(name)):
             ports[edge.id] = NODE_PORT_BASE + k
@@ -110,10 +122,13 @@ def container_resources(spec: NodeSpec) -> dict[str, Any]:
     return out
 
 
-def pod_spec(spec: NodeSpec, image: str, config_map: str, secret: str | None,
-             restart_policy: str) -> dict[str, Any]:
-    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
-    volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": config_map}}]
+def pod_spec(command: list[str], resources: dict[str, Any], image: str, config_map: str | None,
+             secret: str | None, restart_policy: str) -> dict[str, Any]:
+    mounts: list[dict[str, Any]] = []
+    volumes: list[dict[str, Any]] = []
+    if config_map:
+        mounts.append({"name": "config", "mountPath": CONFIG_DIR, "readOnly": True})
+        volumes.append({"name": "config", "configMap": {"name": config_map}})
     if secret:
         mounts.append({"name": "curve-keys", "mountPath": KEYS_DIR, "readOnly": True})
         volumes.append({"name": "curve-keys",
@@ -121,22 +136,22 @@ def pod_spec(spec: NodeSpec, image: str, config_map: str, secret: str | None,
     container = {
         "name": "node",
         "image": image,
-        "command": ["python", "-m", "omniflow.runtime", f"{CONFIG_DIR}/{spec.name}.json"],
+        "command": command,
         "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
         "volumeMounts": mounts,
     }
-    if resources := container_resources(spec):
+    if resources:
         container["resources"] = resources
     return {"restartPolicy": restart_policy, "containers": [container], "volumes": volumes}
 
 
-def workload(spec: NodeSpec, meta: dict[str, Any], labels: dict[str, str],
+def workload(restart: str, max_restarts: int, meta: dict[str, Any], labels: dict[str, str],
              pod: dict[str, Any]) -> dict[str, Any]:
     template = {"metadata": {"labels": labels}, "spec": pod}
-    if spec.restart == "always":
+    if restart == "always":
         return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
                 "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": template}}
-    backoff = spec.max_restarts if spec.restart == "on-failure" else 0
+    backoff = max_restarts if restart == "on-failure" else 0
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
             "spec": {"backoffLimit": backoff, "template": template}}
 
@@ -165,17 +180,31 @@ def manifests(graph: Graph, *, image: str = DEFAULT_IMAGE, namespace: str = "def
     if keys:
         files["secret.yaml"] = [{"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
                                  "metadata": meta(secret), "data": key_files(keys)}]
+    def service(name: str, labels: dict[str, str], named_ports: list[tuple[str, int]]) -> dict:
+        return {"apiVersion": "v1", "kind": "Service", "metadata": meta(name),
+                "spec": {"selector": labels, "ports": [
+                    {"name": port_name, "port": port, "targetPort": port, "protocol": "TCP"}
+                    for port_name, port in named_ports]}}
+
+    bus = control_name(graph)
+    labels = {**common, "omniflow/node": bus}
+    command = ["python", "-m", "omniflow.launch.bus", f"--pub=tcp://*:{CONTROL_PORTS[CONTROL_PUB]}",
+               f"--in=tcp://*:{CONTROL_PORTS[CONTROL_IN]}"] + ([f"--keys={KEYS_DIR}"] if keys else [])
+    pod = pod_spec(command, {}, image, None, secret, "Always")
+    files["control.yaml"] = [
+        workload("always", 0, meta(bus, **{"omniflow/node": bus}), labels, pod),
+        service(bus, labels, [("pub", CONTROL_PORTS[CONTROL_PUB]), ("in", CONTROL_PORTS[CONTROL_IN])])]
     for name, spec in graph.nodes.items():
         labels = {**common, "omniflow/node": names[name]}
         restart = {"always": "Always", "on-failure": "OnFailure", "never": "Never"}[spec.restart]
-        pod = pod_spec(spec, image, config_map, secret, restart)
-        objects = [workload(spec, meta(names[name], **{"omniflow/node": names[name]}), labels, pod)]
+        command = ["python", "-m", "omniflow.runtime", f"{CONFIG_DIR}/{spec.name}.json"]
+        pod = pod_spec(command, container_resources(spec), image, config_map, secret, restart)
+        objects = [workload(spec.restart, spec.max_restarts,
+                            meta(names[name], **{"omniflow/node": names[name]}), labels, pod)]
         outs = graph.outputs_of(name)
         if outs:
-            objects.append({"apiVersion": "v1", "kind": "Service", "metadata": meta(names[name]),
-                            "spec": {"selector": labels, "ports": [
-                                {"name": f"out-{k}", "port": ports[e.id], "targetPort": ports[e.id],
-                                 "protocol": "TCP"} for k, e in enumerate(outs)]}})
+            objects.append(service(names[name], labels,
+                                   [(f"out-{k}", ports[e.id]) for k, e in enumerate(outs)]))
         files[f"{name}.yaml"] = objects
     return files
 

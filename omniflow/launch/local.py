@@ -32,12 +32,12 @@ from typing import Any, Collection
 import msgspec
 import zmq
 
-from ..frame import FrameError, decode
 from ..graph import Graph, NodeSpec
 from ..runtime import (EXIT_FAILED, EXIT_OK, EXIT_SETUP_FAILED, Metrics, NodeConfig,
                        NodeRuntime, SetupError, build_node)
-from ..security import Curve, is_tcp, secure_bind, start_authenticator, stop_authenticator
+from ..security import Curve
 from ..transport import CONTROL_IN, CONTROL_PUB, endpoint_map, wiring_for
+from .bus import ControlBus
 
 STOP_GRACE_S = 4.0          # SIGTERM, then SIGKILL after this: every node is gone within 5 s
 MONITOR_POLL_MS = 50        # how often the launcher checks its children
@@ -199,7 +199,6 @@ class LocalLauncher:
         self.heartbeats: dict[str, dict[str, Any]] = {}     # node -> last heartbeat's meta
         self._stop_reason: str | None = None
         self._silent: set[str] = set()                      # nodes warned about as silent
-        self._turns: dict[str, tuple[int, list[bytes]]] = {}  # session -> latest turn frame
 
     def _endpoint_map(self, overrides: dict[str, str] | None) -> dict[str, str]:
         """Every address of the run (a Ray launcher builds its own from its actors' IPs)."""
@@ -224,15 +223,8 @@ class LocalLauncher:
         return ProcessWorker(cfg, self.run_dir / "nodes" / f"{spec.name}.json")
 
     def run(self) -> RunResult:
-        pub = self.context.socket(zmq.XPUB)       # XPUB: hears each node subscribe (see below)
-        pub.setsockopt(zmq.XPUB_VERBOSE, 1)
-        pull = self.context.socket(zmq.PULL)
-        serving_curve = self.curve is not None and any(
-            is_tcp(self.endpoints[k]) for k in (CONTROL_PUB, CONTROL_IN))
-        if serving_curve:
-            start_authenticator(self.context, self.curve)
-        secure_bind(pub, self.endpoints[CONTROL_PUB], self.curve)
-        secure_bind(pull, self.endpoints[CONTROL_IN], self.curve)
+        bus = ControlBus(self.context, self.endpoints[CONTROL_PUB], self.endpoints[CONTROL_IN],
+                         self.curve, on_heartbeat=self._on_heartbeat, on_stop=self.stop)
         codes: dict[str, int] = {}
         ok, message, interrupted = True, "every node finished", False
         try:
@@ -241,15 +233,12 @@ class LocalLauncher:
                 self.workers[name].start()
             log.info("started %d nodes (%s); run dir %s", len(self.workers),
                      "threads" if self.in_process else "processes", self.run_dir)
-            ok, message = self._supervise(pub, pull, codes)
+            ok, message = self._supervise(bus, codes)
         except KeyboardInterrupt:
             ok, message, interrupted = False, "interrupted (Ctrl-C or SIGTERM): stopped every node", True
         finally:
             self._stop_all(codes)
-            pub.close(linger=0)
-            pull.close(linger=0)
-            if serving_curve:
-                stop_authenticator(self.context)
+            bus.close()
             if all(w.poll() is not None for w in self.workers.values()):
                 self.context.term()          # (a node thread stuck in a call would block it)
             metrics = self._collect_metrics()
@@ -262,18 +251,13 @@ class LocalLauncher:
         return RunResult(ok, message, codes, dict(self.restarts), metrics,
                          str(self.run_dir) if self.keep_run_dir else None, interrupted)
 
-    def _supervise(self, pub: zmq.Socket, pull: zmq.Socket, codes: dict[str, int]) -> tuple[bool, str]:
+    def _supervise(self, bus: ControlBus, codes: dict[str, int]) -> tuple[bool, str]:
         done: set[str] = set()
         due: dict[str, float] = {}                      # node -> when to restart it
         poller = zmq.Poller()
-        poller.register(pull, zmq.POLLIN)
-        poller.register(pub, zmq.POLLIN)
+        bus.register(poller)
         while True:
-            ready = dict(poller.poll(MONITOR_POLL_MS))
-            if pull in ready:
-                self._forward_control(pub, pull)
-            if pub in ready:
-                self._replay_turns(pub)
+            bus.handle(dict(poller.poll(MONITOR_POLL_MS)))
             if self._stop_reason is not None:
                 return True, self._stop_reason
             now = time.monotonic()
@@ -328,45 +312,12 @@ class LocalLauncher:
         detail = f": {errors[-1]}" if errors else ""
         return f"node '{name}' {describe_exit(code)}{detail}; {why}. Stopping the run"
 
-    def _forward_control(self, pub: zmq.Socket, pull: zmq.Socket) -> None:
-        while True:
-            try:
-                parts = pull.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                frame = decode(parts)
-            except FrameError as e:
-                log.warning("rejected a malformed control frame: %s", e)
-                continue
-            op = frame.meta.get("op")
-            if op == "heartbeat":
-                node = str(frame.meta.get("node"))
-                if node in self._silent:
-                    log.info("node '%s' is responsive again", node)
-                    self._silent.discard(node)
-                self.heartbeats[node] = {**frame.meta, "received": time.monotonic()}
-                continue
-            pub.send_multipart(parts)
-            if op == "turn":
-                latest = self._turns.get(frame.session)
-                if latest is None or frame.turn > latest[0]:
-                    self._turns[frame.session] = (frame.turn, parts)
-            if op == "stop":
-                self.stop(f"stopped by a node's control frame (session {frame.session})")
-
-    def _replay_turns(self, pub: zmq.Socket) -> None:
-        """A node (re)joined the control channel: send it the current turn of every session, so
-        a node that starts late or restarts still drops old turns (last-value cache)."""
-        joined = False
-        while True:
-            try:
-                joined |= pub.recv(zmq.NOBLOCK)[:1] == b"\x01"
-            except zmq.Again:
-                break
-        if joined:
-            for _, parts in self._turns.values():
-                pub.send_multipart(parts)
+    def _on_heartbeat(self, meta: dict[str, Any]) -> None:
+        node = str(meta.get("node"))
+        if node in self._silent:
+            log.info("node '%s' is responsive again", node)
+            self._silent.discard(node)
+        self.heartbeats[node] = {**meta, "received": time.monotonic()}
 
     def _stop_all(self, codes: dict[str, int]) -> None:
         for worker in self.workers.values():

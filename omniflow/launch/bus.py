@@ -1,0 +1,131 @@
+"""The control bus: every node PUSHes control frames to `CONTROL_IN`; the bus republishes them on
+`CONTROL_PUB`, which every node SUBscribes to. Heartbeats stop here (they go to `on_heartbeat`);
+a `stop` frame is republished and reported to `on_stop`. The latest turn of every session is
+replayed to a node that (re)joins, so a node that starts late or restarts still drops old turns.
+
+The local and Ray launchers host one in their supervision loop; on Kubernetes it runs alone:
+
+    python -m omniflow.launch.bus --pub tcp://*:5590 --in tcp://*:5591 [--keys /etc/omniflow/keys]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import zmq
+
+from ..frame import FrameError, decode
+from ..security import Curve, is_tcp, secure_bind, start_authenticator, stop_authenticator
+
+log = logging.getLogger("omniflow.launch")
+
+
+class ControlBus:
+    def __init__(self, context: zmq.Context, pub_address: str, in_address: str,
+                 curve: Curve | None = None, *,
+                 on_heartbeat: Callable[[dict[str, Any]], None] = lambda meta: None,
+                 on_stop: Callable[[str], None] = lambda reason: None):
+        self.context, self.on_heartbeat, self.on_stop = context, on_heartbeat, on_stop
+        self.pub = context.socket(zmq.XPUB)     # XPUB: hears each node subscribe (see _replay_turns)
+        self.pub.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self.pull = context.socket(zmq.PULL)
+        self._zap = curve is not None and (is_tcp(pub_address) or is_tcp(in_address))
+        if self._zap:
+            start_authenticator(context, curve)
+        secure_bind(self.pub, pub_address, curve)
+        secure_bind(self.pull, in_address, curve)
+        self._turns: dict[str, tuple[int, list[bytes]]] = {}   # session -> latest turn frame
+
+    def register(self, poller: zmq.Poller) -> None:
+        poller.register(self.pull, zmq.POLLIN)
+        poller.register(self.pub, zmq.POLLIN)
+
+    def handle(self, ready: dict) -> None:
+        """Serve what `poller.poll()` found ready on the bus's sockets."""
+        if self.pull in ready:
+            self._forward()
+        if self.pub in ready:
+            self._replay_turns()
+
+    def close(self) -> None:
+        self.pub.close(linger=0)
+        self.pull.close(linger=0)
+        if self._zap:
+            stop_authenticator(self.context)
+
+    def _forward(self) -> None:
+        while True:
+            try:
+                parts = self.pull.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                frame = decode(parts)
+            except FrameError as e:
+                log.warning("rejected a malformed control frame: %s", e)
+                continue
+            op = frame.meta.get("op")
+            if op == "heartbeat":
+                self.on_heartbeat(frame.meta)
+                continue
+            self.pub.send_multipart(parts)
+            if op == "turn":
+                latest = self._turns.get(frame.session)
+                if latest is None or frame.turn > latest[0]:
+                    self._turns[frame.session] = (frame.turn, parts)
+            if op == "stop":
+                self.on_stop(f"stopped by a node's control frame (session {frame.session})")
+
+    def _replay_turns(self) -> None:
+        """A node (re)joined: send it the current turn of every session (last-value cache)."""
+        joined = False
+        while True:
+            try:
+                joined |= self.pub.recv(zmq.NOBLOCK)[:1] == b"\x01"
+            except zmq.Again:
+                break
+        if joined:
+            for _, parts in self._turns.values():
+                self.pub.send_multipart(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m omniflow.launch.bus",
+                                     description="run a graph's control bus on its own (Kubernetes)")
+    parser.add_argument("--pub", required=True, help="address nodes subscribe to, e.g. tcp://*:5590")
+    parser.add_argument("--in", dest="inbox", required=True, help="address nodes push to, e.g. tcp://*:5591")
+    parser.add_argument("--keys", help="CURVE key directory")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(levelname)s %(message)s")
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    context = zmq.Context()
+    curve = Curve.load(Path(args.keys)) if args.keys else None
+    seen: set[str] = set()
+
+    def on_heartbeat(meta: dict[str, Any]) -> None:
+        if meta.get("node") not in seen:            # once per node: who is on the bus
+            seen.add(meta.get("node"))
+            log.info("node '%s' joined (pid %s)", meta.get("node"), meta.get("pid"))
+
+    bus = ControlBus(context, args.pub, args.inbox, curve, on_heartbeat=on_heartbeat)
+    poller = zmq.Poller()
+    bus.register(poller)
+    log.info("control bus on %s (pub) and %s (in)", args.pub, args.inbox)
+    try:
+        while not stopping:
+            bus.handle(dict(poller.poll(100)))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        bus.close()
+        context.term()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
