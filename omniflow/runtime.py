@@ -76,10 +76,10 @@ class NodeRuntime:
 
     # --- sockets ---------------------------------------------------------------------------
     def _open(self) -> None:
+        self._outs: dict[str, list[tuple[Link, zmq.Socket]]] = collections.defaultdict(list)
+        self._watches, self._ins, self._sub, self._push = [], {}, None, None   # (for _close)
         if self.curve is not None and any(is_tcp(link.address) for link in self.wiring.outputs):
             self._allow = start_authenticator(self._ctx, self.curve)   # checks clients' keys
-        self._outs: dict[str, list[tuple[Link, zmq.Socket]]] = collections.defaultdict(list)
-        self._watches = []
         for link in self.wiring.outputs:
             sock, watch = bind_output(self._ctx, link, self.curve)
             self._outs[link.port].append((link, sock))
@@ -87,7 +87,6 @@ class NodeRuntime:
         self._ins = {connect_input(self._ctx, link, self.curve): link for link in self.wiring.inputs}
         self._backlog = {sock: collections.deque(maxlen=link.depth)
                          for sock, link in self._ins.items() if link.policy == "drop-oldest"}
-        self._sub = self._push = None
         if self.wiring.control_pub:
             self._sub = self._ctx.socket(zmq.SUB)
             self._sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -116,7 +115,11 @@ class NodeRuntime:
     # --- lifecycle -------------------------------------------------------------------------
     def run(self) -> None:
         """Host the node until its streams end or it is stopped. Raises what the node raised."""
-        self._open()
+        try:
+            self._open()
+        except BaseException:           # e.g. an address in use: close what was opened
+            self._close(flush=False)
+            raise
         finished = False
         try:
             try:

@@ -135,7 +135,13 @@ def bind_output(ctx: zmq.Context, link: Link,
     watch = ConsumerWatch(sock)               # before bind, to see the first connection
     if link.address.startswith("ipc://"):
         Path(link.address[6:]).unlink(missing_ok=True)   # left by a killed predecessor
-    secure_bind(sock, link.address, curve)
+    try:
+        secure_bind(sock, link.address, curve)
+    except zmq.ZMQError as e:
+        watch.close()
+        sock.close(linger=0)
+        raise zmq.ZMQError(e.errno, f"cannot bind {link.address} for edge {link.id}: {e.strerror}"
+                           ) from None
     return sock, watch
 
 
