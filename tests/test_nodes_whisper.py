@@ -104,3 +104,29 @@ def test_onnx_runtime_gives_the_same_features(whisper_home, monkeypatch):
     torch_node.setup()
     onnx_node.setup()
     np.testing.assert_allclose(onnx_node.encode(audio), torch_node.encode(audio), rtol=1e-4, atol=1e-4)
+
+
+def relative_l2(x: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.linalg.norm(x - reference) / np.linalg.norm(reference))
+
+
+def test_bfloat16_features_are_float32_features_within_2_percent(whisper_home, monkeypatch):
+    """dtype: bfloat16 is a speed option: same frame count, float32 out, features ~1 % (L2) off."""
+    monkeypatch.setenv(weights.HOME_ENV, str(whisper_home))
+    audio = speechlike(2.5)
+    exact, fast = WhisperEncoder(), WhisperEncoder({"dtype": "bfloat16"})
+    exact.setup()
+    fast.setup()
+    assert fast.encoder.conv1.weight.dtype == torch.bfloat16
+    assert fast.encoder.ln_post.weight.dtype == torch.float32        # LayerNorms stay fp32
+    want, got = exact.encode(audio), fast.encode(audio)
+    assert got.dtype == np.float32 and got.shape == want.shape == (126, 64)
+    assert 0 < relative_l2(got, want) < 0.02
+
+
+def test_bad_dtype_names_the_choices(whisper_home, monkeypatch):
+    monkeypatch.setenv(weights.HOME_ENV, str(whisper_home))
+    with pytest.raises(ValueError, match="must be one of"):
+        WhisperEncoder({"dtype": "int8"}).setup()
+    with pytest.raises(ValueError, match="set dtype: float32"):
+        WhisperEncoder({"dtype": "bfloat16", "runtime": "onnx"}).setup()
