@@ -40,6 +40,14 @@ def test_without_ray_the_cli_says_how_to_install_it(monkeypatch, capsys):
     assert "pip install 'omniflow[ray]'" in capsys.readouterr().err
 
 
+def test_a_node_asking_for_more_than_the_cluster_has_is_refused_at_once():
+    from omniflow.launch.ray import check_resources
+    graph = load_graph("graphs/split_across_machines.yaml")        # backbone: num_gpus 1
+    with pytest.raises(ValueError, match="node 'backbone' asks for num_gpus=1 .* has 0"):
+        check_resources(graph, {"CPU": 2.0, "memory": 1e9})
+    check_resources(graph, {"CPU": 2.0, "GPU": 1.0})
+
+
 @pytest.fixture(scope="module")
 def ray_instance():
     ray = pytest.importorskip("ray", reason="ray is not installed: pip install 'omniflow[ray]'")

@@ -142,6 +142,18 @@ def ray_options(spec: NodeSpec) -> dict[str, Any]:
     return options
 
 
+def check_resources(graph: Graph, cluster: dict[str, float]) -> None:
+    """A node asking for more than the whole cluster has would wait for ever: say so now."""
+    names = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}
+    for spec in graph.nodes.values():
+        for key, amount in spec.resources.items():
+            have = cluster.get(names.get(key, key), 0)
+            if amount > have:
+                raise ValueError(f"node '{spec.name}' asks for {key}={amount:g} but the Ray cluster "
+                                 f"has {have:g} in all. Fix: add machines that have it (ray start "
+                                 "--num-gpus=N ...), or lower the node's 'resources:'")
+
+
 class RayLauncher(LocalLauncher):
     def __init__(self, graph: Graph, *, address: str | None = None, **options):
         if options.pop("in_process", False) or options.pop("nodes", None) is not None:
@@ -172,6 +184,7 @@ class RayLauncher(LocalLauncher):
         """Phase 1: place every node; its outputs bind on its machine, the control channel here."""
         ray = _ray()
         overrides = overrides or {}
+        check_resources(self.graph, ray.cluster_resources())
         for name, spec in self.graph.nodes.items():
             self.actors[name] = self._new_actor(spec)
         names = list(self.graph.nodes)
