@@ -131,10 +131,11 @@ class ThreadWorker:
 
     def start(self) -> None:
         self.code = None
-        self._thread = threading.Thread(target=self._run, name=self.cfg.name, daemon=True)
+        self._thread = threading.Thread(target=self.run_here, name=self.cfg.name, daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
+    def run_here(self) -> None:
+        """Run the node on the calling thread until it ends (`start` calls it on a new thread)."""
         node_log = logging.getLogger(f"omniflow.{self.cfg.name}")
         try:
             self.runtime = NodeRuntime(build_node(self.cfg.name, self.cfg.use, self.cfg.params),

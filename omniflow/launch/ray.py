@@ -50,7 +50,7 @@ class NodeHost:
     def __init__(self, name: str, log_level: str = "INFO"):
         self.name = name
         self.worker: ThreadWorker | None = None
-        logging.basicConfig(level=log_level, format=f"%(levelname)s %(message)s", force=True)
+        logging.basicConfig(level=log_level, format="%(levelname)s %(message)s", force=True)
 
     def __repr__(self) -> str:        # Ray prefixes the actor's log lines with this
         return f"omniflow:{self.name}"
@@ -67,7 +67,7 @@ class NodeHost:
         # a thread worker without a shared context: the node's runtime owns its ZeroMQ context,
         # and errors map to the same exit codes as in a node process
         self.worker = ThreadWorker(cfg, None, curve)
-        self.worker._run()                          # on this actor thread, until the node ends
+        self.worker.run_here()                      # on this actor thread, until the node ends
         return self.worker.code, (self.worker.tail[-1] if self.worker.tail else "")
 
     def stop(self) -> None:
@@ -102,10 +102,11 @@ class RayWorker:
             self.code, last = ray.get(self.ref)
             if last:
                 self.tail.append(last)
-        except ray.exceptions.RayActorError as e:
-            self.actor_died = True
+        except ray.exceptions.RayError as e:
+            self.actor_died = isinstance(e, ray.exceptions.RayActorError)
             self.code = EXIT_FAILED
-            self.tail.append(f"ERROR the Ray actor hosting the node died: {str(e).splitlines()[0]}")
+            what = "the Ray actor hosting the node died" if self.actor_died else "Ray failed"
+            self.tail.append(f"ERROR {what}: {str(e).splitlines()[0]}")
         return self.code
 
     def terminate(self) -> None:
@@ -207,6 +208,7 @@ class RayLauncher(LocalLauncher):
         old = self.workers.get(spec.name)
         if old is not None and old.actor_died:
             self.actors[spec.name] = self._new_actor(spec, self.placement[spec.name]["node_id"])
+            self.placement[spec.name]["pid"] = _ray().get(self.actors[spec.name].place.remote(0))["pid"]
         cfg = msgspec.structs.replace(self._node_config(spec), parent_pid=None, keys_dir=None,
                                       metrics_path=None)
         return RayWorker(self.actors[spec.name], cfg, self.curve, self.placement[spec.name]["pid"])
