@@ -190,3 +190,12 @@ nodes:
     with pytest.raises(GraphError, match="bad port base '99999'"):
         parse_graph('nodes:\n  src: {use: "nodes.audio:FileSource", params: {path: x.wav}, host: "h:99999"}\n')
     assert cli.main(["run", "graphs/demo.yaml", "--skip", "gian"]) == 2          # names checked
+
+
+def test_the_run_dir_and_its_ipc_sockets_are_private(tmp_path):
+    graph = parse_graph('nodes:\n  src: {use: "nodes.audio:FileSource", params: {path: x.wav}}\n')
+    launcher = LocalLauncher(graph, run_dir=tmp_path / "run")
+    assert stat.S_IMODE((tmp_path / "run").stat().st_mode) == 0o700
+    assert stat.S_IMODE(launcher.sock_dir.stat().st_mode) == 0o700     # ipc:// edges stay plain
+    assert launcher.endpoints[CONTROL_PUB].startswith(f"ipc://{launcher.sock_dir.resolve()}")
+    launcher.context.term()
