@@ -17,10 +17,16 @@ original  the reference's path, re-enacted step for step (`ReferenceDecoder`): p
           trunk with a 14-head (expanded) KV cache of 2048 slots, attends over all 2048 slots with
           a boolean mask, and computes full-vocabulary logits for both rows (REFERENCE.md §4.4);
           the first 4-frame chunk leaves after 10 steps and is decoded alone, with no context.
-omniflow  the nodes' defaults through `omniflow.model.engine.Engine`: last-position logits of the
-          heads that are read only, a 2-head KV cache attended over its filled prefix, weights laid
-          out for few-row GEMMs; first chunk = 1 frame (leaves after 7 steps, `SnacScheduler`),
-          decoded by `SnacVocoder`'s streaming path. Each path has its own copy of the weights.
+omniflow  the defaults of graphs/speech_to_speech.yaml (read from the file, so the benchmark follows
+          the shipped graph; `--graph` measures another, `--whisper-dtype`/`--backbone-dtype`/
+          `--compile` try alternatives): whisper and backbone at the graph's dtypes, the adapter
+          at its node's dtype, and the backbone through `omniflow.model.engine.Engine` (built
+          once, as the node does): last-position logits of the heads that are read only, a
+          2-head KV cache attended over its filled prefix, weights laid out for few-row GEMMs;
+          first chunk = the scheduler's `first_chunk_frames` (1 frame: leaves after 7 steps),
+          decoded by `SnacVocoder`'s streaming path with the graph's context/cross-fade. Each path
+          has its own copy of the weights. The whisper features' relative L2 error vs float32
+          is reported (0 when the graph keeps float32).
 
 Random weights make the model emit random tokens; the steps to the first chunk are counted as
 they happen (a frame holding a special id is dropped, so it can take a step or two more).
@@ -40,6 +46,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_AUDIO = REPO / "examples" / "question.wav"
+DEFAULT_GRAPH = REPO / "graphs" / "speech_to_speech.yaml"
 MS_PER_STEP_OF_AUDIO = 2048 / 24_000 * 1000          # 85.33 ms of speech per decode step
 STAGES = ("whisper", "adapter", "prefill", "steps", "vocoder")
 
@@ -75,7 +82,79 @@ def build_models(seed: int = 0):
     return encoder, d, {"omniflow": model, "original": reference_model}, snac
 
 
-def whisper_features(encoder, dims, audio: np.ndarray) -> np.ndarray:
+NODE_CLASSES = {       # graph node -> the node class whose Params the benchmark reads
+    "whisper": "nodes.whisper:WhisperEncoder", "adapter": "nodes.adapter:Adapter",
+    "backbone": "nodes.backbone:Backbone", "scheduler": "nodes.scheduler:SnacScheduler",
+    "vocoder": "nodes.vocoder:SnacVocoder",
+}
+
+
+def graph_defaults(path: str | Path = DEFAULT_GRAPH, overrides: dict | None = None) -> dict:
+    """{role: node Params} of the speech graph's whisper/adapter/backbone/scheduler/vocoder nodes:
+    the node class's defaults updated with the graph file's params, then with `overrides`
+    ({role: {param: value}})."""
+    import importlib
+
+    import yaml
+
+    spec = yaml.safe_load(Path(path).read_text())
+    out = {}
+    for role, use in NODE_CLASSES.items():
+        found = [n for n in spec["nodes"].values() if n.get("use") == use]
+        if not found:
+            raise ValueError(f"{path} has no {use} node: `omniflow bench graph` times a speech graph "
+                             f"(whisper -> adapter -> backbone -> scheduler -> vocoder)")
+        module, cls = use.split(":")
+        params = {**(found[0].get("params") or {}), **((overrides or {}).get(role) or {})}
+        out[role] = getattr(importlib.import_module(module), cls).Params(**params)
+    return out
+
+
+class Omniflow:
+    """omniflow's path at the graph's settings: whisper (dtype), adapter (dtype), one Engine."""
+
+    def __init__(self, encoder, model, defaults: dict) -> None:
+        import torch
+
+        from nodes.whisper import cast_encoder
+        from omniflow.model.engine import Engine
+
+        self.defaults = d = defaults
+        if d["whisper"].runtime == "onnx":
+            import tempfile
+
+            from omniflow.model.ort import OrtWhisperEncoder
+            self.whisper_dtype = torch.float32
+            self.encoder = OrtWhisperEncoder.from_torch(encoder, cache_dir=tempfile.mkdtemp(), device="cpu")
+        else:
+            self.whisper_dtype = getattr(torch, d["whisper"].dtype)
+            self.encoder = encoder if self.whisper_dtype == torch.float32 else \
+                cast_encoder(copy.deepcopy(encoder), self.whisper_dtype)
+        self.adapter = copy.deepcopy(model.whisper_adapter).to(getattr(torch, d["adapter"].dtype))
+        self.model = model.to(getattr(torch, d["backbone"].dtype))
+        t0 = time.perf_counter()
+        self.engine = Engine(self.model, max_sessions=d["backbone"].max_sessions, compile=d["backbone"].compile)
+        self.compile_s = 0.0
+        if d["backbone"].compile:        # the node compiles in setup(): time it, keep it out of first audio
+            with torch.inference_mode():
+                embeds = torch.zeros(8, self.model.config.n_embd)             # (T, C)
+                self.engine.start("compile", "A1A2", embeds=embeds, max_new_tokens=4)
+                self.engine.step()
+                self.engine.stop("compile")
+            self.compile_s = time.perf_counter() - t0
+
+    def adapt(self, feats: np.ndarray):
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(feats).to(self.adapter.fc_1.weight.dtype)   # (T, 768)
+            return self.adapter(x).float()                                  # (T, 896)
+
+    def features(self, dims, audio: np.ndarray) -> np.ndarray:
+        return whisper_features(self.encoder, dims, audio, self.whisper_dtype)
+
+
+def whisper_features(encoder, dims, audio: np.ndarray, dtype=None) -> np.ndarray:
     """What the WhisperEncoder node computes (and the original): 30 s window, int(ms/20)+1 frames."""
     import torch
     import whisper
@@ -85,8 +164,8 @@ def whisper_features(encoder, dims, audio: np.ndarray) -> np.ndarray:
     window = whisper.pad_or_trim(torch.from_numpy(audio))                          # (480000,)
     mel = whisper.log_mel_spectrogram(window, n_mels=dims.n_mels)                  # (80, 3000)
     with torch.inference_mode():
-        feats = encoder(mel[None])[0]                                              # (1500, 768)
-    return feats[: frames_to_keep(len(audio))].numpy()
+        feats = encoder(mel[None].to(dtype or torch.float32))[0]                   # (1500, 768)
+    return feats[: frames_to_keep(len(audio))].float().numpy()
 
 
 class ReferenceDecoder:
@@ -143,26 +222,26 @@ def reference_tokens(logits) -> list[int]:
     return audio.tolist() + [int(logits[1, : tk.TEXT_VOCAB].argmax())]
 
 
-def first_audio(path: str, encoder, dims, models: dict, snac, audio: np.ndarray, max_steps: int) -> dict:
+def first_audio(path: str, encoder, dims, models: dict, snac, audio: np.ndarray, max_steps: int,
+                omniflow: Omniflow) -> dict:
     """One end-of-speech -> first-sample run; returns seconds per stage and step details."""
     import torch
 
     from nodes.scheduler import SnacScheduler
     from nodes.vocoder import StreamingSnac, StreamState
     from omniflow.frame import Frame
-    from omniflow.model.engine import Engine
     from omniflow.model.prompts import build_input_ids, decode_feedback, get_task
 
     original = path == "original"
     model = models[path]
     t = {}
     t0 = time.perf_counter()
-    feats = whisper_features(encoder, dims, audio)                                  # (T, 768)
+    feats = whisper_features(encoder, dims, audio) if original else omniflow.features(dims, audio)  # (T, 768)
     t["whisper"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     with torch.inference_mode():
-        embeds = model.adapt(torch.from_numpy(feats))                               # (T, 896)
+        embeds = model.adapt(torch.from_numpy(feats)) if original else omniflow.adapt(feats)  # (T, 896)
     t["adapter"] = time.perf_counter() - t0
 
     ids = build_input_ids("A1A2", len(embeds))                                      # (2, 8, S)
@@ -173,7 +252,7 @@ def first_audio(path: str, encoder, dims, models: dict, snac, audio: np.ndarray,
             ref = ReferenceDecoder(model)
             tokens = reference_tokens(ref.prefill(ids, embeds)[:, -1])
         else:
-            engine = Engine(model, max_sessions=1)
+            engine = omniflow.engine
             tokens = engine.start("s", "A1A2", embeds=embeds).tokens
     t["prefill"] = time.perf_counter() - t0
 
@@ -190,7 +269,8 @@ def first_audio(path: str, encoder, dims, models: dict, snac, audio: np.ndarray,
         pos += 1
         return out
 
-    chunking = (4, 4) if original else (1, 4)
+    d = omniflow.defaults
+    chunking = (4, 4) if original else (d["scheduler"].first_chunk_frames, d["scheduler"].chunk_frames)
     sched = SnacScheduler({"first_chunk_frames": chunking[0], "chunk_frames": chunking[1]})
     step_times, chunk, step = [], None, 0
     t0 = time.perf_counter()
@@ -213,7 +293,8 @@ def first_audio(path: str, encoder, dims, models: dict, snac, audio: np.ndarray,
     if original:
         pcm = snac.decode(chunk)                      # the chunk alone, no context
     else:
-        pcm = StreamingSnac(snac, context_frames=2, crossfade_ms=10.0).push(StreamState(turn=0), chunk, last=False)
+        v = d["vocoder"]
+        pcm = StreamingSnac(snac, v.context_frames, v.crossfade_ms).push(StreamState(turn=0), chunk, last=False)
     t["vocoder"] = time.perf_counter() - t0
     assert len(pcm) > 0
 
@@ -223,24 +304,27 @@ def first_audio(path: str, encoder, dims, models: dict, snac, audio: np.ndarray,
         with torch.inference_mode():
             tokens = next_tokens(tokens)
         step_times.append(time.perf_counter() - ts)
+    if not original:
+        engine.stop("s")
     return {"stages": t, "first_audio": sum(t.values()), "steps_to_first_chunk": step - 1,
             "chunk_frames": len(chunk), "step_ms": 1000 * statistics.median(step_times),
             "whisper_frames": len(feats)}
 
 
-def warm_up(encoder, dims, models: dict, snac) -> None:
+def warm_up(encoder, dims, models: dict, snac, omniflow: Omniflow) -> None:
     """Run every kernel once (first calls allocate and pick algorithms) so neither path pays it."""
     import torch
 
-    from omniflow.model.engine import Engine
     from omniflow.model.prompts import build_input_ids
 
     whisper_features(encoder, dims, np.zeros(16000, np.float32))
+    omniflow.features(dims, np.zeros(16000, np.float32))
     with torch.inference_mode():
-        embeds = models["omniflow"].adapt(torch.zeros(10, dims.n_audio_state))     # (10, 896)
-        engine = Engine(models["omniflow"], max_sessions=1)
-        engine.start("w", "A1A2", embeds=embeds)
-        engine.step()
+        embeds = omniflow.adapt(np.zeros((10, dims.n_audio_state), np.float32))    # (10, 896)
+        omniflow.engine.start("w", "A1A2", embeds=embeds)
+        omniflow.engine.step()
+        omniflow.engine.stop("w")
+        embeds = models["original"].adapt(torch.zeros(10, dims.n_audio_state))     # (10, 896)
         ref = ReferenceDecoder(models["original"])
         ids = build_input_ids("A1A2", 10)
         ref.prefill(ids, embeds)
@@ -256,6 +340,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=40, help="give up if no chunk after this many steps")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    add_graph_arguments(parser)
+
+
+def add_graph_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--graph", default=str(DEFAULT_GRAPH), help="speech graph whose defaults omniflow runs")
+    parser.add_argument("--whisper-dtype", default=None, choices=("float32", "bfloat16"),
+                        help="override the graph's whisper dtype")
+    parser.add_argument("--backbone-dtype", default=None, choices=("float32", "bfloat16"),
+                        help="override the graph's backbone dtype")
+    parser.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
+                        help="override the graph's backbone compile")
+
+
+def defaults_from_args(args: argparse.Namespace) -> dict:
+    """The graph's node params with the command line's overrides."""
+    overrides: dict = {"whisper": {}, "backbone": {}}
+    if args.whisper_dtype:
+        overrides["whisper"]["dtype"] = args.whisper_dtype
+    if args.backbone_dtype:
+        overrides["backbone"]["dtype"] = args.backbone_dtype
+    if args.compile is not None:
+        overrides["backbone"]["compile"] = args.compile
+    return graph_defaults(args.graph, overrides)
+
+
+def relative_l2(x: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.linalg.norm(x - reference) / np.linalg.norm(reference))
+
+
+def load_audio(path: str) -> np.ndarray:
+    """Any libsndfile file -> 16 kHz mono float32 (what the VAD hands the whisper node)."""
+    import soundfile as sf
+    import soxr
+
+    audio, rate = sf.read(path, dtype="float32", always_2d=True)
+    audio = audio.mean(axis=1)
+    if rate != 16000:
+        audio = soxr.resample(audio, rate, 16000).astype(np.float32)
+    return audio
 
 
 def best_of(runs: list[dict]) -> dict:
@@ -269,32 +392,48 @@ def best_of(runs: list[dict]) -> dict:
     return best
 
 
-def run(args: argparse.Namespace) -> dict:
-    import soundfile as sf
-    import soxr
+def settings(defaults: dict) -> str:
+    d = defaults
+    return (f"whisper {d['whisper'].dtype} ({d['whisper'].runtime}), adapter {d['adapter'].dtype}, "
+            f"backbone {d['backbone'].dtype}{' compiled' if d['backbone'].compile else ''}, first chunk "
+            f"{d['scheduler'].first_chunk_frames} frame(s), vocoder context {d['vocoder'].context_frames}")
+
+
+def setup(args: argparse.Namespace):
+    """Audio, real-size random models, the omniflow stack at the graph's defaults, warmed up."""
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    audio, rate = sf.read(args.audio, dtype="float32", always_2d=True)
-    audio = audio.mean(axis=1)
-    if rate != 16000:
-        audio = soxr.resample(audio, rate, 16000).astype(np.float32)
+    audio = load_audio(args.audio)
+    defaults = defaults_from_args(args)
     print(f"building real-size models with random weights (seed {args.seed}) ...", file=sys.stderr)
     t0 = time.perf_counter()
     encoder, dims, models, snac = build_models(args.seed)
-    print(f"  built in {time.perf_counter() - t0:.1f} s; warming up ...", file=sys.stderr)
-    warm_up(encoder, dims, models, snac)
+    omniflow = Omniflow(encoder, models["omniflow"], defaults)
+    print(f"  built in {time.perf_counter() - t0:.1f} s (compile {omniflow.compile_s:.1f} s); omniflow: "
+          f"{settings(defaults)}; warming up ...", file=sys.stderr)
+    warm_up(encoder, dims, models, snac, omniflow)
+    return audio, encoder, dims, models, snac, omniflow
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    audio, encoder, dims, models, snac, omniflow = setup(args)
+    feature_error = relative_l2(omniflow.features(dims, audio), whisper_features(encoder, dims, audio))
     runs: dict[str, list[dict]] = {"original": [], "omniflow": []}
     for i in range(max(1, args.repeats)):             # alternate the order: contention hits both alike
         order = ("original", "omniflow") if i % 2 == 0 else ("omniflow", "original")
         for path in order:
-            runs[path].append(first_audio(path, encoder, dims, models, snac, audio, args.max_steps))
+            runs[path].append(first_audio(path, encoder, dims, models, snac, audio, args.max_steps, omniflow))
             print(f"  {path} run {i + 1}: {runs[path][-1]['first_audio']:.2f} s", file=sys.stderr)
     results = {path: best_of(r) for path, r in runs.items()}
     results["meta"] = {"load_average": os.getloadavg()[0], "audio": args.audio,
                        "seconds": len(audio) / 16000, "threads": torch.get_num_threads(),
-                       "repeats": args.repeats, "weights": "random, real size (demo)"}
+                       "repeats": args.repeats, "weights": "random, real size (demo)",
+                       "graph": args.graph, "omniflow_settings": settings(omniflow.defaults),
+                       "whisper_feature_rel_l2": feature_error, "compile_s": omniflow.compile_s}
     return results
 
 
@@ -304,6 +443,8 @@ def report(results: dict) -> str:
     lines = [f"end of speech -> first audio sample ({meta['seconds']:.2f} s question, {meta['threads']} "
              f"torch threads, real-size random weights; best of {meta['repeats']} runs per stage; "
              f"load average {meta['load_average']:.1f} on {os.cpu_count()} CPUs)",
+             f"omniflow = {Path(meta['graph']).name} defaults: {meta['omniflow_settings']}; whisper "
+             f"features vs float32: {meta['whisper_feature_rel_l2']:.2%} relative L2",
              f"{'stage':<28}{'original':>12}{'omniflow':>12}"]
     for stage in STAGES:
         label = stage

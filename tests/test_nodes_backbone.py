@@ -29,9 +29,9 @@ def embeds_frame(n_embd, session="s", turn=0, frames=20, seed=0, **meta):
     return ("embeds", Frame(kind="embeds", session=session, turn=turn, data=data, meta=meta, last=True))
 
 
-def direct_tokens(ckpt, task, embeds=None, text_ids=None, steps=STEPS) -> list[list[int]]:
+def direct_tokens(ckpt, task, embeds=None, text_ids=None, steps=STEPS, dtype=torch.float32) -> list[list[int]]:
     """The model called directly, one session alone: what the graph must reproduce."""
-    model, _ = load_model(ckpt)
+    model, _ = load_model(ckpt, dtype=dtype)
     eng = Engine(model, max_sessions=1)
     emb = None if embeds is None else torch.from_numpy(embeds)
     outs = [eng.start("x", task, embeds=emb, text_ids=text_ids, max_new_tokens=steps)]
@@ -141,3 +141,25 @@ def test_max_new_tokens_is_capped_by_the_context_left(ckpt, n_embd):
     out = run_node(backbone(ckpt, max_new_tokens=1000), [embeds_frame(n_embd, frames=frames)])
     steps = out.on("tokens")
     assert len(steps) <= 512 - (frames + 3) + 1 and steps[-1].last
+
+
+def test_bfloat16_node_equals_the_bfloat16_model_called_directly(ckpt, n_embd):
+    a, b = embeds_frame(n_embd, "a", seed=1), embeds_frame(n_embd, "b", seed=2)
+    node = backbone(ckpt, dtype="bfloat16")
+    out = run_node(node, [a, b])
+    assert node.engine.dtype == torch.bfloat16
+    for session, (_, frame) in (("a", a), ("b", b)):
+        assert tokens_of(out, session) == direct_tokens(ckpt, "A1A2", embeds=frame.data, dtype=torch.bfloat16)
+
+
+@pytest.mark.slow       # torch.compile of the decode step: ~10-30 s even for the tiny model on 2 cores
+def test_compiled_node_compiles_in_setup_and_gives_the_same_tokens(ckpt, n_embd, caplog):
+    a, b = embeds_frame(n_embd, "a", seed=1), embeds_frame(n_embd, "b", seed=2)
+    node = backbone(ckpt, compile=True)
+    with caplog.at_level("INFO"):
+        node.setup()
+    assert "decode step compiled" in caplog.text
+    assert not node.engine.sessions and node.engine.n_rows == 0       # the throw-away sessions are gone
+    out = run_node(node, [a, b], setup=False)
+    for session, (_, frame) in (("a", a), ("b", b)):
+        assert tokens_of(out, session) == direct_tokens(ckpt, "A1A2", embeds=frame.data)
