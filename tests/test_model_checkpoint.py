@@ -11,7 +11,7 @@ from omniflow.model.config import Config
 from omniflow.model.gpt import MiniOmni
 from omniflow.model.prompts import build_input_ids
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
+from golden import GOLDEN
 
 
 def tiny_config(**kw) -> Config:

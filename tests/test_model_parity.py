@@ -16,7 +16,7 @@ from omniflow.model.config import Config
 from omniflow.model.gpt import MiniOmni
 from omniflow.model.prompts import TASKS, build_input_ids, decode_feedback
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
+from golden import GOLDEN
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -14,7 +14,9 @@ from train.loss import OmniLoss
 from train.sequence import LossPolicy, build_sequence, collate, sequence_length, shift_audio
 from train.testing import init_model, model_config
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "cases.json"
+from golden import GOLDEN as GOLDEN_DIR
+
+GOLDEN = GOLDEN_DIR / "cases.json"
 RNG = np.random.default_rng(0)
 CODES = RNG.integers(0, tk.AUDIO_CODEBOOK, size=(5, 7))           # (F, 7) real SNAC codes
 TEXT = [9707, 1879, 13, 40, 1079]                                  # "Hello world. I am"

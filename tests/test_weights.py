@@ -11,7 +11,9 @@ from omniflow import weights
 from omniflow.cli import main as cli_main
 from omniflow.model import tokens
 
-GOLDEN_CKPT = Path(__file__).resolve().parents[2] / "shared" / "golden" / "checkpoint" / "lit_model.pth"
+from golden import GOLDEN
+
+GOLDEN_CKPT = GOLDEN / "checkpoint" / "lit_model.pth"
 
 
 @pytest.fixture(scope="module")
