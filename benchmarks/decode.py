@@ -13,14 +13,12 @@ full 181120-row logits for both rows.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from omniflow.model import tokens as tk
 from omniflow.model.config import Config
 from omniflow.model.engine import Engine
 from omniflow.model.gpt import MiniOmni, apply_rope, rope_tables

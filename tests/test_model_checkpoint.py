@@ -1,5 +1,4 @@
 """Config and lit_model.pth: strict official format, round trip, tied head."""
-from pathlib import Path
 
 import pytest
 import torch

@@ -10,7 +10,7 @@ from nodes.text import Detokenizer, TextSink, TextSource
 from omniflow import weights
 from omniflow.frame import Frame
 from omniflow.model.tokenizer import Tokenizer
-from omniflow.model.tokens import EOT, PAD_A, PAD_T, TEXT_STREAM
+from omniflow.model.tokens import EOT, PAD_A, PAD_T
 from omniflow.node import CONTROL
 from omniflow.testing import run_node
 

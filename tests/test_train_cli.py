@@ -7,7 +7,7 @@ import torch
 from omniflow.cli import build_parser, main as omniflow
 from omniflow.model.checkpoint import load_model
 from train.config import CONFIG_DIR, STAGES, load_stage_config
-from train.testing import write_model, write_synthetic_cache
+from train.testing import write_synthetic_cache
 from train.trainer import lr_at, resolve_checkpoint
 
 

@@ -1,6 +1,5 @@
 """Sequence builder: the training layout is the one the decoder reads (REFERENCE.md §3, §4)."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -28,7 +28,6 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from . import tokens as tk
 from .gpt import MiniOmni, few_rows_linear
