@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol
 
 import msgspec
 import zmq
@@ -53,10 +53,18 @@ class Metrics(msgspec.Struct):
         return " ".join(f"{k}={v}" for k, v in msgspec.structs.asdict(self).items())
 
 
+class Tap(Protocol):
+    """Sees every frame a node receives, before the node does (omniflow run --trace / --record).
+    Off by default: a runtime without taps pays one tuple truth test per frame."""
+
+    def received(self, link: Link, frame: Frame, parts: list[zmq.Frame], now_ns: int) -> None: ...
+    def close(self) -> None: ...
+
+
 class NodeRuntime:
     def __init__(self, node: Node, wiring: Wiring, *, context: zmq.Context | None = None,
                  heartbeat_s: float = HEARTBEAT_S, parent_pid: int | None = None,
-                 curve: Curve | None = None):
+                 curve: Curve | None = None, taps: list[Tap] | None = None):
         self.node, self.name, self.wiring = node, node.name, wiring
         self.metrics = Metrics()
         self.log = logging.getLogger(f"omniflow.{self.name}")
@@ -69,6 +77,7 @@ class NodeRuntime:
         self._ended = False                       # eos sent on every output
         self._turns: dict[str, int] = {}          # session -> current turn
         self._control: list[Frame] = []           # control frames read, not yet applied
+        self._taps = tuple(taps or ())            # observers of received frames (trace, record)
 
     def stop(self) -> None:
         """Ask the loop to end soon (safe from another thread or a signal handler)."""
@@ -133,6 +142,8 @@ class NodeRuntime:
                 self.node.teardown()
         finally:
             self._close(flush=finished)
+            for tap in self._taps:
+                tap.close()
             self.log.info("metrics: %s", self.metrics.line())
 
     def _loop(self) -> None:
@@ -200,6 +211,8 @@ class NodeRuntime:
             return False
         if frame.kind == "eos":
             return True
+        if self._taps:
+            self._observe(link, frame, parts)
         self._deliver(link, frame)
         return False
 
@@ -219,6 +232,8 @@ class NodeRuntime:
                 while backlog:
                     self._deliver(link, backlog.popleft())
                 return True
+            if self._taps:
+                self._observe(link, frame, parts)
             if len(backlog) == backlog.maxlen:
                 self.metrics.dropped_overflow += 1     # the deque drops its oldest
             backlog.append(frame)
@@ -239,6 +254,17 @@ class NodeRuntime:
                                    meta={"op": "turn"}))
         self.metrics.frames_in += 1
         self._emit(self.node.process(link.port, frame))
+
+    def _observe(self, link: Link, frame: Frame, parts: list[zmq.Frame]) -> None:
+        """Show a frame that arrived on `link` to every tap; a failing tap is logged, not fatal."""
+        now = time.monotonic_ns()
+        for tap in self._taps:
+            try:
+                tap.received(link, frame, parts, now)
+            except Exception:
+                self.log.exception("tap %s failed on a frame of %s; it is turned off",
+                                   type(tap).__name__, link.id)
+                self._taps = tuple(t for t in self._taps if t is not tap)
 
     def _decode(self, parts: list[zmq.Frame], where: str) -> Frame | None:
         try:
@@ -329,6 +355,23 @@ class NodeConfig(msgspec.Struct):
     metrics_path: str | None = None
     parent_pid: int | None = None
     keys_dir: str | None = None    # CURVE keys (`omniflow keys generate`); secrets stay in that dir
+    trace_path: str | None = None  # append sampled received-frame stamps here (omniflow run --trace)
+    trace_every: int = 1           # trace one frame in N per edge (plus each turn's first and last)
+    record: dict[str, str] = {}    # input edge id -> file: record every frame received on it
+
+
+def build_taps(cfg: NodeConfig) -> list[Tap]:
+    """The observers a run asked for in `cfg`; none (and nothing imported) by default."""
+    taps: list[Tap] = []
+    if cfg.trace_path:
+        from .trace import TraceTap
+        taps.append(TraceTap(cfg.trace_path, cfg.name, every=cfg.trace_every))
+    mine = {link.id for link in cfg.wiring.inputs}
+    recorded = {edge: path for edge, path in cfg.record.items() if edge in mine}
+    if recorded:
+        from .record import RecordTap
+        taps.append(RecordTap(recorded))
+    return taps
 
 
 def build_node(name: str, use: str, params: dict[str, Any]) -> Node:
@@ -378,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         curve = Curve.load(cfg.keys_dir) if cfg.keys_dir else None
         runtime = NodeRuntime(build_node(cfg.name, cfg.use, cfg.params), cfg.wiring,
-                              parent_pid=cfg.parent_pid, curve=curve)
+                              parent_pid=cfg.parent_pid, curve=curve, taps=build_taps(cfg))
         runtime.run()
         return EXIT_OK
     except KeyboardInterrupt:

@@ -48,6 +48,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "started; default: a new local Ray instance)")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--trace", metavar="FILE.jsonl",
+                        help="every node appends the stamps of the frames it receives here; "
+                             "read it with 'omniflow trace FILE.jsonl'")
+    parser.add_argument("--trace-every", type=int, default=1, metavar="N",
+                        help="with --trace: trace one frame in N per edge (and each turn's first "
+                             "and last), to keep the overhead low")
+    parser.add_argument("--record", action="append", default=[], metavar="EDGE=FILE",
+                        help="write every frame crossing EDGE (an output 'node/port' or an edge "
+                             "id) to FILE, for nodes.replay:Replay (repeatable)")
 
 
 def _interrupt(signum, _frame):
@@ -78,7 +87,14 @@ def main(args: argparse.Namespace) -> int:
     handler.setFormatter(NodePrefixFormatter(set(graph.nodes)))
     logging.basicConfig(level=args.log_level, handlers=[handler], force=True)
     options = dict(run_dir=args.run_dir, endpoints=endpoints, log_level=args.log_level,
-                   keys=args.keys)
+                   keys=args.keys, trace=args.trace, trace_every=args.trace_every)
+    if args.record:
+        from ..record import RecordingError, parse_record_options
+        try:
+            options["record"] = parse_record_options(args.record)
+        except RecordingError as e:
+            print(f"omniflow run: {e}", file=sys.stderr)
+            return 2
     if args.nodes or args.skip:
         skip = set(filter(None, (args.skip or "").split(",")))
         chosen = list(filter(None, args.nodes.split(","))) if args.nodes else list(graph.nodes)

@@ -34,7 +34,7 @@ import zmq
 
 from ..graph import Graph, NodeSpec
 from ..runtime import (EXIT_FAILED, EXIT_OK, EXIT_SETUP_FAILED, Metrics, NodeConfig,
-                       NodeRuntime, SetupError, build_node)
+                       NodeRuntime, SetupError, build_node, build_taps)
 from ..security import Curve
 from ..transport import CONTROL_IN, CONTROL_PUB, endpoint_map, wiring_for
 from .bus import ControlBus
@@ -139,7 +139,8 @@ class ThreadWorker:
         node_log = logging.getLogger(f"omniflow.{self.cfg.name}")
         try:
             self.runtime = NodeRuntime(build_node(self.cfg.name, self.cfg.use, self.cfg.params),
-                                       self.cfg.wiring, context=self.context, curve=self.curve)
+                                       self.cfg.wiring, context=self.context, curve=self.curve,
+                                       taps=build_taps(self.cfg))
             self.runtime.run()
             self.code = EXIT_OK
         except SetupError as e:
@@ -171,8 +172,18 @@ class ThreadWorker:
 class LocalLauncher:
     def __init__(self, graph: Graph, *, in_process: bool = False, run_dir: str | Path | None = None,
                  endpoints: dict[str, str] | None = None, log_level: str = "INFO",
-                 keys: str | Path | None = None, nodes: Collection[str] | None = None):
+                 keys: str | Path | None = None, nodes: Collection[str] | None = None,
+                 trace: str | Path | None = None, trace_every: int = 1,
+                 record: dict[str, str] | None = None):
         self.graph, self.in_process, self.log_level = graph, in_process, log_level
+        # observability (trace.py, record.py): what every node's runtime taps on its inputs
+        self.trace, self.trace_every, self.record = None, trace_every, {}
+        if trace:
+            from ..trace import start_trace
+            self.trace = start_trace(trace, trace_every)      # a fresh file, absolute path
+        if record:
+            from ..record import start_recordings
+            self.record = start_recordings(graph, record)     # edge id -> fresh file
         self.here = list(nodes) if nodes is not None else list(graph.nodes)   # nodes we run
         # CURVE keys (security.py): node processes load them from the directory themselves
         self.keys_dir = str(Path(keys).resolve()) if keys else None
@@ -215,7 +226,8 @@ class LocalLauncher:
         return NodeConfig(name=spec.name, use=spec.use, params=spec.params,
                           wiring=wiring_for(self.graph, spec.name, self.endpoints),
                           log_level=self.log_level, parent_pid=os.getpid(), keys_dir=self.keys_dir,
-                          metrics_path=str(self.run_dir / "nodes" / f"{spec.name}.metrics.json"))
+                          metrics_path=str(self.run_dir / "nodes" / f"{spec.name}.metrics.json"),
+                          trace_path=self.trace, trace_every=self.trace_every, record=self.record)
 
     def _worker(self, spec: NodeSpec):
         cfg = self._node_config(spec)
@@ -358,5 +370,5 @@ def check_split(graph: Graph, here: list[str], endpoints: dict[str, str]) -> Non
 
 def run_graph(graph: Graph, **options) -> RunResult:
     """Run `graph` to completion; options as `LocalLauncher` (in_process, run_dir, endpoints, log_level,
-    keys, nodes)."""
+    keys, nodes, trace, trace_every, record)."""
     return LocalLauncher(graph, **options).run()
