@@ -1,0 +1,509 @@
+"""WebSocket gateway: many clients talk to one running graph, audio and text both ways.
+
+    gateway:
+      use: nodes.gateway:Gateway
+      params: {host: 0.0.0.0, port: 8765, end_after: [pcm, text]}
+      inputs:
+        pcm:  {from: vocoder/pcm, feedback: true}     # answer audio (24 kHz) back to its client
+        text: {from: detok/text, feedback: true}      # answer text pieces back to its client
+      # outputs: audio (client PCM -> the VAD), text (typed prompts -> the backbone)
+
+Every connection is a session: `ws://HOST:PORT/?session=alice` names it (letters, digits, `._-`,
+at most 64), otherwise it is a fresh uuid. A name already connected is refused; a name used by an
+earlier connection gets a suffix (`alice~2`): the graph's nodes may still hold that session's state.
+
+Client -> server
+    binary                    mono PCM, little-endian, `dtype` samples at `rate` Hz (the params), any size
+    {"type": "start", "rate": 24000, "format": "f32", "output_format": "s16"}
+                              before any audio: this session's input rate/format and answer format
+                              (formats: "s16"/"int16" or "f32"/"float32"; output_format defaults to
+                              params.output_dtype)
+    {"type": "text", "text": "..."}   a typed prompt: a new turn, emitted on output `text`
+    {"type": "flush"}         no more audio for now: the utterance in progress ends here (the VAD
+                              flushes, as after a silence)
+
+Server -> client
+    {"type": "session", "session": S, "input": {"rate", "format"}, "output": {"rate", "format"}}
+                              on connect, and again after a "start"
+    binary                    answer audio of the current turn, in the session's output format
+    {"type": "text", "text": "...", "turn": N}      answer text pieces, streamed
+    {"type": "end", "turn": N}                      turn N is complete: the last frame of every
+                                                    port in `end_after` has been sent
+    {"type": "turn", "turn": N}                     turn N began (a barge-in, or a typed prompt):
+                                                    stop playing anything older
+    {"type": "error", "error": "..."}               a malformed message (the session goes on)
+
+Turns. The VAD starts spoken turns and announces barge-in on the control channel; the runtime then
+calls `reset(session)` here and drops answer frames of older turns, and this node drops any it
+still sees, so audio/text of an interrupted answer is never sent. `reset` does not say which turn
+began: the VAD counts turns one by one, so the gateway counts along (and takes the maximum of any
+turn it sees on an answer frame). A typed prompt starts the next turn itself; a client that
+disconnects ends its session with a turn bump on the control channel, so the backbone frees its
+slot and every node forgets the session's answer.
+
+Threads. The WebSocket server is an asyncio loop on a background thread. Received messages go to
+the node through a thread-safe queue that `step()` drains (as `PcmClientSource` drains its ZeroMQ
+socket); answers go to the loop with `call_soon_threadsafe`. The node never learns whether it runs
+in-process or in its own process. Needs the `websockets` package (`pip install 'omniflow[web]'`).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import parse_qs, urlsplit
+
+import msgspec
+import numpy as np
+
+from omniflow.frame import Frame
+from omniflow.node import CONTROL, Node
+
+POLL_S = 0.02                  # an idle step waits at most this long for a client message
+MAX_EVENTS_PER_STEP = 64       # then return, so the runtime can read its inputs and control channel
+SETUP_TIMEOUT_S = 10.0         # the server thread must be listening within this
+STOP_TIMEOUT_S = 5.0           # teardown waits this long for connections to close
+SESSION_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+FORMATS = {"s16": "int16", "int16": "int16", "f32": "float32", "float32": "float32"}
+DTYPES = {"int16": np.dtype("<i2"), "float32": np.dtype("<f4")}
+SHORT = {"int16": "s16", "float32": "f32"}        # the names the protocol reports
+INT16_SCALE = 32768.0          # float audio in [-1, 1) <-> int16
+MAX_RATE = 384_000             # Hz: anything higher is a client bug, not audio
+
+
+def _import_websockets():
+    try:
+        import websockets  # noqa: F401
+    except ImportError:
+        raise ImportError("the gateway needs the 'websockets' package. Fix: pip install 'omniflow[web]' "
+                          "(or pip install 'websockets>=12')") from None
+    try:                                        # websockets >= 13: the new asyncio implementation
+        from websockets.asyncio.server import serve
+    except ImportError:                         # websockets 12
+        from websockets.server import serve
+    from websockets.exceptions import ConnectionClosed
+    return serve, ConnectionClosed
+
+
+# --- the asyncio side: connections ------------------------------------------------------------
+
+@dataclass
+class _Connection:
+    """One client, owned by the loop thread."""
+    session: str
+    ws: Any
+    rate: int
+    dtype: str                      # input sample format: "int16" | "float32"
+    out_dtype: str                  # answer sample format
+    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    got_audio: bool = False
+    closing: bool = False           # being disconnected for reading too slowly
+
+
+class _Server:
+    """The WebSocket server on its own thread and event loop. Events for the node go to `events`:
+    ("open", session) | ("pcm", session, (N,) array, rate, t_ns) | ("text", session, str, t_ns)
+    | ("flush", session, rate, t_ns) | ("close", session)."""
+
+    def __init__(self, params, events: queue.SimpleQueue, log):
+        self.p, self.events, self.log = params, events, log
+        self.connections: dict[str, _Connection] = {}     # loop thread only
+        self.names_used: dict[str, int] = {}              # loop thread only: name -> connections
+        self.open_count = 0                               # read by the node thread (an int: atomic)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.port: int | None = None                      # the bound port (params.port 0: a free one)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="gateway-ws", daemon=True)
+
+    # --- lifecycle (node thread) ----------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+        if not self._ready.wait(SETUP_TIMEOUT_S):
+            raise RuntimeError(f"the gateway's WebSocket server did not start within {SETUP_TIMEOUT_S} s")
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        if self.loop is not None and self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(STOP_TIMEOUT_S)
+
+    def send(self, session: str, message: str | np.ndarray) -> None:
+        """Queue a message for `session`'s client (thread-safe; dropped if it has gone)."""
+        if self.loop is not None and not self.loop.is_closed():
+            try:
+                self.loop.call_soon_threadsafe(self._deliver, session, message)
+            except RuntimeError:                  # the loop closed meanwhile: the server stopped
+                pass
+
+    # --- the loop thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as e:                # reported by start() if it happened in setup
+            self._error = self._error or e
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        serve, self.ConnectionClosed = _import_websockets()
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        p = self.p
+        try:
+            server = await serve(self._handle, p.host, p.port, max_size=p.max_message_bytes)
+        except OSError as e:
+            self._error = RuntimeError(f"the gateway cannot listen on {p.host}:{p.port}: {e.strerror}. Fix: "
+                                       "choose a free port (params.port, 0 picks one) or another host")
+            self._ready.set()
+            return
+        self.port = server.sockets[0].getsockname()[1]
+        self.log.info("gateway listening on ws://%s:%d (input %s at %d Hz, answers as %s)",
+                      p.host, self.port, p.dtype, p.rate, p.output_dtype)
+        self._ready.set()
+        await self._stop.wait()
+        server.close()                            # closes every connection (1001 going away)
+        await server.wait_closed()
+
+    def _session_name(self, ws) -> tuple[str | None, str | None]:
+        """(session, None) or (None, why it is refused)."""
+        request = getattr(ws, "request", None)   # websockets >= 13; 12 has ws.path
+        path = request.path if request is not None else getattr(ws, "path", "/")
+        wanted = parse_qs(urlsplit(path).query).get("session", [None])[0]
+        if wanted is None:
+            return uuid.uuid4().hex, None
+        if not SESSION_NAME.fullmatch(wanted):
+            return None, (f"session name {wanted!r} is not allowed: use 1-64 letters, digits, '.', '_' "
+                          "or '-'")
+        if wanted in self.connections:
+            return None, f"session {wanted!r} is already connected: use another name or close that connection"
+        count = self.names_used.get(wanted, 0)
+        self.names_used[wanted] = count + 1
+        return (wanted if count == 0 else f"{wanted}~{count + 1}"), None
+
+    async def _handle(self, ws, _path: str | None = None) -> None:
+        session, refused = self._session_name(ws)
+        if refused is None and len(self.connections) >= self.p.max_sessions:
+            refused = f"the server is full ({self.p.max_sessions} sessions): try again later"
+        if refused is not None:
+            await ws.send(json.dumps({"type": "error", "error": refused}))
+            await ws.close(1008 if "full" not in refused else 1013, refused[:120])
+            return
+        p = self.p
+        conn = _Connection(session, ws, rate=p.rate, dtype=p.dtype, out_dtype=p.output_dtype)
+        self.connections[session] = conn
+        self.open_count = len(self.connections)
+        self.events.put(("open", session))
+        self.log.info("session %s connected from %s", session, getattr(ws, "remote_address", "?"))
+        sender = asyncio.ensure_future(self._send_loop(conn))
+        self._greet(conn)
+        try:
+            async for message in ws:
+                self._receive(conn, message)
+        except self.ConnectionClosed:
+            pass
+        finally:
+            del self.connections[session]
+            self.open_count = len(self.connections)
+            conn.outbox.put_nowait(None)
+            sender.cancel()
+            self.events.put(("close", session))
+            self.log.info("session %s disconnected", session)
+
+    async def _send_loop(self, conn: _Connection) -> None:
+        try:
+            while (message := await conn.outbox.get()) is not None:
+                await conn.ws.send(message)
+        except self.ConnectionClosed:
+            pass
+
+    def _deliver(self, session: str, message: str | np.ndarray) -> None:
+        conn = self.connections.get(session)
+        if conn is None or conn.closing:
+            return                                 # the client has gone: its answer goes nowhere
+        if conn.outbox.qsize() >= self.p.max_backlog:
+            conn.closing = True
+            self.log.warning("session %s reads too slowly (%d messages queued); closing it",
+                             session, conn.outbox.qsize())
+            asyncio.ensure_future(conn.ws.close(1008, "client too slow: answers piled up"))
+            return
+        if isinstance(message, np.ndarray):
+            message = _encode_pcm(message, conn.out_dtype)
+        conn.outbox.put_nowait(message)
+
+    def _error_reply(self, conn: _Connection, why: str) -> None:
+        self.log.warning("session %s: %s", conn.session, why)
+        conn.outbox.put_nowait(json.dumps({"type": "error", "error": why}))
+
+    def _greet(self, conn: _Connection) -> None:
+        conn.outbox.put_nowait(json.dumps({
+            "type": "session", "session": conn.session,
+            "input": {"rate": conn.rate, "format": SHORT[conn.dtype]},
+            "output": {"rate": self.p.output_rate, "format": SHORT[conn.out_dtype]}}))
+
+    def _receive(self, conn: _Connection, message: str | bytes) -> None:
+        now = time.monotonic_ns()
+        if isinstance(message, bytes):
+            audio = _decode_pcm(message, conn.dtype)
+            if isinstance(audio, str):
+                self._error_reply(conn, audio)
+            elif len(audio):
+                conn.got_audio = True
+                self.events.put(("pcm", conn.session, audio, conn.rate, now))
+            return
+        try:
+            msg = json.loads(message)
+        except ValueError:
+            return self._error_reply(conn, "a text message must be JSON, e.g. {\"type\": \"text\", "
+                                           "\"text\": \"hello\"}; audio goes in binary messages")
+        kind = msg.get("type") if isinstance(msg, dict) else None
+        if kind == "text":
+            text = msg.get("text")
+            if not isinstance(text, str) or not text.strip():
+                return self._error_reply(conn, "a text message needs a non-empty string 'text'")
+            self.events.put(("text", conn.session, text, now))
+        elif kind == "start":
+            why = self._start(conn, msg)
+            if why:
+                return self._error_reply(conn, why)
+            self._greet(conn)
+        elif kind == "flush":
+            self.events.put(("flush", conn.session, conn.rate, now))
+        else:
+            self._error_reply(conn, f"unknown message type {kind!r}: send 'start', 'text' or 'flush' "
+                                    "as JSON, audio as binary")
+
+    def _start(self, conn: _Connection, msg: dict) -> str | None:
+        """Apply a start message; the reason it is refused, or None."""
+        if conn.got_audio:
+            return "'start' must come before any audio: the session's input format is fixed by then"
+        rate = msg.get("rate", conn.rate)
+        if isinstance(rate, bool) or not isinstance(rate, int) or not 0 < rate <= MAX_RATE:
+            return f"'rate' must be a sample rate in Hz (an integer, 1..{MAX_RATE}), got {rate!r}"
+        formats = {}
+        for key, current in (("format", conn.dtype), ("output_format", conn.out_dtype)):
+            value = msg.get(key, SHORT[current])
+            if value not in FORMATS:
+                return f"'{key}' must be one of {sorted(FORMATS)}, got {value!r}"
+            formats[key] = FORMATS[value]
+        conn.rate, conn.dtype, conn.out_dtype = rate, formats["format"], formats["output_format"]
+        return None
+
+
+def _decode_pcm(payload: bytes, dtype: str) -> np.ndarray | str:
+    """Binary message -> (N,) samples in the native byte order, or why it cannot be audio."""
+    dt = DTYPES[dtype]
+    if len(payload) % dt.itemsize:
+        return (f"a binary message of {len(payload)} bytes is not a whole number of {dtype} samples "
+                f"({dt.itemsize} bytes each): is the client sending {SHORT[dtype]}? (see 'start')")
+    audio = np.frombuffer(payload, dtype=dt).astype(dt.newbyteorder("="))     # (N,)
+    if dtype == "float32" and not np.isfinite(audio).all():
+        return "float32 audio contains NaN or infinity: send samples in [-1, 1]"
+    return audio
+
+
+def _encode_pcm(audio: np.ndarray, dtype: str) -> bytes:
+    """(N,) answer audio -> little-endian bytes in the client's format (float clipped to [-1, 1))."""
+    audio = np.asarray(audio).reshape(-1)
+    if dtype == "int16":
+        if audio.dtype != np.int16:
+            audio = np.clip(np.rint(audio.astype(np.float32) * INT16_SCALE), -INT16_SCALE, INT16_SCALE - 1)
+        return audio.astype("<i2").tobytes()
+    if audio.dtype == np.int16:
+        audio = audio.astype(np.float32) / INT16_SCALE
+    return audio.astype("<f4").tobytes()
+
+
+# --- the node side: sessions and turns ---------------------------------------------------------
+
+@dataclass
+class _Session:
+    """What the node thread knows about one connected session."""
+    turn: int = 0                    # the session's current turn
+    used: bool = False               # the current turn has input (or an answer): a prompt needs a new one
+    seq: int = 0                     # next pcm frame's seq
+    text_seq: int = 0
+    ended: set[str] = field(default_factory=set)    # ports whose current-turn answer has ended
+
+
+class Gateway(Node):
+    inputs = {"pcm": "pcm", "text": "text"}          # answers: audio (vocoder), text pieces (detokenizer)
+    outputs = {"audio": "pcm", "text": "text"}       # client audio (to the VAD), typed prompts
+
+    class Params(msgspec.Struct, forbid_unknown_fields=True):
+        host: str = "127.0.0.1"          # 0.0.0.0 to serve other machines
+        port: int = 8765                 # 0: a free port (logged; `Gateway.port` after setup)
+        rate: int = 16000                # Hz of client audio, unless its "start" message says otherwise
+        dtype: Literal["int16", "float32"] = "int16"          # client audio sample format (default)
+        output_dtype: Literal["int16", "float32"] = "float32"  # answer audio format (default)
+        output_rate: int = 24000         # Hz of the answer audio the graph sends back (SNAC 24 kHz)
+        # an answer ends ("end" message) once these inputs' last frames arrived: [pcm, text] in a
+        # graph that streams text back too, so the client has everything when "end" comes
+        end_after: list[Literal["pcm", "text"]] = msgspec.field(default_factory=lambda: ["pcm"])
+        max_sessions: int = 64           # clients connected at once; more are refused (try later)
+        max_message_bytes: int = 1 << 20  # largest client message (1 MiB = 32 s of 16 kHz int16)
+        max_backlog: int = 1024          # messages queued for a slow client before it is disconnected
+        idle_timeout_s: float | None = None   # stop serving after this long with no client; None: never
+
+    def setup(self) -> None:
+        p = self.params
+        if not 0 < p.rate <= MAX_RATE or not 0 < p.output_rate <= MAX_RATE:
+            raise ValueError(f"gateway rate={p.rate} / output_rate={p.output_rate} must be sample rates "
+                             f"in Hz (1..{MAX_RATE})")
+        if not p.end_after:
+            raise ValueError("gateway end_after must name at least one input: [pcm], [text] or [pcm, text]")
+        if p.max_sessions < 1 or p.max_backlog < 1 or p.max_message_bytes < 1:
+            raise ValueError("gateway max_sessions, max_backlog and max_message_bytes must be >= 1")
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.sessions: dict[str, _Session] = {}
+        self.own_bumps: dict[str, int] = {}      # session -> turn this node announced itself
+        self.idle_since = time.monotonic()       # no client connected since (for idle_timeout_s)
+        self.busy = False                        # an answer frame arrived since the last step
+        self.serving = True
+        self.rate_warned = False
+        self.server = _Server(p, self.events, self.log)
+        self.server.start()
+
+    @property
+    def port(self) -> int | None:
+        """The port the server listens on (useful with params.port 0)."""
+        return self.server.port
+
+    def has_work(self) -> bool:
+        if not self.serving:
+            return False
+        timeout = self.params.idle_timeout_s
+        if timeout is None or self.server.open_count or self.sessions or not self.events.empty():
+            return True
+        return time.monotonic() - self.idle_since < timeout
+
+    # --- client -> graph -------------------------------------------------------------------
+    def step(self):
+        # Wait for a client message only when no answer is flowing: answers arrive through the
+        # runtime's poll, which runs between steps.
+        try:
+            event = self.events.get(timeout=POLL_S) if not self.busy else self.events.get_nowait()
+        except queue.Empty:
+            event = None
+        self.busy = False
+        for _ in range(MAX_EVENTS_PER_STEP):
+            if event is None:
+                return
+            yield from self._on_event(event)
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                event = None
+
+    def _on_event(self, event: tuple):
+        kind, session = event[0], event[1]
+        if kind == "open":
+            self.sessions[session] = _Session()
+            return
+        s = self.sessions.get(session)
+        if s is None:
+            return
+        if kind == "pcm":
+            _, _, audio, rate, t_ns = event
+            yield "audio", self._pcm(session, s, audio, rate, t_ns)
+        elif kind == "flush":
+            _, _, rate, t_ns = event
+            yield "audio", self._pcm(session, s, np.zeros(0, np.float32), rate, t_ns, last=True)
+        elif kind == "text":
+            _, _, text, t_ns = event
+            if s.used:                                 # a typed prompt starts a turn of its own
+                yield from self._bump(session, s)
+                self.server.send(session, json.dumps({"type": "turn", "turn": s.turn}))
+            s.used = True
+            yield "text", Frame(kind="text", session=session, turn=s.turn, seq=s.text_seq, last=True,
+                                meta={"text": text}, stamps=[(f"{self.name}:ws", t_ns)])
+            s.text_seq += 1
+        elif kind == "close":
+            if s.used:                                 # free the backbone slot and every node's state
+                yield from self._bump(session, s)
+            del self.sessions[session]
+            self.own_bumps.pop(session, None)
+            if not self.sessions:
+                self.idle_since = time.monotonic()
+
+    def _pcm(self, session: str, s: _Session, audio: np.ndarray, rate: int, t_ns: int,
+             last: bool = False) -> Frame:
+        s.used = s.used or len(audio) > 0
+        frame = Frame(kind="pcm", session=session, turn=s.turn, seq=s.seq, last=last, data=audio,
+                      meta={"rate": rate}, stamps=[(f"{self.name}:ws", t_ns)])
+        s.seq = 0 if last else s.seq + 1               # a flushed stream starts again at seq 0
+        return frame
+
+    def _bump(self, session: str, s: _Session):
+        """Start the session's next turn on the control channel (every node resets the session)."""
+        s.turn += 1
+        s.ended.clear()
+        self.own_bumps[session] = s.turn
+        yield CONTROL, Frame(kind="control", session=session, turn=s.turn, meta={"op": "turn"})
+
+    # --- graph -> client -------------------------------------------------------------------
+    def process(self, port, frame: Frame):
+        self.busy = True
+        s = self.sessions.get(frame.session)
+        if s is None:
+            return ()                                  # its client has gone
+        if frame.turn < s.turn:
+            return ()                                  # an interrupted answer: never sent
+        if frame.turn > s.turn:                        # a newer turn whose announcement we missed
+            s.turn, s.ended = frame.turn, set()
+        s.used = True
+        if port == "pcm":
+            self._send_audio(frame)
+        else:
+            piece = frame.meta.get("text", "")
+            if isinstance(piece, str) and piece:
+                self.server.send(frame.session, json.dumps({"type": "text", "text": piece, "turn": frame.turn},
+                                                           ensure_ascii=False))
+        if frame.last:
+            s.ended.add(port)
+            if s.ended.issuperset(self.params.end_after):
+                self.server.send(frame.session, json.dumps({"type": "end", "turn": frame.turn}))
+                s.ended = set()
+        return ()
+
+    def _send_audio(self, frame: Frame) -> None:
+        if frame.data is None or not np.asarray(frame.data).size:
+            return
+        rate = frame.meta.get("rate", self.params.output_rate)
+        if rate != self.params.output_rate:
+            if not self.rate_warned:
+                self.log.error("answer audio comes at %s Hz but the gateway tells clients output_rate=%d: "
+                               "dropped. Fix: set the gateway's params.output_rate: %s", rate,
+                               self.params.output_rate, rate)
+                self.rate_warned = True
+            return
+        self.server.send(frame.session, np.asarray(frame.data))
+
+    def reset(self, session: str):
+        """A new turn of `session` began (the control channel): count along, tell the client."""
+        s = self.sessions.get(session)
+        if s is None:
+            return ()
+        if self.own_bumps.get(session) == s.turn:      # our own announcement coming back
+            del self.own_bumps[session]
+            return ()
+        s.turn += 1
+        s.used, s.ended = True, set()                  # the VAD's utterance is this turn's input
+        self.server.send(session, json.dumps({"type": "turn", "turn": s.turn}))
+        return ()
+
+    def finish(self):
+        self.serving = False                           # end of stream: take no new clients
+        self.server.stop()
+        return ()
+
+    def teardown(self) -> None:
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.stop()

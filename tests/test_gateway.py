@@ -1,0 +1,361 @@
+"""The WebSocket gateway: client messages -> frames, answer frames -> client messages, and the
+whole speech server (graphs/serve.yaml) answering two clients at once. All traffic on 127.0.0.1.
+
+Node-level tests run the real server (port 0: a free one) and talk to it with websockets' sync
+client; the node is driven by `run_node` (client -> graph: it runs until the server is idle) or by
+calling `process`/`reset` as the runtime would (graph -> client, while the client stays connected).
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+pytest.importorskip("websockets")
+from websockets.exceptions import ConnectionClosed  # noqa: E402
+from websockets.sync.client import connect  # noqa: E402
+
+from nodes.gateway import Gateway  # noqa: E402
+from omniflow.frame import Frame, decode, encode  # noqa: E402
+from omniflow.node import CONTROL  # noqa: E402
+from omniflow.testing import run_node  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SERVE = REPO / "graphs" / "serve.yaml"
+QUESTION = REPO / "examples" / "question.wav"
+SAMPLES_PER_FRAME = 2048        # SNAC 24 kHz: answer samples per coarse frame
+STEPS = 40                      # max_new_tokens per answer in the end-to-end tests
+RECV_S = 5.0                    # a message the server owes us arrives within this
+
+
+@pytest.fixture
+def gateway():
+    """Start Gateway nodes on free ports; torn down after the test."""
+    started = []
+
+    def start(**params) -> Gateway:
+        node = Gateway({"port": 0, **params})
+        node.setup()
+        started.append(node)
+        return node
+    yield start
+    for node in started:
+        node.teardown()
+
+
+def url(node: Gateway, session: str | None = None) -> str:
+    return f"ws://127.0.0.1:{node.port}/" + (f"?session={session}" if session else "")
+
+
+def recv_json(ws) -> dict:
+    message = ws.recv(timeout=RECV_S)
+    assert isinstance(message, str), f"expected a JSON message, got {len(message)} bytes of audio"
+    return json.loads(message)
+
+
+def pump(node: Gateway, until) -> list:
+    """Step the node (as the runtime would) until `until()` holds; returns what it emitted."""
+    out, deadline = [], time.monotonic() + RECV_S
+    while not until():
+        assert time.monotonic() < deadline, "the gateway did not see the client's message"
+        out += list(node.step())
+    return out
+
+
+def wire(frame: Frame) -> Frame:
+    return decode([bytes(p) for p in encode(frame)])
+
+
+# --- client -> graph -------------------------------------------------------------------------
+
+def test_client_audio_text_and_disconnect_become_frames(gateway):
+    node = gateway(idle_timeout_s=0.2)
+    x = np.linspace(-0.5, 0.5, 480, dtype=np.float32)                   # 20 ms at 24 kHz
+    with connect(url(node, "alice")) as ws:
+        assert recv_json(ws) == {"type": "session", "session": "alice", "input": {"rate": 16000, "format": "s16"},
+                                 "output": {"rate": 24000, "format": "f32"}}
+        ws.send(json.dumps({"type": "start", "rate": 24000, "format": "f32", "output_format": "s16"}))
+        assert recv_json(ws)["input"] == {"rate": 24000, "format": "f32"}
+        ws.send(x.tobytes())
+        ws.send(x[:240].tobytes())
+        ws.send(json.dumps({"type": "flush"}))
+        ws.send(json.dumps({"type": "text", "text": "What is the capital of France?"}))
+    out = run_node(node, setup=False)       # runs until the server has been idle for 0.2 s
+
+    audio = out.on("audio")
+    assert [len(f.data) for f in audio] == [480, 240, 0]
+    assert np.array_equal(audio[0].data, x) and audio[0].data.dtype == np.float32
+    assert all(f.session == "alice" and f.meta["rate"] == 24000 and f.turn == 0 for f in audio)
+    assert [f.seq for f in audio] == [0, 1, 2] and [f.last for f in audio] == [False, False, True]
+    # the prompt comes after audio, so it starts turn 1 itself; the disconnect ends turn 1 with turn 2
+    controls = out.on(CONTROL)
+    assert [(c.session, c.turn, c.meta["op"]) for c in controls] == [("alice", 1, "turn"), ("alice", 2, "turn")]
+    [text] = out.on("text")
+    assert (text.session, text.turn, text.meta["text"]) == ("alice", 1, "What is the capital of France?")
+    kinds = [(p, f.turn) for p, f in out if p != "audio"]
+    assert kinds == [(CONTROL, 1), ("text", 1), (CONTROL, 2)]            # the bump precedes the prompt
+
+
+def test_int16_audio_by_default_and_a_silent_visitor_costs_no_turn(gateway):
+    node = gateway(idle_timeout_s=0.2)
+    pcm = (np.arange(320) - 160).astype(np.int16)
+    with connect(url(node)) as ws:
+        session = recv_json(ws)["session"]
+        assert len(session) == 32                                   # a fresh uuid (hex)
+        ws.send(pcm.astype("<i2").tobytes())
+    with connect(url(node)) as ws:
+        assert recv_json(ws)["session"] != session                  # another fresh one
+    out = run_node(node, setup=False)
+    [frame] = out.on("audio")
+    assert frame.data.dtype == np.int16 and np.array_equal(frame.data, pcm) and frame.meta["rate"] == 16000
+    assert [(c.session, c.turn) for c in out.on(CONTROL)] == [(session, 1)]   # only the one that spoke
+
+
+def test_malformed_messages_get_an_error_and_the_session_goes_on(gateway):
+    node = gateway(idle_timeout_s=0.2)
+    with connect(url(node, "carol")) as ws:
+        recv_json(ws)
+        bad = ["not json", json.dumps([1, 2]), json.dumps({"type": "dance"}),
+               json.dumps({"type": "text", "text": "  "}), json.dumps({"type": "text"}),
+               json.dumps({"type": "start", "rate": "fast"}), json.dumps({"type": "start", "format": "mp3"}),
+               b"\x01\x02\x03"]                                    # 3 bytes: not whole int16 samples
+        for message in bad:
+            ws.send(message)
+            reply = recv_json(ws)
+            assert reply["type"] == "error" and reply["error"], message
+        ws.send(np.zeros(160, "<i2").tobytes())
+        ws.send(json.dumps({"type": "start", "rate": 8000}))          # too late: audio already came
+        assert "before any audio" in recv_json(ws)["error"]
+        ws.send(json.dumps({"type": "text", "text": "still here"}))
+        ws.ping().wait(RECV_S)                                      # the connection is alive
+    out = run_node(node, setup=False)
+    assert [len(f.data) for f in out.on("audio")] == [160]
+    assert [f.meta["text"] for f in out.on("text")] == ["still here"]
+
+
+def test_float32_nan_is_refused(gateway):
+    node = gateway(dtype="float32")
+    with connect(url(node)) as ws:
+        recv_json(ws)
+        ws.send(np.array([0.1, np.nan], "<f4").tobytes())
+        assert "NaN" in recv_json(ws)["error"]
+
+
+def test_session_names_refused_reused_and_a_full_server(gateway):
+    node = gateway(max_sessions=1)
+    for name, why in (("bad%20name", "not allowed"), ("x" * 65, "not allowed")):
+        with connect(url(node, name)) as ws:
+            assert why in recv_json(ws)["error"]
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=RECV_S)
+            assert ws.close_code == 1008
+    with connect(url(node, "dave")) as ws:
+        assert recv_json(ws)["session"] == "dave"
+        with connect(url(node, "erin")) as other:
+            assert "full" in recv_json(other)["error"]
+            with pytest.raises(ConnectionClosed):
+                other.recv(timeout=RECV_S)
+            assert other.close_code == 1013
+    with connect(url(node, "dave")) as ws:                          # the name was used before
+        assert recv_json(ws)["session"] == "dave~2"
+
+
+def test_a_connected_name_is_refused(gateway):
+    node = gateway()
+    with connect(url(node, "frank")) as ws:
+        recv_json(ws)
+        with connect(url(node, "frank")) as twin:
+            assert "already connected" in recv_json(twin)["error"]
+
+
+# --- graph -> client -------------------------------------------------------------------------
+
+def test_answers_go_to_their_client_and_an_interrupted_turn_never_does(gateway):
+    node = gateway(end_after=["pcm", "text"])
+    first = np.linspace(-1.5, 0.5, 2048, dtype=np.float32)       # out of range: clipped for int16
+    with connect(url(node, "gina")) as ws, connect(url(node, "hal")) as bystander:
+        recv_json(ws), recv_json(bystander)
+        ws.send(json.dumps({"type": "start", "output_format": "s16"}))
+        recv_json(ws)
+        pump(node, lambda: {"gina", "hal"} <= set(node.sessions))
+
+        def answer(port, turn, data=None, text=None, last=False, session="gina"):
+            meta = {"rate": 24000} if port == "pcm" else {"text": text}
+            frame = Frame(kind=port, session=session, turn=turn, data=data, meta=meta, last=last)
+            assert list(node.process(port, wire(frame))) == []
+
+        answer("pcm", 0, first)
+        want = np.clip(np.rint(first * 32768), -32768, 32767).astype("<i2")
+        assert ws.recv(timeout=RECV_S) == want.tobytes()
+        answer("text", 0, text="Par")
+        assert recv_json(ws) == {"type": "text", "text": "Par", "turn": 0}
+        answer("text", 0, text="", last=True)                    # text ended; audio still to come
+        answer("pcm", 0, np.zeros(2048, np.float32), last=True)
+        assert ws.recv(timeout=RECV_S) == bytes(4096)
+        assert recv_json(ws) == {"type": "end", "turn": 0}
+
+        # barge-in: the VAD announced turn 1 on the control channel, so the runtime calls reset
+        answer("pcm", 0, np.ones(2048, np.float32))             # (already sent before the reset)
+        assert ws.recv(timeout=RECV_S) == np.full(2048, 32767, "<i2").tobytes()
+        assert list(node.reset("gina")) == []
+        assert recv_json(ws) == {"type": "turn", "turn": 1}
+        answer("pcm", 0, np.ones(2048, np.float32))             # late audio of the old answer
+        answer("text", 0, text="old")
+        answer("text", 1, text="Rome", last=True)
+        answer("pcm", 1, np.full(2048, 0.25, np.float32), last=True)
+        assert recv_json(ws) == {"type": "text", "text": "Rome", "turn": 1}
+        assert ws.recv(timeout=RECV_S) == np.full(2048, 8192, "<i2").tobytes()
+        assert recv_json(ws) == {"type": "end", "turn": 1}
+        # the other client heard nothing of gina's answers; its own answer comes as float32
+        answer("pcm", 0, np.full(4, 0.5, np.float32), last=True, session="hal")
+        assert bystander.recv(timeout=RECV_S) == np.full(4, 0.5, "<f4").tobytes()
+        # (hal's end waits for its text too: end_after [pcm, text])
+        answer("text", 0, text="", last=True, session="hal")
+        assert recv_json(bystander) == {"type": "end", "turn": 0}
+
+
+def test_a_typed_prompt_during_an_answer_starts_a_new_turn(gateway):
+    node = gateway()
+    with connect(url(node, "ivy")) as ws:
+        recv_json(ws)
+        pump(node, lambda: "ivy" in node.sessions)
+        node.process("pcm", wire(Frame(kind="pcm", session="ivy", turn=0, data=np.zeros(8, np.float32),
+                                       meta={"rate": 24000})))
+        ws.recv(timeout=RECV_S)
+        ws.send(json.dumps({"type": "text", "text": "stop, tell me about Rome"}))
+        out = pump(node, lambda: node.sessions["ivy"].turn == 1)
+        assert [(p, f.turn) for p, f in out] == [(CONTROL, 1), ("text", 1)]
+        # the runtime applies our own control frame at once: reset must not count it a second time
+        assert list(node.reset("ivy")) == [] and node.sessions["ivy"].turn == 1
+        assert recv_json(ws) == {"type": "turn", "turn": 1}
+        node.process("pcm", wire(Frame(kind="pcm", session="ivy", turn=0, data=np.ones(8, np.float32),
+                                       meta={"rate": 24000}, last=True)))
+        node.process("pcm", wire(Frame(kind="pcm", session="ivy", turn=1, data=np.zeros(8, np.float32),
+                                       meta={"rate": 24000}, last=True)))
+        assert ws.recv(timeout=RECV_S) == bytes(32)                 # turn 1's audio, not turn 0's
+        assert recv_json(ws) == {"type": "end", "turn": 1}
+
+
+def test_bad_params_and_a_busy_port_are_clear_errors(gateway):
+    with pytest.raises(ValueError, match="end_after"):
+        Gateway({"end_after": []}).setup()
+    node = gateway()
+    with pytest.raises(RuntimeError, match="cannot listen on 127.0.0.1:.*Fix"):
+        gateway(port=node.port)
+
+
+# --- the speech server end to end ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo_home(tmp_path_factory):
+    """`omniflow fetch --demo --home <tmp>` once; OMNIFLOW_HOME points there for these tests."""
+    home = tmp_path_factory.mktemp("omniflow-home")
+    subprocess.run([sys.executable, "-m", "omniflow.cli", "fetch", "--demo", "--home", str(home)],
+                   check=True, capture_output=True, cwd=REPO)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("OMNIFLOW_HOME", str(home))
+    yield home
+    mp.undo()
+
+
+def ws_client():
+    """examples/ws_client.py, imported from its file (examples/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("ws_client", REPO / "examples" / "ws_client.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ws_client"] = module              # (dataclasses look their module up there)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_graph(tmp: Path, port: int):
+    """graphs/serve.yaml on `port`, short answers, a tap recording the backbone's tokens, and an
+    idle timeout so the graph ends by itself once the clients have gone."""
+    from omniflow.graph import load_graph, parse_graph
+
+    assert load_graph(SERVE) is not None                      # the shipped file itself is valid
+    spec = yaml.safe_load(SERVE.read_text())
+    spec["nodes"]["tap"] = {"use": "test_graph_speech:Recorder", "params": {"path": str(tmp / "tap.jsonl")},
+                            "inputs": {"tokens": "backbone/tokens"}}
+    sets = [f"gateway.port={port}", "gateway.idle_timeout_s=2", f"backbone.max_new_tokens={STEPS}"]
+    return parse_graph(yaml.safe_dump(spec), str(SERVE), sets)
+
+
+def two_clients_converse(port: int, timeout_s: float):
+    client = ws_client()
+    question = client.read_question(str(QUESTION))
+
+    async def both():
+        async def one(name):
+            deadline = time.monotonic() + timeout_s
+            while True:                                       # the server may still be starting
+                try:
+                    return await client.converse(f"ws://127.0.0.1:{port}/?session={name}", question,
+                                                 chunk_ms=100, realtime=False, timeout_s=timeout_s)
+                except OSError:
+                    assert time.monotonic() < deadline, "the gateway never started listening"
+                    await asyncio.sleep(0.1)
+        return await asyncio.gather(one("a"), one("b"))
+    return asyncio.run(asyncio.wait_for(both(), 2 * timeout_s))
+
+
+def check_answers(answers, tap: Path):
+    from test_graph_speech import expected_samples, read_records, recorded_tokens
+
+    records = read_records(tap)
+    for answer in answers:
+        assert answer.errors == [] and answer.turn == 0
+        assert answer.rate == 24000 and answer.first_audio_s is not None
+        tokens = recorded_tokens(records, answer.session)
+        assert 0 < len(tokens) <= STEPS
+        assert len(answer.samples) == expected_samples(tokens) > 0       # frames × 2048, tail included
+        assert len(answer.samples) % SAMPLES_PER_FRAME == 0
+        assert answer.text.strip(), "no answer text"
+
+
+def run_server(graph, answers_of, **options):
+    from omniflow.launch.local import LocalLauncher
+
+    launcher = LocalLauncher(graph, **options)
+    result = {}
+    runner = threading.Thread(target=lambda: result.setdefault("run", launcher.run()), daemon=True)
+    runner.start()
+    try:
+        answers = answers_of()
+    finally:
+        runner.join(60)                    # the gateway's idle timeout ends the graph
+        if runner.is_alive():
+            launcher.stop("test gave up waiting")
+            runner.join(10)
+    assert result["run"].ok, result["run"].message
+    return answers
+
+
+def test_serve_graph_answers_two_clients_at_once_in_process(demo_home, tmp_path):
+    port = free_port()
+    graph = serve_graph(tmp_path, port)
+    answers = run_server(graph, lambda: two_clients_converse(port, timeout_s=120), in_process=True)
+    check_answers(answers, tmp_path / "tap.jsonl")
+    assert {a.session for a in answers} == {"a", "b"}
+
+
+def test_serve_graph_each_node_its_own_process(demo_home, tmp_path):
+    port = free_port()
+    graph = serve_graph(tmp_path, port)
+    answers = run_server(graph, lambda: two_clients_converse(port, timeout_s=120))
+    check_answers(answers, tmp_path / "tap.jsonl")
