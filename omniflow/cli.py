@@ -18,6 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fetch": ("omniflow.weights", "download official weights (or write --demo weights)"),
     "bench": ("benchmarks.cli", "run a benchmark: transport | decode | graph | train"),
     "train": ("train.cli", "train a Mini-Omni stage: stage1 | stage2 | stage3 | final"),
+    "trace": ("omniflow.trace", "per-hop latency of a run traced with 'run --trace FILE.jsonl'"),
+    "record": ("omniflow.record", "run a graph recording the frames of an edge: record GRAPH --edge E --out F"),
+    "replay": ("omniflow.record", "show what a recording holds (replay it with a nodes.replay:Replay node)"),
+    "doctor": ("omniflow.doctor", "check this machine: Python, torch/CUDA, bf16, libzmq/CURVE, extras, weights"),
 }
 
 
