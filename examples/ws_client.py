@@ -34,7 +34,9 @@ class Answer:
     text: str = ""
     turn: int | None = None                         # the turn the server ended
     sent_s: float = 0.0                             # seconds spent sending the question
-    first_audio_s: float | None = None              # from the end of the question to the first audio
+    # first answer audio, in seconds after the question's last chunk was sent: negative when the
+    # server heard the end of speech (the VAD's silence) before the file's trailing silence was sent
+    first_audio_s: float | None = None
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -53,31 +55,19 @@ def read_question(path: str) -> np.ndarray:
 
 async def converse(url: str, question: np.ndarray, *, chunk_ms: float = 20.0, realtime: bool = True,
                    timeout_s: float = 120.0, on_text=None) -> Answer:
-    """Send one spoken question (int16 at 16 kHz) and collect the answer until the server ends it."""
+    """Send one spoken question (int16 at 16 kHz) and collect the answer until the server ends it.
+    Sending and receiving run concurrently, as with a live microphone."""
     from websockets import connect
 
     answer = Answer()
-    async with connect(url, max_size=None) as ws:
-        hello = json.loads(await asyncio.wait_for(ws.recv(), timeout_s))
-        if hello.get("type") != "session":
-            raise RuntimeError(f"the server refused the session: {hello}")
-        answer.session, answer.rate = hello["session"], hello["output"]["rate"]
-        await ws.send(json.dumps({"type": "start", "rate": RATE, "format": "s16", "output_format": "f32"}))
-        chunk = int(RATE * chunk_ms / 1000)
-        start = time.monotonic()
-        for i in range(0, len(question), chunk):
-            if realtime:                             # chunk k is due when k chunks have played
-                await asyncio.sleep(max(0.0, start + i / RATE - time.monotonic()))
-            await ws.send(question[i:i + chunk].tobytes())
-        await ws.send(json.dumps({"type": "flush"}))
-        done_sending = time.monotonic()
-        answer.sent_s = done_sending - start
-        deadline = done_sending + timeout_s
+    first_audio_at: float | None = None
+
+    async def receive(ws) -> None:
+        nonlocal first_audio_at
         while answer.turn is None:
-            message = await asyncio.wait_for(ws.recv(), max(0.0, deadline - time.monotonic()))
+            message = await ws.recv()
             if isinstance(message, bytes):
-                if answer.first_audio_s is None:
-                    answer.first_audio_s = time.monotonic() - done_sending
+                first_audio_at = first_audio_at or time.monotonic()
                 answer.audio.append(np.frombuffer(message, dtype="<f4"))
                 continue
             msg = json.loads(message)
@@ -90,7 +80,27 @@ async def converse(url: str, question: np.ndarray, *, chunk_ms: float = 20.0, re
             elif msg["type"] == "error":
                 answer.errors.append(msg["error"])
             elif msg["type"] == "turn":              # a new turn: drop what an older one sent
-                answer.audio, answer.text, answer.first_audio_s = [], "", None
+                answer.audio, answer.text, first_audio_at = [], "", None
+
+    async with connect(url, max_size=None) as ws:
+        hello = json.loads(await asyncio.wait_for(ws.recv(), timeout_s))
+        if hello.get("type") != "session":
+            raise RuntimeError(f"the server refused the session: {hello}")
+        answer.session, answer.rate = hello["session"], hello["output"]["rate"]
+        await ws.send(json.dumps({"type": "start", "rate": RATE, "format": "s16", "output_format": "f32"}))
+        receiver = asyncio.ensure_future(receive(ws))
+        chunk = int(RATE * chunk_ms / 1000)
+        start = time.monotonic()
+        for i in range(0, len(question), chunk):
+            if realtime:                             # chunk k is due when k chunks have played
+                await asyncio.sleep(max(0.0, start + i / RATE - time.monotonic()))
+            await ws.send(question[i:i + chunk].tobytes())
+        await ws.send(json.dumps({"type": "flush"}))
+        done_sending = time.monotonic()
+        answer.sent_s = done_sending - start
+        await asyncio.wait_for(receiver, timeout_s)
+    if first_audio_at is not None:
+        answer.first_audio_s = first_audio_at - done_sending
     return answer
 
 
@@ -109,10 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot read {args.question}: {e}", file=sys.stderr)
         return 2
     print(f"sending {len(question) / RATE:.2f} s of audio to {args.url} ...", file=sys.stderr)
+    from websockets.exceptions import WebSocketException
+
     try:
         answer = asyncio.run(converse(args.url, question, chunk_ms=args.chunk_ms, realtime=not args.fast,
                                       timeout_s=args.timeout, on_text=lambda t: print(t, end="", flush=True)))
-    except (OSError, asyncio.TimeoutError) as e:
+    except (OSError, asyncio.TimeoutError, WebSocketException) as e:
         print(f"\nno answer from {args.url}: {e!r}. Is `omniflow run graphs/serve.yaml` running?",
               file=sys.stderr)
         return 1
@@ -120,9 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     for error in answer.errors:
         print(f"server error: {error}", file=sys.stderr)
     sf.write(args.out, answer.samples, answer.rate)
-    first = f"{answer.first_audio_s * 1000:.0f} ms" if answer.first_audio_s is not None else "no audio"
+    if answer.first_audio_s is None:
+        first = "no audio came"
+    else:
+        first = (f"first audio {answer.first_audio_s * 1000:+.0f} ms after the question's last chunk"
+                 + (" (it began during the file's trailing silence)" if answer.first_audio_s < 0 else ""))
     print(f"session {answer.session}, turn {answer.turn}: {len(answer.samples) / answer.rate:.2f} s of "
-          f"audio -> {args.out}; time to first audio after the question: {first}", file=sys.stderr)
+          f"audio -> {args.out}; {first}", file=sys.stderr)
     return 0
 
 

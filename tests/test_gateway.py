@@ -354,6 +354,7 @@ def test_serve_graph_answers_two_clients_at_once_in_process(demo_home, tmp_path)
     assert {a.session for a in answers} == {"a", "b"}
 
 
+@pytest.mark.slow          # ~35 s on 2 cores: nine processes each import torch
 def test_serve_graph_each_node_its_own_process(demo_home, tmp_path):
     port = free_port()
     graph = serve_graph(tmp_path, port)
