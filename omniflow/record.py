@@ -68,6 +68,9 @@ def start_recordings(graph, wanted: dict[str, str | os.PathLike]) -> dict[str, s
         if path in plan.values():
             raise RecordingError(f"--record: {file} is named twice. Fix: give each edge its own file")
         for edge in resolve_edges(graph, what):
+            if edge in plan:
+                raise RecordingError(f"--record {what}: edge {edge} is already recorded to "
+                                     f"{plan[edge]}. Fix: record each edge once")
             plan[edge] = path
     for path in set(plan.values()):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
