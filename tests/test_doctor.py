@@ -84,3 +84,21 @@ def test_a_crashing_check_is_a_failed_row_not_a_traceback(monkeypatch):
     rows = doctor.run_checks()
     assert rows[0].name == "python"
     assert rows[1].name == "broken" and rows[1].status == doctor.FAIL and "boom" in rows[1].detail
+
+
+def test_a_cuda_build_lists_its_devices(monkeypatch):
+    """No GPU here: the CUDA branch runs against torch's own API, answered as a one-GPU box would."""
+    import torch
+
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    build, devices = doctor.check_torch()
+    assert build.status == doctor.OK and "CUDA 12.4 build" in build.detail
+    assert devices.status == doctor.OK and devices.detail == "1: NVIDIA H100 80GB HBM3 (bf16 ok)"
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _, devices = doctor.check_torch()
+    assert devices.status == doctor.WARN and "nvidia-smi" in devices.fix
