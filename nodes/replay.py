@@ -41,6 +41,10 @@ class Replay(Node):
         self.first_ns = self.next.t_ns if self.next is not None else 0
         self.started_ns = time.monotonic_ns()
 
+    def teardown(self) -> None:
+        if hasattr(self, "frames"):
+            self.frames.close()          # the reader holds the file open until exhausted
+
     def has_work(self) -> bool:
         return self.next is not None
 

@@ -79,6 +79,8 @@ class TraceTap:
             return
         if first:
             self.turns.add(turn)
+        if frame.last:
+            self.turns.discard(turn)            # the turn ended on this edge: keep the set small
         record = TraceRecord(node=self.node, port=link.port, edge=link.id, kind=frame.kind,
                              session=frame.session, turn=frame.turn, seq=frame.seq,
                              last=frame.last, t=now_ns, stamps=frame.stamps)
