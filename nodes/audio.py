@@ -11,9 +11,9 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import soundfile as sf
-import soxr
 
 from omniflow import Frame, Node
+from omniflow.audio import BadAudio, load_audio
 
 INT16_SCALE = 32768.0        # soundfile reads PCM_16 as int16 / 32768; writing inverts it exactly
 
@@ -43,16 +43,9 @@ class FileSource(Node):
             raise FileNotFoundError(f"audio file not found: {p.path}. Fix: check the path "
                                     "(or override it: --set <node>.path=FILE)")
         try:
-            audio, file_rate = sf.read(str(path), dtype="float32", always_2d=True)   # (N, C)
-        except (sf.LibsndfileError, RuntimeError) as e:
-            raise ValueError(f"cannot read audio file {p.path}: {e}. Fix: use a file libsndfile "
-                             "reads (wav, flac, ogg, ...)") from None
-        if audio.shape[0] == 0:
-            raise ValueError(f"audio file {p.path} contains no samples. Fix: use a non-empty file")
-        mono = audio.mean(axis=1, dtype=np.float32)                                  # (N,)
-        if file_rate != p.rate:
-            mono = soxr.resample(mono, file_rate, p.rate, quality="HQ").astype(np.float32)
-        self.audio = mono
+            self.audio = load_audio(path, p.rate)                               # (N,)
+        except BadAudio as e:
+            raise ValueError(f"{e}. Fix: use a non-empty file libsndfile reads (wav, flac, ogg, ...)") from None
         self.chunk = max(1, round(p.rate * p.chunk_ms / 1000))     # samples per frame
         self.pos = 0
         self.seq = 0
