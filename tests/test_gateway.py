@@ -296,28 +296,65 @@ def serve_graph(tmp: Path, port: int):
     return parse_graph(yaml.safe_dump(spec), str(SERVE), sets)
 
 
-def two_clients_converse(port: int, timeout_s: float):
+async def connect_when_up(address: str, timeout_s: float):
+    """The graph's other nodes may still be loading: retry until the gateway listens."""
+    from websockets import connect
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await connect(address, max_size=None)
+        except OSError:
+            assert time.monotonic() < deadline, "the gateway never started listening"
+            await asyncio.sleep(0.1)
+
+
+async def ask_twice(port: int, question: np.ndarray, timeout_s: float) -> list:
+    """Session z asks, and asks again as soon as the answer starts playing (a barge-in). Returns
+    every message in order: JSON messages as dicts, audio as ("audio", samples)."""
+    log: list = []
+
+    async def receive(ws, until) -> None:
+        while not until():
+            message = await asyncio.wait_for(ws.recv(), timeout_s)
+            log.append(("audio", len(message) // 4) if isinstance(message, bytes) else json.loads(message))
+
+    async def ask(ws) -> None:
+        for i in range(0, len(question), 1600):               # 100 ms messages, as fast as they go
+            await ws.send(question[i:i + 1600].tobytes())
+        await ws.send(json.dumps({"type": "flush"}))
+
+    async with await connect_when_up(f"ws://127.0.0.1:{port}/?session=z", timeout_s) as ws:
+        await ws.recv()                                        # the session greeting
+        await ask(ws)
+        await receive(ws, lambda: log and isinstance(log[-1], tuple))     # the answer is playing
+        await ask(ws)                                          # ... and the user talks over it
+        await receive(ws, lambda: log[-1] == {"type": "end", "turn": 1})
+    return log
+
+
+def converse_at_once(port: int, timeout_s: float):
+    """Clients a and b each ask examples/question.wav (with examples/ws_client.py) while z barges
+    in on its own answer; all three at once."""
     client = ws_client()
     question = client.read_question(str(QUESTION))
 
-    async def both():
-        async def one(name):
-            deadline = time.monotonic() + timeout_s
-            while True:                                       # the server may still be starting
-                try:
-                    return await client.converse(f"ws://127.0.0.1:{port}/?session={name}", question,
-                                                 chunk_ms=100, realtime=False, timeout_s=timeout_s)
-                except OSError:
-                    assert time.monotonic() < deadline, "the gateway never started listening"
-                    await asyncio.sleep(0.1)
-        return await asyncio.gather(one("a"), one("b"))
-    return asyncio.run(asyncio.wait_for(both(), 2 * timeout_s))
+    async def one(name):
+        ws = await connect_when_up(f"ws://127.0.0.1:{port}/", timeout_s)   # (the server is up)
+        await ws.close()
+        return await client.converse(f"ws://127.0.0.1:{port}/?session={name}", question,
+                                     chunk_ms=100, realtime=False, timeout_s=timeout_s)
+
+    async def everyone():
+        return await asyncio.gather(one("a"), one("b"), ask_twice(port, question, timeout_s))
+    *answers, barge_log = asyncio.run(asyncio.wait_for(everyone(), 2 * timeout_s))
+    return answers, barge_log
 
 
-def check_answers(answers, tap: Path):
-    from test_graph_speech import expected_samples, read_records, recorded_tokens
+def check_answers(answers, records):
+    from test_graph_speech import expected_samples, recorded_tokens
 
-    records = read_records(tap)
+    assert {a.session for a in answers} == {"a", "b"}
     for answer in answers:
         assert answer.errors == [] and answer.turn == 0
         assert answer.rate == 24000 and answer.first_audio_s is not None
@@ -326,9 +363,27 @@ def check_answers(answers, tap: Path):
         assert len(answer.samples) == expected_samples(tokens) > 0       # frames × 2048, tail included
         assert len(answer.samples) % SAMPLES_PER_FRAME == 0
         assert answer.text.strip(), "no answer text"
+    tokens = [r for r in records if r["port"] == "tokens" and r["session"] in "ab"]
+    sessions = [r["session"] for r in tokens]                 # they really ran together
+    spans = {s: (sessions.index(s), len(sessions) - 1 - sessions[::-1].index(s)) for s in "ab"}
+    assert spans["a"][0] < spans["b"][1] and spans["b"][0] < spans["a"][1], spans
 
 
-def run_server(graph, answers_of, **options):
+def check_barge_in(log, records):
+    """After the gateway said turn 1 began, every sample and word is the new answer's, in full."""
+    from test_graph_speech import expected_samples, recorded_tokens
+
+    assert {"type": "end", "turn": 0} not in log, "the first answer was not interrupted"
+    assert recorded_tokens(records, "z", turn=0), "the first answer never started"
+    after = log[log.index({"type": "turn", "turn": 1}) + 1:]
+    assert all(m["turn"] == 1 for m in after if isinstance(m, dict) and "turn" in m)
+    assert any(isinstance(m, dict) and m["type"] == "text" for m in after)
+    turn1 = recorded_tokens(records, "z", turn=1)
+    assert sum(m[1] for m in after if isinstance(m, tuple)) == expected_samples(turn1) > 0
+
+
+def run_server(graph, clients, **options):
+    """Run the graph on a thread while `clients()` talks to it; the gateway's idle timeout ends it."""
     from omniflow.launch.local import LocalLauncher
 
     launcher = LocalLauncher(graph, **options)
@@ -336,27 +391,34 @@ def run_server(graph, answers_of, **options):
     runner = threading.Thread(target=lambda: result.setdefault("run", launcher.run()), daemon=True)
     runner.start()
     try:
-        answers = answers_of()
+        out = clients()
     finally:
-        runner.join(60)                    # the gateway's idle timeout ends the graph
+        runner.join(60)
         if runner.is_alive():
-            launcher.stop("test gave up waiting")
+            launcher.stop("the test gave up waiting")
             runner.join(10)
     assert result["run"].ok, result["run"].message
-    return answers
+    assert result["run"].message == "every node finished"      # ended by itself, not stopped
+    return out
 
 
-def test_serve_graph_answers_two_clients_at_once_in_process(demo_home, tmp_path):
+def test_serve_graph_in_process_two_clients_at_once_and_a_barge_in(demo_home, tmp_path):
+    from test_graph_speech import read_records
+
     port = free_port()
-    graph = serve_graph(tmp_path, port)
-    answers = run_server(graph, lambda: two_clients_converse(port, timeout_s=120), in_process=True)
-    check_answers(answers, tmp_path / "tap.jsonl")
-    assert {a.session for a in answers} == {"a", "b"}
+    answers, barge_log = run_server(serve_graph(tmp_path, port), lambda: converse_at_once(port, 120),
+                                    in_process=True)
+    records = read_records(tmp_path / "tap.jsonl")
+    check_answers(answers, records)
+    check_barge_in(barge_log, records)
 
 
 @pytest.mark.slow          # ~35 s on 2 cores: nine processes each import torch
 def test_serve_graph_each_node_its_own_process(demo_home, tmp_path):
+    from test_graph_speech import read_records
+
     port = free_port()
-    graph = serve_graph(tmp_path, port)
-    answers = run_server(graph, lambda: two_clients_converse(port, timeout_s=120))
-    check_answers(answers, tmp_path / "tap.jsonl")
+    answers, barge_log = run_server(serve_graph(tmp_path, port), lambda: converse_at_once(port, 120))
+    records = read_records(tmp_path / "tap.jsonl")
+    check_answers(answers, records)
+    check_barge_in(barge_log, records)
