@@ -8,6 +8,7 @@ BENCHMARKS = {
     "transport": "one-hop and 6-hop latency/throughput of omniflow edges vs raw pyzmq",
     "decode": "backbone decode steps per second",
     "graph": "speech-to-speech graph latency",
+    "concurrency": "first-audio latency and decode step with 1, 2, 4 concurrent speakers",
     "train": "training step throughput",
 }
 
