@@ -144,10 +144,15 @@ class _Server:
                 pass
 
     # --- the loop thread ------------------------------------------------------------------
+    @property
+    def failed(self) -> BaseException | None:
+        """Why the server thread ended on its own (None while it serves, or after stop())."""
+        return self._error if self._ready.is_set() and not self._thread.is_alive() else None
+
     def _run(self) -> None:
         try:
             asyncio.run(self._serve())
-        except BaseException as e:                # reported by start() if it happened in setup
+        except BaseException as e:                # start() raises it in setup, step() later
             self._error = self._error or e
             self._ready.set()
 
@@ -188,9 +193,10 @@ class _Server:
         return (wanted if count == 0 else f"{wanted}~{count + 1}"), None
 
     async def _handle(self, ws, _path: str | None = None) -> None:
-        session, refused = self._session_name(ws)
-        if refused is None and len(self.connections) >= self.p.max_sessions:
-            refused = f"the server is full ({self.p.max_sessions} sessions): try again later"
+        if len(self.connections) >= self.p.max_sessions:
+            session, refused = None, f"the server is full ({self.p.max_sessions} sessions): try again later"
+        else:
+            session, refused = self._session_name(ws)
         if refused is not None:
             await ws.send(json.dumps({"type": "error", "error": refused}))
             await ws.close(1008 if "full" not in refused else 1013, refused[:120])
@@ -385,6 +391,8 @@ class Gateway(Node):
 
     # --- client -> graph -------------------------------------------------------------------
     def step(self):
+        if self.server.failed is not None:            # the runtime reports it; restart: on-failure heals
+            raise RuntimeError(f"the gateway's WebSocket server stopped: {self.server.failed!r}")
         # Wait for a client message only when no answer is flowing: answers arrive through the
         # runtime's poll, which runs between steps.
         try:
