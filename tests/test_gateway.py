@@ -253,6 +253,14 @@ def test_bad_params_and_a_busy_port_are_clear_errors(gateway):
         gateway(port=node.port)
 
 
+def test_a_server_thread_that_died_fails_the_node(gateway):
+    node = gateway()
+    node.server._error = OSError("boom")              # as if its event loop had crashed ...
+    node.server.stop()                                # ... and the thread ended
+    with pytest.raises(RuntimeError, match="server stopped: OSError"):
+        list(node.step())
+
+
 # --- the speech server end to end ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
