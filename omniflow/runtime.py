@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import msgspec
 import zmq
@@ -380,6 +380,35 @@ def build_node(name: str, use: str, params: dict[str, Any]) -> Node:
     return cls(msgspec.convert(params, cls.Params), name=name)
 
 
+def run_config(cfg: NodeConfig, *, context: zmq.Context | None = None, curve: Curve | None = None,
+               parent_pid: int | None = None,
+               started: Callable[[NodeRuntime], None] | None = None) -> tuple[int, str]:
+    """Build the node `cfg` describes and host it until it ends -> (exit code, error line for the
+    launcher's message, '' when it ended well). The one place that maps how a node ended to an
+    exit code, for node processes (`main`) and node threads (launch.local.ThreadWorker).
+    `curve` defaults to the keys in `cfg.keys_dir`; `parent_pid` is the launcher a node process
+    watches (a node thread has none: its parent is its own process); `started` sees the runtime
+    before it runs."""
+    log = logging.getLogger(f"omniflow.{cfg.name}")
+    try:
+        if curve is None and cfg.keys_dir:
+            curve = Curve.load(cfg.keys_dir)
+        runtime = NodeRuntime(build_node(cfg.name, cfg.use, cfg.params), cfg.wiring, context=context,
+                              parent_pid=parent_pid, curve=curve, taps=build_taps(cfg))
+        if started is not None:
+            started(runtime)
+        runtime.run()
+        return EXIT_OK, ""
+    except KeyboardInterrupt:
+        return EXIT_OK, ""                              # stopped by the launcher or Ctrl-C
+    except SetupError as e:
+        log.error("%s", e, exc_info=e.__cause__)
+        return EXIT_SETUP_FAILED, f"ERROR {e}"
+    except Exception as e:
+        log.exception("node '%s' failed", cfg.name)
+        return EXIT_FAILED, f"ERROR {e!r}"
+
+
 def _die_with_parent() -> None:
     """Linux: get SIGTERM when the launcher dies, so no node outlives it."""
     try:
@@ -394,9 +423,10 @@ def _ignore(signum, _frame):
     pass                            # (SIG_IGN would print a warning for an already pending signal)
 
 
-def _interrupt(signum, _frame):
-    """First SIGTERM/SIGINT: stop (the loop unwinds, tears down, writes metrics). Later ones
-    (Ctrl-C reaches us and the launcher's SIGTERM follows) must not cut that cleanup short."""
+def interrupt_once(signum, _frame):
+    """Signal handler for SIGTERM/SIGINT (node processes and `omniflow run`): the first one stops
+    (raises KeyboardInterrupt: the loop unwinds, tears down, writes metrics). Later ones (Ctrl-C
+    reaches us and the launcher's SIGTERM follows) must not cut that cleanup short."""
     signal.signal(signal.SIGTERM, _ignore)
     signal.signal(signal.SIGINT, _ignore)
     raise KeyboardInterrupt(f"signal {signum}")
@@ -411,31 +441,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(levelname)s %(message)s")
     _die_with_parent()
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)           # Ctrl-C, even if started ignoring it
+    signal.signal(signal.SIGTERM, interrupt_once)
+    signal.signal(signal.SIGINT, interrupt_once)       # Ctrl-C, even if started ignoring it
     faulthandler.register(signal.SIGUSR1)              # `kill -USR1 PID` prints where a node is stuck
     if cfg.parent_pid is not None and os.getppid() != cfg.parent_pid:
         return EXIT_FAILED                              # the launcher died before we started
-    log = logging.getLogger(f"omniflow.{cfg.name}")
-    runtime = None
+    hosted: list[NodeRuntime] = []
     try:
-        curve = Curve.load(cfg.keys_dir) if cfg.keys_dir else None
-        runtime = NodeRuntime(build_node(cfg.name, cfg.use, cfg.params), cfg.wiring,
-                              parent_pid=cfg.parent_pid, curve=curve, taps=build_taps(cfg))
-        runtime.run()
-        return EXIT_OK
-    except KeyboardInterrupt:
-        return EXIT_OK                                  # stopped by the launcher or Ctrl-C
-    except SetupError as e:
-        log.error("%s", e, exc_info=e.__cause__)
-        return EXIT_SETUP_FAILED
-    except Exception:
-        log.exception("node '%s' failed", cfg.name)
-        return EXIT_FAILED
+        return run_config(cfg, parent_pid=cfg.parent_pid, started=hosted.append)[0]
     finally:
-        if runtime is not None and cfg.metrics_path:
-            Path(cfg.metrics_path).write_bytes(msgspec.json.encode(runtime.metrics))
-
+        if hosted and cfg.metrics_path:
+            Path(cfg.metrics_path).write_bytes(msgspec.json.encode(hosted[0].metrics))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,6 +9,7 @@ import sys
 import yaml
 
 from ..graph import GraphError, load_graph
+from ..runtime import interrupt_once
 
 
 class NodePrefixFormatter(logging.Formatter):
@@ -57,13 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--record", action="append", default=[], metavar="EDGE=FILE",
                         help="write every frame crossing EDGE (an output 'node/port' or an edge "
                              "id) to FILE, for nodes.replay:Replay (repeatable)")
-
-
-def _interrupt(signum, _frame):
-    """First Ctrl-C/SIGTERM stops the run; later ones must not cut the shutdown short."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -115,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     # SIGTERM stops the run like Ctrl-C; SIGINT is re-armed in case a shell started us ignoring it
     previous = {sig: signal.signal(sig, handler) for sig, handler in
-                [(signal.SIGTERM, _interrupt), (signal.SIGINT, _interrupt)]}
+                [(signal.SIGTERM, interrupt_once), (signal.SIGINT, interrupt_once)]}
     try:
         result = launcher.run()
     finally:

@@ -33,8 +33,7 @@ import msgspec
 import zmq
 
 from ..graph import Graph, NodeSpec
-from ..runtime import (EXIT_FAILED, EXIT_OK, EXIT_SETUP_FAILED, Metrics, NodeConfig,
-                       NodeRuntime, SetupError, build_node, build_taps)
+from ..runtime import EXIT_OK, EXIT_SETUP_FAILED, Metrics, NodeConfig, NodeRuntime, run_config
 from ..security import Curve
 from ..transport import CONTROL_IN, CONTROL_PUB, endpoint_map, wiring_for
 from .bus import ControlBus
@@ -136,21 +135,10 @@ class ThreadWorker:
 
     def run_here(self) -> None:
         """Run the node on the calling thread until it ends (`start` calls it on a new thread)."""
-        node_log = logging.getLogger(f"omniflow.{self.cfg.name}")
-        try:
-            self.runtime = NodeRuntime(build_node(self.cfg.name, self.cfg.use, self.cfg.params),
-                                       self.cfg.wiring, context=self.context, curve=self.curve,
-                                       taps=build_taps(self.cfg))
-            self.runtime.run()
-            self.code = EXIT_OK
-        except SetupError as e:
-            node_log.error("%s", e, exc_info=e.__cause__)
-            self.tail.append(f"ERROR {e}")
-            self.code = EXIT_SETUP_FAILED
-        except Exception as e:
-            node_log.exception("node '%s' failed", self.cfg.name)
-            self.tail.append(f"ERROR {e!r}")
-            self.code = EXIT_FAILED
+        self.code, error = run_config(self.cfg, context=self.context, curve=self.curve,
+                                      started=lambda runtime: setattr(self, "runtime", runtime))
+        if error:
+            self.tail.append(error)
 
     def poll(self) -> int | None:
         return None if self._thread.is_alive() else self.code
