@@ -33,7 +33,8 @@ log = logging.getLogger("omniflow.launch.ray")
 
 ACTOR_THREADS = 4           # run() blocks one thread; stop() and metrics() need others
 METRICS_TIMEOUT_S = 5.0
-RAY_RESOURCE_KEYS = {"num_cpus", "num_gpus", "memory"}     # the rest are custom resources
+# Ray's own resources: actor option -> name in ray.cluster_resources(); the rest are custom resources
+RAY_RESOURCES = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}
 
 
 def _ray():
@@ -132,23 +133,19 @@ class RayWorker:
 def ray_options(spec: NodeSpec) -> dict[str, Any]:
     """Actor options from the node's `resources:` (Ray's names; others are custom resources).
     A node without any takes no CPU slot, so a small cluster hosts a whole graph."""
-    res = dict(spec.resources)
-    options: dict[str, Any] = {"num_cpus": res.pop("num_cpus", 0)}
-    if "num_gpus" in res:
-        options["num_gpus"] = res.pop("num_gpus")
-    if "memory" in res:
-        options["memory"] = res.pop("memory")
-    if res:
-        options["resources"] = res
+    options: dict[str, Any] = {"num_cpus": 0}
+    options.update((k, v) for k, v in spec.resources.items() if k in RAY_RESOURCES)
+    custom = {k: v for k, v in spec.resources.items() if k not in RAY_RESOURCES}
+    if custom:
+        options["resources"] = custom
     return options
 
 
 def check_resources(graph: Graph, cluster: dict[str, float]) -> None:
     """A node asking for more than the whole cluster has would wait for ever: say so now."""
-    names = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}
     for spec in graph.nodes.values():
         for key, amount in spec.resources.items():
-            have = cluster.get(names.get(key, key), 0)
+            have = cluster.get(RAY_RESOURCES.get(key, key), 0)
             if amount > have:
                 raise ValueError(f"node '{spec.name}' asks for {key}={amount:g} but the Ray cluster "
                                  f"has {have:g} in all. Fix: add machines that have it (ray start "
@@ -191,7 +188,7 @@ class RayLauncher(LocalLauncher):
         names = list(self.graph.nodes)
         n_out = {name: len(self.graph.outputs_of(name)) for name in names}
         placed = ray.get([self.actors[n].place.remote(n_out[n]) for n in names])
-        self.placement = dict(zip(names, placed))
+        self.placement = dict(zip(names, placed, strict=True))
         here = ray.util.get_node_ip_address()
         endpoints = {key: overrides.get(key, f"tcp://{here}:{free_tcp_port(here)}")
                      for key in (CONTROL_PUB, CONTROL_IN)}
