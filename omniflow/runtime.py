@@ -35,6 +35,7 @@ HEARTBEAT_S = 1.0          # a node reports liveness and metrics this often
 IDLE_POLL_MS = 100         # longest wait for input, so a stop request is seen within 0.1 s
 FLUSH_LINGER_MS = 5000     # at a normal end, time allowed for queued frames + eos to leave
 EXIT_OK, EXIT_FAILED, EXIT_SETUP_FAILED = 0, 1, 3
+LOG_FORMAT = "%(levelname)s %(message)s"   # a node's log lines, wherever it runs (launchers prefix [node])
 
 
 class SetupError(RuntimeError):
@@ -438,8 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m omniflow.runtime NODE_CONFIG.json", file=sys.stderr)
         return 2
     cfg = msgspec.json.decode(Path(argv[0]).read_bytes(), type=NodeConfig)
-    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
-                        format="%(levelname)s %(message)s")
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
     _die_with_parent()
     signal.signal(signal.SIGTERM, interrupt_once)
     signal.signal(signal.SIGINT, interrupt_once)       # Ctrl-C, even if started ignoring it

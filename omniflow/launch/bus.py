@@ -19,6 +19,7 @@ from typing import Any, Callable
 import zmq
 
 from ..frame import FrameError, decode
+from ..runtime import LOG_FORMAT
 from ..security import Curve, is_tcp, secure_bind, start_authenticator, stop_authenticator
 
 log = logging.getLogger("omniflow.launch")
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in", dest="inbox", required=True, help="address nodes push to, e.g. tcp://*:5591")
     parser.add_argument("--keys", help="CURVE key directory")
     args = parser.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(levelname)s %(message)s")
+    logging.basicConfig(level="INFO", format=LOG_FORMAT)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     context = zmq.Context()

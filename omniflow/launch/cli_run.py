@@ -9,14 +9,14 @@ import sys
 import yaml
 
 from ..graph import GraphError, load_graph
-from ..runtime import interrupt_once
+from ..runtime import LOG_FORMAT, interrupt_once
 
 
 class NodePrefixFormatter(logging.Formatter):
     """In one process, prefix records of logger `omniflow.<node>` with `[node]`, as processes are."""
 
     def __init__(self, nodes: set[str]):
-        super().__init__("%(levelname)s %(message)s")
+        super().__init__(LOG_FORMAT)
         self.nodes = nodes
 
     def format(self, record: logging.LogRecord) -> str:

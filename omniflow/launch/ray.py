@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 
 from ..graph import Graph, NodeSpec
-from ..runtime import EXIT_FAILED, NodeConfig
+from ..runtime import EXIT_FAILED, LOG_FORMAT, NodeConfig
 from ..security import Curve
 from ..transport import CONTROL_IN, CONTROL_PUB, free_tcp_port
 from .local import LOG_TAIL_LINES, LocalLauncher, ThreadWorker
@@ -51,7 +51,7 @@ class NodeHost:
     def __init__(self, name: str, log_level: str = "INFO"):
         self.name = name
         self.worker: ThreadWorker | None = None
-        logging.basicConfig(level=log_level, format="%(levelname)s %(message)s", force=True)
+        logging.basicConfig(level=log_level, format=LOG_FORMAT, force=True)
 
     def __repr__(self) -> str:        # Ray prefixes the actor's log lines with this
         return f"omniflow:{self.name}"
