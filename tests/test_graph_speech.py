@@ -91,8 +91,16 @@ def speech_graph(tmp: Path, *sets: str, edit=None):
     return parse_graph(yaml.safe_dump(spec), str(GRAPH), overrides)
 
 
+def graph_params(node: str) -> dict:
+    """The shipped graph's params of `node` (the direct model calls below use the same dtypes)."""
+    import yaml
+
+    return yaml.safe_load(GRAPH.read_text())["nodes"][node].get("params") or {}
+
+
 def embeds_of(wav: Path, home: Path) -> list[np.ndarray]:
-    """The front half (file -> VAD -> whisper -> adapter) run node by node, for the direct model call."""
+    """The front half (file -> VAD -> whisper -> adapter) run node by node, for the direct model call,
+    each node with the graph's params (whisper's dtype included)."""
     from nodes.adapter import Adapter
     from nodes.audio import FileSource
     from nodes.vad import SileroVAD
@@ -101,19 +109,21 @@ def embeds_of(wav: Path, home: Path) -> list[np.ndarray]:
 
     pcm = run_node(FileSource({"path": str(wav), "rate": 16000, "chunk_ms": 20})).frames()
     utterances = run_node(SileroVAD(), pcm).on("utterance")
-    features = run_node(WhisperEncoder({"checkpoint": "small"}), utterances).on("features")
-    return [f.data for f in run_node(Adapter(), features).on("embeds")]
+    features = run_node(WhisperEncoder(graph_params("whisper")), utterances).on("features")
+    return [f.data for f in run_node(Adapter(graph_params("adapter")), features).on("embeds")]
 
 
 def direct_tokens(embeds: np.ndarray, steps: int = STEPS) -> list[list[int]]:
-    """Mini-Omni called directly, one session alone, no graph: the kept steps' 8 tokens."""
+    """Mini-Omni called directly, one session alone, no graph: the kept steps' 8 tokens (in the
+    graph's backbone dtype: bfloat16 tokens are compared with bfloat16 tokens)."""
     import torch
 
     from omniflow import weights
     from omniflow.model.checkpoint import load_model
     from omniflow.model.engine import Engine
 
-    model, _ = load_model(weights.resolve("miniomni"))
+    dtype = getattr(torch, graph_params("backbone").get("dtype", "float32"))
+    model, _ = load_model(weights.resolve("miniomni"), dtype=dtype)
     engine = Engine(model, max_sessions=1)
     outs = [engine.start("x", "A1A2", embeds=torch.from_numpy(np.array(embeds)), max_new_tokens=steps)]
     while not outs[-1].done:
