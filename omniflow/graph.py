@@ -28,8 +28,9 @@ from __future__ import annotations
 import difflib
 import importlib
 import re
+import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin
 
 import msgspec
 import yaml
@@ -136,6 +137,17 @@ def _plain(node: yaml.Node) -> Any:
 def _items(node: yaml.MappingNode) -> dict[str, tuple[yaml.Node, yaml.Node]]:
     """key -> (key node, value node), keeping the marks for error lines."""
     return {str(_plain(k)): (k, v) for k, v in node.value}
+
+
+def _type_name(t: Any) -> str:
+    """A param's type as a graph author writes its value: str, int | None, 'torch' | 'onnx'."""
+    if t is type(None):
+        return "None"
+    if get_origin(t) is Literal:                   # the choices, not the word "Literal"
+        return " | ".join(repr(a) for a in get_args(t))
+    if get_origin(t) in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(t))
+    return getattr(t, "__name__", str(t))
 
 
 def _closest(word: str, choices) -> str:
@@ -316,7 +328,7 @@ class _Parser:
 
     def param_error(self, spec: NodeSpec, Params, pnode, msg: str) -> None:
         fields = {f.name: f for f in msgspec.structs.fields(Params)}
-        signature = ", ".join(f"{n}: {getattr(f.type, '__name__', f.type)}" for n, f in fields.items())
+        signature = ", ".join(f"{n}: {_type_name(f.type)}" for n, f in fields.items())
         items = _items(pnode) if isinstance(pnode, yaml.MappingNode) else {}
         cls = spec.use.partition(":")[2]
         if m := re.search(r"unknown field `([^`]*)`", msg):
