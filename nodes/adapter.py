@@ -21,16 +21,16 @@ from omniflow.node import Node
 
 ADAPTER_PREFIX = "whisper_adapter."
 ADAPTER_KEYS = ("fc_1.weight", "fc_2.weight", "proj.weight")
-DTYPES = {"float32", "float16", "bfloat16"}
 
 
 def load_adapter(ckpt_dir: str | Path, device: str = "cpu", dtype: str = "float32"):
     """The whisper adapter of a Mini-Omni checkpoint directory, as an eval-mode LLaMAMLP."""
     import torch
 
+    from omniflow.model.checkpoint import WEIGHTS_FILE
     from omniflow.model.gpt import LLaMAMLP
 
-    path = Path(ckpt_dir) / "lit_model.pth"
+    path = Path(ckpt_dir) / WEIGHTS_FILE
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     missing = [ADAPTER_PREFIX + k for k in ADAPTER_KEYS if ADAPTER_PREFIX + k not in state]
     if missing:
@@ -51,15 +51,13 @@ class Adapter(Node):
     class Params(msgspec.Struct, forbid_unknown_fields=True):
         checkpoint: str | None = None        # Mini-Omni directory; None -> $OMNIFLOW_HOME/miniomni
         device: str = "cpu"
-        dtype: str = "float32"
+        dtype: Literal["float32", "float16", "bfloat16"] = "float32"   # checked when the graph loads
         runtime: Literal["torch", "onnx"] = "torch"   # onnx: onnxruntime (pip install 'omniflow[onnx]')
 
     def setup(self) -> None:
         import torch
 
         p = self.params
-        if p.dtype not in DTYPES:
-            raise ValueError(f"adapter dtype {p.dtype!r} is not one of {sorted(DTYPES)}")
         self.path = weights.resolve("miniomni", p.checkpoint)
         weights.warn_if_demo(self.path, self.log)
         self.adapter = load_adapter(self.path, p.device, p.dtype)
