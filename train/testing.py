@@ -13,14 +13,12 @@ import torch
 from omniflow.model.checkpoint import save_checkpoint
 from omniflow.model.config import Config
 from omniflow.model.gpt import MiniOmni
+from omniflow.weights import INIT_STD, MINIOMNI_TRUNK
 
 # n_embd 16-32 and 1-2 layers train in seconds on 2 CPU cores; block_size bounds RoPE tables.
 TINY_TRUNK = dict(n_layer=1, n_embd=32, n_head=4, n_query_groups=2, head_size=8, intermediate_size=64,
                   block_size=512)
-# The official trunk (REFERENCE.md §1.1), for the benchmark.
-REAL_TRUNK = dict(n_layer=24, n_embd=896, n_head=14, n_query_groups=2, head_size=64, intermediate_size=4864,
-                  block_size=2048)
-INIT_STD = 0.02
+REAL_TRUNK = MINIOMNI_TRUNK["real"]     # the official trunk (REFERENCE.md §1.1), for the benchmark
 
 
 def model_config(whisper_adapter_dim: int, **trunk) -> Config:
