@@ -83,9 +83,6 @@ class NodeSpec(msgspec.Struct):
     resources: dict[str, float] = {}   # num_cpus, num_gpus, memory (bytes), custom: for Ray / k8s
     line: int = 0
 
-    def node_class(self) -> type:
-        return import_class(self.use)
-
 
 class Graph(msgspec.Struct):
     path: str

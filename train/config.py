@@ -74,10 +74,6 @@ class StageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if self.text_loss_weight < 0 or self.audio_loss_weight < 0:
             bad("loss weights must be >= 0")
 
-    @property
-    def global_batch_per_process(self) -> int:
-        return self.micro_batch_size * self.grad_accum
-
     def to_dict(self) -> dict:
         return msgspec.to_builtins(self)
 

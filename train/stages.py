@@ -54,7 +54,3 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         (decay if p.dim() >= 2 and name != EMBEDDING else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
-
-
-def trainable_names(model: nn.Module) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad]

@@ -126,11 +126,6 @@ class SnacDecode(nn.Module):
         return self.snac.decode([codes_0, codes_1, codes_2])        # (B, 1, F·2048)
 
 
-def snac_without_noise(snac: nn.Module) -> SnacDecode:
-    """A deterministic torch decoder equal to the exported ONNX one (for checks and fallbacks)."""
-    return SnacDecode(copy.deepcopy(snac).eval())
-
-
 def export_snac_decoder(snac: nn.Module, path, *, source_hash: str | None = None) -> Path:
     """`snac.SNAC` decoder (noise disabled, see module doc) -> ONNX, dynamic batch and frames."""
     strides = list(snac.vq_strides)
