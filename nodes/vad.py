@@ -184,7 +184,7 @@ class SileroVAD(Node):
         if self.count.get(session, 0) > 0:
             self.turns[session] += 1
             yield CONTROL, Frame(kind="control", session=session, turn=self.turns[session],
-                                 meta={"op": "turn", "reason": "barge-in"}).stamp("vad")
+                                 meta={"op": "turn", "reason": "barge-in"}).stamp(self.name)
 
     @staticmethod
     def _audio(s: StreamState) -> np.ndarray:
@@ -212,7 +212,7 @@ class SileroVAD(Node):
                 "speech_ms": seg.speech_ms}
         out = Frame(kind="utterance", session=session, turn=self.turns[session],
                     seq=self.count[session] - 1, last=True, stamps=list(frame.stamps), data=audio, meta=meta)
-        yield "utterance", out.stamp("vad")
+        yield "utterance", out.stamp(self.name)
 
     def _flush(self, frame: Frame, s: StreamState):
         """End of the stream: score the partial window (zero-padded) and close speech in progress."""
