@@ -13,9 +13,9 @@ import numpy as np
 import soundfile as sf
 
 from omniflow import Frame, Node
-from omniflow.audio import BadAudio, load_audio
+from omniflow.audio import BadAudio, load_audio, to_int16
 
-INT16_SCALE = 32768.0        # soundfile reads PCM_16 as int16 / 32768; writing inverts it exactly
+__all__ = ["FileSource", "WavSink", "to_int16"]      # to_int16: omniflow.audio's, kept importable here
 
 
 class FileSource(Node):
@@ -111,10 +111,3 @@ class WavSink(Node):
             if not f.closed:
                 f.close()
 
-
-def to_int16(x: np.ndarray) -> np.ndarray:
-    """float audio in [-1, 1) -> int16, clipping out-of-range samples (no wraparound)."""
-    if x.dtype == np.int16:
-        return x
-    y = np.rint(np.asarray(x, dtype=np.float32) * INT16_SCALE)
-    return np.clip(y, -INT16_SCALE, INT16_SCALE - 1).astype(np.int16)

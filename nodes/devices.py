@@ -18,6 +18,7 @@ import time
 import msgspec
 import numpy as np
 
+from omniflow.audio import to_float_mono
 from omniflow.frame import Frame
 from omniflow.node import Node
 
@@ -56,14 +57,6 @@ def pick_device(sd, device, kind: str) -> dict:
         raise RuntimeError(f"{kind} device {device!r} is not usable ({e}). Devices:\n{list_devices(sd)}\n"
                            f"Fix: set params.device to one of the indices or names above") from None
     return dict(info)
-
-
-def to_float_mono(audio: np.ndarray) -> np.ndarray:
-    audio = np.asarray(audio)
-    if audio.dtype == np.int16:
-        audio = audio.astype(np.float32) / 32768.0
-    audio = audio.astype(np.float32, copy=False)
-    return audio.mean(axis=1) if audio.ndim == 2 else audio
 
 
 class Microphone(Node):

@@ -6,15 +6,7 @@ import numpy as np
 import soxr
 
 from omniflow import Node
-
-INT16_SCALE = 32768.0
-
-
-def as_float32(x: np.ndarray) -> np.ndarray:
-    """pcm payload (int16 or float) -> float32 in [-1, 1)."""
-    if x.dtype == np.int16:
-        return x.astype(np.float32) / np.float32(INT16_SCALE)
-    return np.asarray(x, dtype=np.float32)
+from omniflow.audio import as_float32
 
 
 class Gain(Node):

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import msgspec
 import numpy as np
 
+from omniflow.audio import to_float_mono
 from omniflow.frame import Frame
 from omniflow.node import CONTROL, Node
 
@@ -128,12 +129,7 @@ class SileroVAD(Node):
         return ()
 
     def _to_16k(self, frame: Frame, s: StreamState) -> np.ndarray:
-        audio = np.asarray(frame.data)
-        if audio.dtype == np.int16:
-            audio = audio.astype(np.float32) / 32768.0
-        audio = audio.astype(np.float32, copy=False)
-        if audio.ndim == 2:                               # (N, channels) -> mono
-            audio = audio.mean(axis=1)
+        audio = to_float_mono(frame.data)                 # (N,) float32
         rate = int(frame.meta.get("rate", RATE))
         if rate != RATE:
             import soxr

@@ -1,7 +1,9 @@
-"""Read an audio file (a path or the bytes of a file) as mono float32 at a given sample rate.
+"""Audio helpers shared by the nodes and training: one way to read a file, one int16 <-> float32 scale.
 
-One reader for the graph's `nodes.audio:FileSource` and for training's data preparation, so both
-decode, down-mix and resample a file the same way.
+`load_audio` reads an audio file (a path or the bytes of a file) as mono float32 at a given sample
+rate, for the graph's `nodes.audio:FileSource` and for training's data preparation alike.
+"pcm" frames carry float32 in [-1, 1) or int16; `as_float32`, `to_float_mono` and `to_int16`
+convert between the two with the scale libsndfile uses for PCM_16, so a round trip is exact.
 """
 from __future__ import annotations
 
@@ -9,6 +11,31 @@ import io
 from pathlib import Path
 
 import numpy as np
+
+
+INT16_SCALE = 32768.0        # soundfile reads PCM_16 as int16 / 32768; writing inverts it exactly
+
+
+def as_float32(x: np.ndarray) -> np.ndarray:
+    """pcm payload (int16 or float) -> float32, int16 scaled to [-1, 1)."""
+    x = np.asarray(x)
+    if x.dtype == np.int16:
+        return x.astype(np.float32) / np.float32(INT16_SCALE)
+    return x.astype(np.float32, copy=False)
+
+
+def to_float_mono(audio: np.ndarray) -> np.ndarray:
+    """pcm payload (N,) or (N, channels), int16 or float -> (N,) float32; channels are averaged."""
+    audio = as_float32(audio)
+    return audio.mean(axis=1) if audio.ndim == 2 else audio
+
+
+def to_int16(x: np.ndarray) -> np.ndarray:
+    """float audio in [-1, 1) -> int16, clipping out-of-range samples (no wraparound)."""
+    if x.dtype == np.int16:
+        return x
+    y = np.rint(np.asarray(x, dtype=np.float32) * INT16_SCALE)
+    return np.clip(y, -INT16_SCALE, INT16_SCALE - 1).astype(np.int16)
 
 
 class BadAudio(ValueError):
