@@ -59,6 +59,15 @@ def pick_device(sd, device, kind: str) -> dict:
     return dict(info)
 
 
+def close_stream(node: Node) -> None:
+    """Stop and close a device node's PortAudio stream, once (setup may have failed before it)."""
+    stream = getattr(node, "stream", None)
+    if stream is not None:
+        stream.stop()
+        stream.close()
+        node.stream = None
+
+
 class Microphone(Node):
     outputs = {"audio": "pcm"}
 
@@ -117,7 +126,7 @@ class Microphone(Node):
             yield "audio", frame.stamp(self.name)
 
     def finish(self):
-        self.stop_stream()
+        close_stream(self)
         tail = np.zeros(0, np.float32)
         while not self.queue.empty():                     # blocks recorded before the stop
             block = self.queue.get()
@@ -126,15 +135,8 @@ class Microphone(Node):
             tail = np.concatenate([tail, self.resampler.resample_chunk(np.zeros(0, np.float32), last=True)])
         yield from self._emit(tail, last=True)             # the recording ends: downstream flushes
 
-    def stop_stream(self) -> None:
-        stream = getattr(self, "stream", None)
-        if stream is not None:
-            stream.stop()
-            stream.close()
-            self.stream = None
-
     def teardown(self) -> None:
-        self.stop_stream()
+        close_stream(self)
 
 
 class Speaker(Node):
@@ -209,8 +211,4 @@ class Speaker(Node):
         return ()
 
     def teardown(self) -> None:
-        stream = getattr(self, "stream", None)
-        if stream is not None:
-            stream.stop()
-            stream.close()
-            self.stream = None
+        close_stream(self)
