@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> dict:
             "meta": {"load_average": os.getloadavg()[0], "threads": torch.get_num_threads(),
                      "answer_steps": args.max_new_tokens, "audio": args.audio,
                      "question_s": len(audio) / 16000, "graph": args.graph,
-                     "omniflow_settings": g.settings(omniflow.defaults)}}
+                     "omniflow_settings": g.settings(omniflow.defaults), "overridden": g.overridden(args)}}
 
 
 def report(results: dict) -> str:
@@ -225,7 +225,7 @@ def report(results: dict) -> str:
     lines = [f"first audio with N speakers ending at once ({m['question_s']:.2f} s question each, answers of "
              f"{m['answer_steps']} steps; real-size random weights; {m['threads']} torch threads; load average "
              f"{m['load_average']:.1f} on {os.cpu_count()} CPUs)",
-             f"omniflow = {Path(m['graph']).name}: {m['omniflow_settings']}",
+             f"omniflow = {Path(m['graph']).name}{m['overridden']}: {m['omniflow_settings']}",
              f"original = one request at a time (measured answer {o['answer']:.2f} s, first audio "
              f"{o['first_audio']:.2f} s; speaker k waits for k-1 whole answers)",
              f"{'N':>2} {'first audio mean / worst':>26} {'first audio mean / worst':>26} {'omniflow':>9}"

@@ -365,6 +365,13 @@ def defaults_from_args(args: argparse.Namespace) -> dict:
     return graph_defaults(args.graph, overrides)
 
 
+def overridden(args: argparse.Namespace) -> str:
+    """' with --flags' when the command line changed the graph's settings, else ''."""
+    flags = [f for f, v in (("--whisper-dtype", args.whisper_dtype), ("--backbone-dtype", args.backbone_dtype),
+                            ("--compile", args.compile)) if v is not None]
+    return f" with {' '.join(flags)}" if flags else ""
+
+
 def relative_l2(x: np.ndarray, reference: np.ndarray) -> float:
     return float(np.linalg.norm(x - reference) / np.linalg.norm(reference))
 
@@ -393,6 +400,7 @@ def best_of(runs: list[dict]) -> dict:
 
 
 def settings(defaults: dict) -> str:
+    """One line naming what omniflow's path runs with (the graph's params after any overrides)."""
     d = defaults
     return (f"whisper {d['whisper'].dtype} ({d['whisper'].runtime}), adapter {d['adapter'].dtype}, "
             f"backbone {d['backbone'].dtype}{' compiled' if d['backbone'].compile else ''}, first chunk "
@@ -433,7 +441,8 @@ def run(args: argparse.Namespace) -> dict:
                        "seconds": len(audio) / 16000, "threads": torch.get_num_threads(),
                        "repeats": args.repeats, "weights": "random, real size (demo)",
                        "graph": args.graph, "omniflow_settings": settings(omniflow.defaults),
-                       "whisper_feature_rel_l2": feature_error, "compile_s": omniflow.compile_s}
+                       "whisper_feature_rel_l2": feature_error, "compile_s": omniflow.compile_s,
+                       "overridden": overridden(args)}
     return results
 
 
@@ -443,7 +452,7 @@ def report(results: dict) -> str:
     lines = [f"end of speech -> first audio sample ({meta['seconds']:.2f} s question, {meta['threads']} "
              f"torch threads, real-size random weights; best of {meta['repeats']} runs per stage; "
              f"load average {meta['load_average']:.1f} on {os.cpu_count()} CPUs)",
-             f"omniflow = {Path(meta['graph']).name} defaults: {meta['omniflow_settings']}; whisper "
+             f"omniflow = {Path(meta['graph']).name}{meta.get('overridden', '')}: {meta['omniflow_settings']}; whisper "
              f"features vs float32: {meta['whisper_feature_rel_l2']:.2%} relative L2",
              f"{'stage':<28}{'original':>12}{'omniflow':>12}"]
     for stage in STAGES:

@@ -228,3 +228,17 @@ def test_barge_in_cancels_the_old_turn_everywhere(demo_home, tmp_path):
     # once the new turn's audio reached the sink, no audio of the old turn follows
     first_new = next(i for i, r in enumerate(audio_out) if r["turn"] == 1)
     assert all(r["turn"] == 1 for r in audio_out[first_new:])
+
+
+def test_the_latency_benchmarks_measure_this_graphs_settings():
+    """`omniflow bench graph|concurrency` read their omniflow settings from this file, not from a copy."""
+    from benchmarks.graph import graph_defaults
+
+    d = graph_defaults(GRAPH)
+    assert d["whisper"].dtype == graph_params("whisper").get("dtype", "float32")
+    assert d["backbone"].dtype == graph_params("backbone").get("dtype", "float32")
+    assert d["scheduler"].first_chunk_frames == graph_params("scheduler")["first_chunk_frames"]
+    assert d["vocoder"].context_frames == graph_params("vocoder")["context_frames"]
+    assert graph_defaults(GRAPH, {"backbone": {"dtype": "float32"}})["backbone"].dtype == "float32"
+    with pytest.raises(ValueError, match="no nodes.whisper:WhisperEncoder node"):
+        graph_defaults(REPO / "graphs" / "tts.yaml")
