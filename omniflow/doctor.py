@@ -184,13 +184,12 @@ def check_tools() -> list[Check]:
 def check_weights(root: Path | None = None) -> list[Check]:
     from . import weights
     root = weights.home(root).resolve()
-    wanted = ["miniomni", "snac"]
-    sizes = sorted(p.name for p in root.glob(f"{weights.WHISPER_PREFIX}*") if p.is_dir())
-    wanted += sizes or [f"{weights.WHISPER_PREFIX}small"]        # the speech graphs use small
+    sizes = sorted(p.name.removeprefix(weights.WHISPER_PREFIX)
+                   for p in root.glob(f"{weights.WHISPER_PREFIX}*") if p.is_dir())
     rows = []
-    for component in wanted:
+    for component, folder in weights.component_dirs(root, sizes or ["small"]).items():  # graphs use small
         try:
-            path = weights.resolve(component, root / component)
+            path = weights.resolve(component, folder)
         except (weights.WeightsNotFound, ValueError):
             rows.append(Check(f"weights: {component}", FAIL, f"not in {root}",
                               f"omniflow fetch (needs internet) or omniflow fetch --demo "

@@ -335,6 +335,13 @@ def write_demo_snac(dest: Path, size: str = "tiny", seed: int = DEMO_SEED) -> Pa
     return dest
 
 
+def component_dirs(root: Path, whisper: Iterable[str]) -> dict[str, Path]:
+    """component -> its directory under the cache `root`: miniomni, snac, whisper-<name> per name."""
+    dirs = {"miniomni": root / "miniomni", "snac": root / "snac"}
+    dirs.update({WHISPER_PREFIX + n: root / (WHISPER_PREFIX + n) for n in whisper})
+    return dirs
+
+
 def _holds_real_weights(folder: Path) -> bool:
     return folder.is_dir() and any(folder.iterdir()) and not is_demo(folder)
 
@@ -347,17 +354,17 @@ def write_demo(root: Path, whisper: Iterable[str] = ("small",), size: str = "tin
     """
     if size not in MINIOMNI_TRUNK:
         raise ValueError(f"unknown demo size {size!r}; choose one of {sorted(MINIOMNI_TRUNK)}")
-    root = Path(root).expanduser()
     whisper = list(whisper)
-    for folder in [root / "miniomni", root / "snac"] + [root / (WHISPER_PREFIX + n) for n in whisper]:
+    dirs = component_dirs(Path(root).expanduser(), whisper)
+    for folder in dirs.values():
         if _holds_real_weights(folder):
             raise FileExistsError(f"{folder} holds weights that are not demo weights; refusing to overwrite "
                                   f"them with random ones. Fix: write the demo set elsewhere "
                                   f"(omniflow fetch --demo --home DIR) or move {folder} away")
-    out = {"miniomni": write_demo_miniomni(root / "miniomni", size, seed=seed),
-           "snac": write_demo_snac(root / "snac", size, seed=seed)}
+    out = {"miniomni": write_demo_miniomni(dirs["miniomni"], size, seed=seed),
+           "snac": write_demo_snac(dirs["snac"], size, seed=seed)}
     for name in whisper:     # every demo whisper has the adapter's input width, so any name works
-        out[WHISPER_PREFIX + name] = write_demo_whisper(root / (WHISPER_PREFIX + name), name, size, seed)
+        out[WHISPER_PREFIX + name] = write_demo_whisper(dirs[WHISPER_PREFIX + name], name, size, seed)
     return out
 
 
@@ -369,16 +376,16 @@ def fetch(root: Path, whisper: Iterable[str] = ("small",)) -> dict[str, Path]:
 
     from .model import hub
 
-    root = Path(root).expanduser()
     whisper = list(whisper)
-    for folder in [root / "miniomni", root / "snac"] + [root / (WHISPER_PREFIX + n) for n in whisper]:
+    dirs = component_dirs(Path(root).expanduser(), whisper)
+    for folder in dirs.values():
         if is_demo(folder):        # demo files have the real names: the downloader would keep them
             log.warning("replacing the demo weights in %s with the real ones", folder)
             shutil.rmtree(folder)
-    out = {"miniomni": Path(hub.fetch_miniomni(root / "miniomni")),
-           "snac": Path(hub.fetch_snac(root / "snac"))}
+    out = {"miniomni": Path(hub.fetch_miniomni(dirs["miniomni"])),
+           "snac": Path(hub.fetch_snac(dirs["snac"]))}
     for name in whisper:
-        out[WHISPER_PREFIX + name] = Path(hub.fetch_whisper(name, root / (WHISPER_PREFIX + name)))
+        out[WHISPER_PREFIX + name] = Path(hub.fetch_whisper(name, dirs[WHISPER_PREFIX + name]))
     return out
 
 
