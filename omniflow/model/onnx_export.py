@@ -57,7 +57,7 @@ def weights_hash(module: nn.Module, kind: str = "") -> str:
     for name, t in sorted(module.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")     # hashed in place, not copied
     return h.hexdigest()
 
 
