@@ -30,6 +30,7 @@ CONTROL_PUB = "$control.pub"      # endpoint-map keys of the control channel
 CONTROL_IN = "$control.in"
 RECONNECT_MS = 20                 # how soon a consumer retries a producer that is not up (yet)
 IPC_PATH_MAX = 100                # sun_path holds 107 bytes on Linux; keep a margin
+IPC_NAME_ROOM = 24                # bytes kept for "/<index>.sock" after the socket directory
 LOSSY_QUEUE_CAP = 1000           # frames a drop-oldest edge's sockets hold before the producer drops
 COPY_BELOW_BYTES = 512 * 1024    # copying a payload this small beats zero-copy send bookkeeping
 
@@ -62,6 +63,11 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def ipc_dir_fits(sock_dir: str | Path) -> bool:
+    """True if ipc:// sockets in `sock_dir` stay within the length limit of a socket path."""
+    return len(str(sock_dir)) + IPC_NAME_ROOM <= IPC_PATH_MAX
+
+
 def endpoint_map(graph: Graph, scheme: str = "ipc", sock_dir: str | Path | None = None,
                  overrides: dict[str, str] | None = None) -> dict[str, str]:
     """Addresses for every edge and the control channel.
@@ -76,7 +82,7 @@ def endpoint_map(graph: Graph, scheme: str = "ipc", sock_dir: str | Path | None 
         if sock_dir is None:
             raise ValueError("ipc endpoints need a sock_dir")
         sock_dir = Path(sock_dir)
-        if len(str(sock_dir)) + 24 > IPC_PATH_MAX:
+        if not ipc_dir_fits(sock_dir):
             raise ValueError(f"socket directory {sock_dir} is too long for ipc:// paths "
                              f"(limit ~{IPC_PATH_MAX} bytes); use a shorter --run-dir")
     addresses: dict[str, str] = {}

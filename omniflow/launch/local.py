@@ -35,7 +35,7 @@ import zmq
 from ..graph import Graph, NodeSpec
 from ..runtime import EXIT_OK, EXIT_SETUP_FAILED, Metrics, NodeConfig, NodeRuntime, run_config
 from ..security import Curve
-from ..transport import CONTROL_IN, CONTROL_PUB, endpoint_map, wiring_for
+from ..transport import CONTROL_IN, CONTROL_PUB, endpoint_map, ipc_dir_fits, wiring_for
 from .bus import ControlBus
 
 STOP_GRACE_S = 4.0          # SIGTERM, then SIGKILL after this: every node is gone within 5 s
@@ -180,7 +180,7 @@ class LocalLauncher:
         self.run_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="omniflow-"))
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)   # (mkdtemp's is 0700 too)
         self.sock_dir = self.run_dir / "ipc"
-        if len(str(self.sock_dir.resolve())) > 80:     # ipc:// paths are length-limited
+        if not ipc_dir_fits(self.sock_dir.resolve()):    # ipc:// paths are length-limited
             self.sock_dir = Path(tempfile.mkdtemp(prefix="omniflow-ipc-"))
         self.sock_dir.mkdir(exist_ok=True)
         os.chmod(self.sock_dir, 0o700)        # ipc sockets: only this user may connect to them
