@@ -11,8 +11,8 @@ see frame.py) with its receive time. File layout (little-endian):
     i64 receive time (time.monotonic_ns) | u32 header bytes | u32 payload bytes | header | payload
     ...                                                                 one record per frame
 
-A record is written with one buffered write and flushed, so a killed node leaves at most one
-cut-off record at the end, which the reader skips with a warning.
+Each record (its fixed part, header and payload) is flushed before the next one is written, so
+a killed node leaves at most one cut-off record at the end, which the reader skips with a warning.
 """
 from __future__ import annotations
 
