@@ -38,7 +38,7 @@ import yaml
 
 from ..graph import Graph, GraphError, NodeSpec, load_graph
 from ..runtime import NodeConfig
-from ..security import KEY_NAME
+from ..security import KEY_NAME, Curve
 from ..transport import CONTROL_IN, CONTROL_PUB, wiring_for
 
 NODE_PORT_BASE = 5600            # a node's k-th output edge binds this + k in its own pod
@@ -212,11 +212,8 @@ def manifests(graph: Graph, *, image: str = DEFAULT_IMAGE, namespace: str = "def
 def key_files(keys: str | Path) -> dict[str, str]:
     """The key directory as Secret data: the key pair and every allowed client's public key."""
     keys = Path(keys)
-    secret = keys / f"{KEY_NAME}.key_secret"
-    if not secret.exists():
-        raise FileNotFoundError(f"{secret} not found: {keys} is not a key directory. "
-                                f"Fix: run 'omniflow keys generate {keys}'")
-    paths = [secret, *sorted(keys.glob("*.key"))]
+    Curve.load(keys)            # what a node checks when it loads them, with the same errors
+    paths = [keys / f"{KEY_NAME}.key_secret", *sorted(keys.glob("*.key"))]
     return {p.name: base64.b64encode(p.read_bytes()).decode() for p in paths}
 
 
