@@ -51,8 +51,9 @@ class LossPolicy:
 
     @classmethod
     def default(cls, tts_text_loss: bool = False) -> "LossPolicy":
-        text = {"ASR", "A1T2", "A1A2", "T1T2"} | ({"T1A2"} if tts_text_loss else set())
-        return cls(text=frozenset(text))
+        """The policy above; `tts_text_loss` adds text loss to TTS (T1A2) answers."""
+        policy = cls()
+        return cls(text=policy.text | {"T1A2"}) if tts_text_loss else policy
 
 
 @dataclass
