@@ -1,6 +1,7 @@
 """`omniflow` command line: one subcommand per module, imported only when used.
 
-Each subcommand module exposes `add_arguments(parser)` and `main(args) -> int | None`.
+Each subcommand module exposes `add_arguments(parser)` and `main(args) -> int | None`; a module
+serving several commands names them per command: `add_<command>_arguments`, `<command>_main`.
 """
 from __future__ import annotations
 
