@@ -7,18 +7,11 @@ import sys
 from .graph import Graph, GraphError, load_graph
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of both commands."""
     parser.add_argument("graph", help="graph file (YAML)")
     parser.add_argument("--set", action="append", default=[], metavar="NODE.PARAM=VALUE",
                         help="override a node parameter before checking (repeatable)")
-
-
-def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_common(parser)
-
-
-def add_graph_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_common(parser)
 
 
 def _load(args) -> Graph | None:
