@@ -152,7 +152,8 @@ class Recording:
             self._start = f.tell()
         if meta.get("version") != VERSION:
             raise RecordingError(f"{self.path} is a version {meta.get('version')} recording; "
-                                 f"this omniflow reads version {VERSION}")
+                                 f"this omniflow reads version {VERSION}. Fix: record it again with "
+                                 "this omniflow (omniflow run GRAPH --record NODE/PORT=FILE)")
         self.edges: list[str] = meta.get("edges", [])
 
     def __iter__(self) -> Iterator[Recorded]:
