@@ -124,8 +124,10 @@ class SnacDecoder:
     def from_dir(cls, path: str | Path, **kwargs) -> "SnacDecoder":
         """Load the official format: `config.json` + `pytorch_model.bin` in `path`."""
         from snac import SNAC
+
+        from omniflow.weights import REQUIRED_FILES
         path = Path(path)
-        for name in ("config.json", "pytorch_model.bin"):
+        for name in REQUIRED_FILES["snac"]:                  # config.json, pytorch_model.bin
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path / name} is missing: a SNAC checkpoint directory holds "
                                         "config.json and pytorch_model.bin (run `omniflow fetch`)")
