@@ -31,6 +31,7 @@ through `torch.compile` (fp32 ~86 ms/step); it is compiled in `setup()` on a thr
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,7 @@ from omniflow.node import Node
 DTYPES = ("float32", "bfloat16", "float16")
 SPEECH_TASKS = ("A1A2", "A1A2_SINGLE", "A1T2", "ASR")     # take embeds
 TEXT_TASKS = ("T1A2", "T1T2")                             # take a text prompt
+STEP_S = 2048 / 24000       # one decode step = one SNAC frame = 85.3 ms of speech
 PROMPT_EXTRA = 3            # positions a prompt adds around its T frames / L tokens (REFERENCE §3)
 
 
@@ -77,6 +79,10 @@ class Backbone(Node):
         top_k: int | None = 1
         top_p: float = 1.0
         seed: int | None = None
+        max_speed: float = 0.0             # decode at most this many times faster than real time
+                                           # (1 step = 85.3 ms of speech); 0: as fast as possible.
+                                           # Answers a listener hears in real time gain nothing from
+                                           # racing ahead, and a paced answer leaves the CPU to others
 
     def __init__(self, params=None, name=None):
         super().__init__(params, name)
@@ -90,6 +96,9 @@ class Backbone(Node):
             raise ValueError(f"dtype {p.dtype!r} must be one of {DTYPES}")
         if p.max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {p.max_sessions}")
+        if p.max_speed < 0:
+            raise ValueError(f"max_speed must be >= 0 (0 = unpaced), got {p.max_speed}")
+        self._next_step_at = 0.0                     # time.monotonic() before which no step runs
         self.queue: deque[_Request] = deque()
         self.live: dict[str, _Request] = {}          # session -> its running turn
         self._tokenizer = None
@@ -208,6 +217,9 @@ class Backbone(Node):
         return bool(self.live)
 
     def step(self):
+        if self.params.max_speed > 0:
+            time.sleep(max(0.0, self._next_step_at - time.monotonic()))
+            self._next_step_at = time.monotonic() + STEP_S / self.params.max_speed
         for session, out in self.engine.step().items():
             yield self._emit(self.live[session], out)
         yield from self._admit()

@@ -58,6 +58,19 @@ def test_one_session_equals_the_model_called_directly(ckpt, n_embd):
     assert frames[-1].meta["stop"] in ("eoa", "length")
 
 
+def test_max_speed_paces_decoding_without_changing_the_tokens(ckpt, n_embd):
+    import time
+
+    port, frame = embeds_frame(n_embd)
+    started = time.monotonic()
+    out = run_node(backbone(ckpt, max_speed=4.0), [(port, frame)])
+    elapsed = time.monotonic() - started
+    steps = len(out.on("tokens"))
+    assert tokens_of(out, "s") == direct_tokens(ckpt, "A1A2", embeds=frame.data)
+    # the decode steps after the prefill take at least 85.3 ms / 4 each
+    assert elapsed >= (steps - 2) * (2048 / 24000) / 4.0
+
+
 def test_two_sessions_at_once_get_exactly_their_solo_tokens(ckpt, n_embd):
     a, b = embeds_frame(n_embd, "a", seed=1, frames=15), embeds_frame(n_embd, "b", seed=2, frames=30)
     out = run_node(backbone(ckpt), [a, b])
