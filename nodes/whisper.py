@@ -37,6 +37,7 @@ import msgspec
 import numpy as np
 
 from omniflow import weights
+from omniflow.audio import to_float_mono
 from omniflow.frame import Frame
 from omniflow.node import Node
 
@@ -172,13 +173,10 @@ class WhisperEncoder(Node):
 
     def _as_16k_mono(self, frame: Frame) -> tuple[np.ndarray, int]:
         audio = np.asarray(frame.data)
-        if audio.dtype == np.int16:                   # tolerate int16 PCM: scale to [-1, 1)
-            audio = audio.astype(np.float32) / 32768.0
-        audio = audio.astype(np.float32, copy=False)
-        if audio.ndim == 2:                           # (N, channels): mix down
+        if audio.ndim == 2:                           # (N, channels): mixed down by to_float_mono
             self.log.warning("utterance of session %s has %d channels; mixing to mono",
                              frame.session, audio.shape[1])
-            audio = audio.mean(axis=1)
+        audio = to_float_mono(audio)                  # int16 or float -> (N,) float32
         rate = int(frame.meta.get("rate", SAMPLE_RATE))
         if rate != SAMPLE_RATE:
             import soxr
