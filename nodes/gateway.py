@@ -62,6 +62,7 @@ from urllib.parse import parse_qs, urlsplit
 import msgspec
 import numpy as np
 
+from omniflow.audio import as_float32, to_int16
 from omniflow.frame import Frame
 from omniflow.node import CONTROL, Node
 
@@ -73,7 +74,6 @@ SESSION_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 FORMATS = {"s16": "int16", "int16": "int16", "f32": "float32", "float32": "float32"}
 DTYPES = {"int16": np.dtype("<i2"), "float32": np.dtype("<f4")}
 SHORT = {"int16": "s16", "float32": "f32"}        # the names the protocol reports
-INT16_SCALE = 32768.0          # float audio in [-1, 1) <-> int16
 MAX_RATE = 384_000             # Hz: anything higher is a client bug, not audio
 
 
@@ -318,12 +318,8 @@ def _encode_pcm(audio: np.ndarray, dtype: str) -> bytes:
     """(N,) answer audio -> little-endian bytes in the client's format (float clipped to [-1, 1))."""
     audio = np.asarray(audio).reshape(-1)
     if dtype == "int16":
-        if audio.dtype != np.int16:
-            audio = np.clip(np.rint(audio.astype(np.float32) * INT16_SCALE), -INT16_SCALE, INT16_SCALE - 1)
-        return audio.astype("<i2").tobytes()
-    if audio.dtype == np.int16:
-        audio = audio.astype(np.float32) / INT16_SCALE
-    return audio.astype("<f4").tobytes()
+        return to_int16(audio).astype("<i2").tobytes()
+    return as_float32(audio).astype("<f4").tobytes()
 
 
 # --- the node side: sessions and turns ---------------------------------------------------------
