@@ -12,6 +12,8 @@
         host: 10.0.0.2:47100                   # optional: outputs bind tcp on this host, ports
                                                # 47100, 47101, ... (no port: free ports, one machine)
         resources: {num_cpus: 1, num_gpus: 1}  # optional: what Ray / Kubernetes reserve for it
+        threads: 1                             # optional: CPU threads for the node's math (torch,
+                                               # OpenMP, MKL); default: the libraries' own (all cores)
       sink:
         use: nodes.audio:WavSink
         params: {path: out.wav}
@@ -20,7 +22,17 @@
 
 An input may also list several sources (fan-in: `[a/x, b/y]`). An output feeding several
 consumers delivers every frame to each (fan-out). A loop is an error unless one of its edges says
-`feedback: true`. Every problem is reported as `file:line: what is wrong. Fix: what to do`,
+`feedback: true`.
+
+`threads: N` matters when several compute-heavy nodes share few cores: torch, OpenMP and MKL each
+default to one thread per core, so two such nodes (e.g. whisper and the backbone on 2 cores)
+oversubscribe the CPU and both slow down. The runtime applies it in the node's process before
+`setup()`: torch.set_num_threads(N) if torch is loaded, and OMP_NUM_THREADS / MKL_NUM_THREADS /
+OPENBLAS_NUM_THREADS for a node process the local launcher starts (read when torch loads later).
+In an in-process run (`--in-process`, nodes on threads) the setting is process-wide: the last
+node to start wins.
+
+Every problem is reported as `file:line: what is wrong. Fix: what to do`,
 all of them at once, in a `GraphError`.
 """
 from __future__ import annotations
@@ -38,7 +50,8 @@ from yaml.constructor import SafeConstructor
 
 from .frame import KINDS
 
-NODE_KEYS = {"use", "params", "inputs", "restart", "max_restarts", "backoff_s", "host", "resources"}
+NODE_KEYS = {"use", "params", "inputs", "restart", "max_restarts", "backoff_s", "host", "resources",
+             "threads"}
 EDGE_KEYS = {"from", "policy", "depth", "feedback"}
 TOP_KEYS = {"nodes", "description"}
 RESTART_POLICIES = ("never", "on-failure", "always")
@@ -81,6 +94,7 @@ class NodeSpec(msgspec.Struct):
     host: str | None = None  # producers on this node bind tcp:// on this host instead of ipc://
                              # ("HOST" or "HOST:PORT_BASE", see split_host)
     resources: dict[str, float] = {}   # num_cpus, num_gpus, memory (bytes), custom: for Ray / k8s
+    threads: int | None = None         # CPU threads for torch/OpenMP/MKL in this node; None: theirs
     line: int = 0
 
 
@@ -292,6 +306,15 @@ class _Parser:
                            f">= 0, got {value!r}", "write e.g. 'resources: {num_gpus: 1}'")
             else:
                 spec.resources = {str(k): float(v) for k, v in value.items()}
+        if "threads" in items:
+            vnode = items["threads"][1]
+            value = _plain(vnode)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                self.error(vnode, f"node '{spec.name}': threads must be a whole number >= 1, "
+                           f"got {value!r}", "write e.g. 'threads: 1' (or leave it out for the "
+                           "libraries' default of one thread per core)")
+            else:
+                spec.threads = value
 
     def apply_overrides(self, specs: dict[str, NodeSpec], overrides: list[str]) -> None:
         for item in overrides:

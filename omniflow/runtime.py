@@ -65,7 +65,8 @@ class Tap(Protocol):
 class NodeRuntime:
     def __init__(self, node: Node, wiring: Wiring, *, context: zmq.Context | None = None,
                  heartbeat_s: float = HEARTBEAT_S, parent_pid: int | None = None,
-                 curve: Curve | None = None, taps: list[Tap] | None = None):
+                 curve: Curve | None = None, taps: list[Tap] | None = None,
+                 threads: int | None = None):
         self.node, self.name, self.wiring = node, node.name, wiring
         self.metrics = Metrics()
         self.log = logging.getLogger(f"omniflow.{self.name}")
@@ -79,6 +80,7 @@ class NodeRuntime:
         self._turns: dict[str, int] = {}          # session -> current turn
         self._control: list[Frame] = []           # control frames read, not yet applied
         self._taps = tuple(taps or ())            # observers of received frames (trace, record)
+        self.threads = threads                    # torch/OpenMP/MKL threads (graph key `threads`)
 
     def stop(self) -> None:
         """Ask the loop to end soon (safe from another thread or a signal handler)."""
@@ -133,7 +135,10 @@ class NodeRuntime:
         finished = False
         try:
             try:
+                apply_threads(self.threads)
                 self.node.setup()
+                apply_threads(self.threads)   # again if setup() loaded torch: it caps the
+                                              # OMP_NUM_THREADS its launcher set at the core count
             except Exception as e:
                 raise SetupError(f"node '{self.name}' failed in setup(): {e!r}") from e
             try:
@@ -359,6 +364,26 @@ class NodeConfig(msgspec.Struct):
     trace_path: str | None = None  # append sampled received-frame stamps here (omniflow run --trace)
     trace_every: int = 1           # trace one frame in N per edge (plus each turn's first and last)
     record: dict[str, str] = {}    # input edge id -> file: record every frame received on it
+    threads: int | None = None     # CPU threads for torch/OpenMP/MKL (graph key `threads`)
+
+
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def thread_env(threads: int | None) -> dict[str, str]:
+    """Environment variables that cap a not-yet-started process's math libraries at `threads`
+    (read when torch / numpy's BLAS load, so they must be set before)."""
+    return {} if threads is None else {var: str(threads) for var in THREAD_ENV_VARS}
+
+
+def apply_threads(threads: int | None) -> None:
+    """Cap torch's intra-op threads in this process. torch is not imported for this (seconds):
+    a node that loads it later reads the OMP_NUM_THREADS its launcher set instead."""
+    if threads is None:
+        return
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
 
 
 def build_taps(cfg: NodeConfig) -> list[Tap]:
@@ -395,7 +420,8 @@ def run_config(cfg: NodeConfig, *, context: zmq.Context | None = None, curve: Cu
         if curve is None and cfg.keys_dir:
             curve = Curve.load(cfg.keys_dir)
         runtime = NodeRuntime(build_node(cfg.name, cfg.use, cfg.params), cfg.wiring, context=context,
-                              parent_pid=parent_pid, curve=curve, taps=build_taps(cfg))
+                              parent_pid=parent_pid, curve=curve, taps=build_taps(cfg),
+                              threads=cfg.threads)
         if started is not None:
             started(runtime)
         runtime.run()
@@ -439,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m omniflow.runtime NODE_CONFIG.json", file=sys.stderr)
         return 2
     cfg = msgspec.json.decode(Path(argv[0]).read_bytes(), type=NodeConfig)
+    os.environ.update(thread_env(cfg.threads))         # before torch loads (e.g. another launcher)
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
     _die_with_parent()
     signal.signal(signal.SIGTERM, interrupt_once)

@@ -200,3 +200,18 @@ from omniflow import Node  # noqa: E402
 
 class TextSink(Node):
     inputs = {"text": "text"}
+
+
+def test_threads_is_a_whole_number_of_at_least_one():
+    graph = parse_graph(f"""
+nodes:
+  mic: {{{SRC}, params: {{path: x}}, threads: 2}}
+""")
+    assert graph.nodes["mic"].threads == 2
+    for bad in ("0", "1.5", "two", "true"):
+        errs = errors_of(f"""
+            nodes:
+              mic: {{{SRC}, params: {{path: x}}, threads: {bad}}}
+        """)
+        assert len(errs) == 1 and "threads must be a whole number >= 1" in errs[0], errs
+        assert "Fix: write e.g. 'threads: 1'" in errs[0]

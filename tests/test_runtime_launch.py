@@ -153,3 +153,35 @@ nodes:
     assert result.ok and result.message.startswith("stopped by a node's control frame")
     assert result.exit_codes == {"stopper": 0, "rec": 0}
     assert time.monotonic() - t0 < 6
+
+
+def threads_graph(tmp_path: Path) -> str:
+    # two values, so the default (one thread per core) cannot satisfy both
+    return f"""
+nodes:
+  one:   {{use: "test_runtime_nodes:ThreadsReporter", params: {{path: "{tmp_path}/one"}}, threads: 1}}
+  three: {{use: "test_runtime_nodes:ThreadsReporter", params: {{path: "{tmp_path}/three"}},
+          threads: 3}}
+"""
+
+
+def test_threads_caps_torch_in_each_node_process(tmp_path):
+    result = run_graph(parse_graph(threads_graph(tmp_path)))
+    assert result.ok, result.message
+    assert (tmp_path / "one").read_text() == "1"
+    assert (tmp_path / "three").read_text() == "3"
+
+
+def test_threads_applies_in_process_when_torch_is_loaded(tmp_path):
+    import torch
+    before = torch.get_num_threads()
+    graph = parse_graph(f"""
+nodes:
+  three: {{use: "test_runtime_nodes:ThreadsReporter", params: {{path: "{tmp_path}/three"}},
+          threads: 3}}
+""")
+    try:
+        assert run_graph(graph, in_process=True).ok
+        assert (tmp_path / "three").read_text() == "3"
+    finally:
+        torch.set_num_threads(before)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import msgspec
 import numpy as np
@@ -149,3 +150,18 @@ class Stopper(Node):
 class TurnlessRecorder(Recorder):
     """A Recorder whose input has no turns (like the VAD's pcm stream): it keeps every frame."""
     drop_old_turns = False
+
+
+class ThreadsReporter(Node):
+    """Loads torch in setup(), then writes the intra-op threads it computes with to `path`, and ends."""
+
+    class Params(msgspec.Struct, forbid_unknown_fields=True):
+        path: str
+
+    def setup(self):
+        import torch  # noqa: F401  (as a model node would)
+
+    def finish(self):
+        import torch
+        Path(self.params.path).write_text(str(torch.get_num_threads()))
+        return None

@@ -33,7 +33,8 @@ import msgspec
 import zmq
 
 from ..graph import Graph, NodeSpec
-from ..runtime import EXIT_OK, EXIT_SETUP_FAILED, Metrics, NodeConfig, NodeRuntime, run_config
+from ..runtime import (EXIT_OK, EXIT_SETUP_FAILED, Metrics, NodeConfig, NodeRuntime, run_config,
+                       thread_env)
 from ..security import Curve
 from ..transport import CONTROL_IN, CONTROL_PUB, endpoint_map, ipc_dir_fits, wiring_for
 from .bus import ControlBus
@@ -81,7 +82,8 @@ class ProcessWorker:
     def start(self) -> None:
         self.cfg_path.write_bytes(msgspec.json.encode(self.cfg))
         env = dict(os.environ, PYTHONUNBUFFERED="1",
-                   PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)))
+                   PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)),
+                   **thread_env(self.cfg.threads))   # torch/OpenMP/MKL read these as they load
         self.proc = subprocess.Popen([sys.executable, "-m", "omniflow.runtime", str(self.cfg_path)],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, env=env, text=True, bufsize=1)
@@ -215,7 +217,8 @@ class LocalLauncher:
                           wiring=wiring_for(self.graph, spec.name, self.endpoints),
                           log_level=self.log_level, parent_pid=os.getpid(), keys_dir=self.keys_dir,
                           metrics_path=str(self.run_dir / "nodes" / f"{spec.name}.metrics.json"),
-                          trace_path=self.trace, trace_every=self.trace_every, record=self.record)
+                          trace_path=self.trace, trace_every=self.trace_every, record=self.record,
+                          threads=spec.threads)
 
     def _worker(self, spec: NodeSpec):
         cfg = self._node_config(spec)
