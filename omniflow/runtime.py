@@ -29,7 +29,8 @@ import zmq
 from .frame import Frame, FrameError, decode, encode
 from .node import CONTROL, Node, Output, drain
 from .security import Curve, is_tcp, secure_connect, start_authenticator, stop_authenticator
-from .transport import Link, Wiring, bind_output, connect_input, send_blocking, send_or_drop
+from .transport import (Link, Wiring, bind_output, connect_input, recv_parts, send_blocking,
+                        send_or_drop)
 
 HEARTBEAT_S = 1.0          # a node reports liveness and metrics this often
 IDLE_POLL_MS = 100         # longest wait for input, so a stop request is seen within 0.1 s
@@ -209,7 +210,7 @@ class NodeRuntime:
         if link.policy == "drop-oldest":
             return self._read_lossy(sock, link)
         try:
-            parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            parts = recv_parts(sock)
         except zmq.Again:
             return False
         frame = self._decode(parts, link.id)
@@ -228,7 +229,7 @@ class NodeRuntime:
         backlog = self._backlog[sock]
         while True:
             try:
-                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                parts = recv_parts(sock)
             except zmq.Again:
                 return False
             frame = self._decode(parts, link.id)
@@ -285,7 +286,7 @@ class NodeRuntime:
     def _read_control(self) -> None:
         while self._sub is not None:
             try:
-                parts = self._sub.recv_multipart(zmq.NOBLOCK, copy=False)
+                parts = recv_parts(self._sub)
             except zmq.Again:
                 return
             frame = self._decode(parts, "the control channel")

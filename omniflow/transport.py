@@ -183,13 +183,35 @@ def connect_input(ctx: zmq.Context, link: Link, curve: Curve | None = None) -> z
     return sock
 
 
+def send_parts(sock: zmq.Socket, parts: list, flags: int = 0) -> None:
+    """`sock.send_multipart(parts, flags, copy=False)` without its per-call argument checks
+    (~1 µs a frame). ZeroMQ queues a multipart message whole or not at all, so only the first
+    part can raise zmq.Again."""
+    *head, tail = parts
+    for part in head:
+        sock.send(part, flags | zmq.SNDMORE, copy=False)
+    sock.send(tail, flags, copy=False)
+
+
+def recv_parts(sock: zmq.Socket, flags: int = zmq.NOBLOCK) -> list[zmq.Frame]:
+    """`sock.recv_multipart(flags, copy=False)`, asking each part whether more follow instead of
+    the socket (a getsockopt per part): ~1.5 vs ~3.4 µs a frame. Raises zmq.Again if none is
+    ready; the rest of a message is always ready once its first part is."""
+    part = sock.recv(flags, copy=False)
+    parts = [part]
+    while part.more:
+        part = sock.recv(flags, copy=False)
+        parts.append(part)
+    return parts
+
+
 def send_blocking(sock: zmq.Socket, parts: list, should_stop: Callable[[], bool],
                   wait_ms: int = 50) -> bool:
     """Send, waiting while the consumer is full or not connected (backpressure). Returns False
     if `should_stop()` turned True while waiting (the frame was not sent)."""
     while True:
         try:
-            sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+            send_parts(sock, parts, zmq.NOBLOCK)
             return True
         except zmq.Again:
             if should_stop():
@@ -200,7 +222,7 @@ def send_blocking(sock: zmq.Socket, parts: list, should_stop: Callable[[], bool]
 def send_or_drop(sock: zmq.Socket, parts: list) -> bool:
     """Send without waiting; False if the edge is full (the frame is dropped)."""
     try:
-        sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+        send_parts(sock, parts, zmq.NOBLOCK)
         return True
     except zmq.Again:
         return False
