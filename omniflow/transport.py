@@ -33,6 +33,9 @@ IPC_PATH_MAX = 100                # sun_path holds 107 bytes on Linux; keep a ma
 IPC_NAME_ROOM = 24                # bytes kept for "/<index>.sock" after the socket directory
 LOSSY_QUEUE_CAP = 1000           # frames a drop-oldest edge's sockets hold before the producer drops
 COPY_BELOW_BYTES = 512 * 1024    # copying a payload this small beats zero-copy send bookkeeping
+# Flags as plain ints: pyzmq's are enum.Flag members, and `NOBLOCK | SNDMORE` on those costs
+# ~0.5 µs (enum.__or__) against ~0.03 µs for ints, on every frame sent.
+NOBLOCK, SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 
 
 class Link(msgspec.Struct):
@@ -189,11 +192,11 @@ def send_parts(sock: zmq.Socket, parts: list, flags: int = 0) -> None:
     part can raise zmq.Again."""
     *head, tail = parts
     for part in head:
-        sock.send(part, flags | zmq.SNDMORE, copy=False)
+        sock.send(part, flags | SNDMORE, copy=False)
     sock.send(tail, flags, copy=False)
 
 
-def recv_parts(sock: zmq.Socket, flags: int = zmq.NOBLOCK) -> list[zmq.Frame]:
+def recv_parts(sock: zmq.Socket, flags: int = NOBLOCK) -> list[zmq.Frame]:
     """`sock.recv_multipart(flags, copy=False)`, asking each part whether more follow instead of
     the socket (a getsockopt per part): ~1.5 vs ~3.4 µs a frame. Raises zmq.Again if none is
     ready; the rest of a message is always ready once its first part is."""
@@ -211,7 +214,7 @@ def send_blocking(sock: zmq.Socket, parts: list, should_stop: Callable[[], bool]
     if `should_stop()` turned True while waiting (the frame was not sent)."""
     while True:
         try:
-            send_parts(sock, parts, zmq.NOBLOCK)
+            send_parts(sock, parts, NOBLOCK)
             return True
         except zmq.Again:
             if should_stop():
@@ -222,7 +225,7 @@ def send_blocking(sock: zmq.Socket, parts: list, should_stop: Callable[[], bool]
 def send_or_drop(sock: zmq.Socket, parts: list) -> bool:
     """Send without waiting; False if the edge is full (the frame is dropped)."""
     try:
-        send_parts(sock, parts, zmq.NOBLOCK)
+        send_parts(sock, parts, NOBLOCK)
         return True
     except zmq.Again:
         return False
