@@ -28,3 +28,23 @@ def tone_wav(tmp_path):
         sf.write(path, pcm, rate, subtype="PCM_16")
         return path, pcm
     return make
+
+
+@pytest.fixture(scope="session")
+def demo_weights(tmp_path_factory) -> Path:
+    """`omniflow fetch --demo --home <tmp>`, once per test session (random weights, official formats)."""
+    import subprocess
+
+    home = tmp_path_factory.mktemp("omniflow-home")
+    subprocess.run([sys.executable, "-m", "omniflow.cli", "fetch", "--demo", "--home", str(home)],
+                   check=True, capture_output=True, cwd=TESTS.parent)
+    return home
+
+
+@pytest.fixture(scope="module")
+def demo_home(demo_weights):
+    """The demo weights, with OMNIFLOW_HOME pointing at them for the tests of one module."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("OMNIFLOW_HOME", str(demo_weights))
+    yield demo_weights
+    mp.undo()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import subprocess
 import sys
 import threading
 import time
@@ -262,18 +261,6 @@ def test_a_server_thread_that_died_fails_the_node(gateway):
 
 
 # --- the speech server end to end ------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def demo_home(tmp_path_factory):
-    """`omniflow fetch --demo --home <tmp>` once; OMNIFLOW_HOME points there for these tests."""
-    home = tmp_path_factory.mktemp("omniflow-home")
-    subprocess.run([sys.executable, "-m", "omniflow.cli", "fetch", "--demo", "--home", str(home)],
-                   check=True, capture_output=True, cwd=REPO)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("OMNIFLOW_HOME", str(home))
-    yield home
-    mp.undo()
-
 
 def ws_client():
     """examples/ws_client.py, imported from its file (examples/ is not a package)."""

@@ -12,9 +12,6 @@ receives to a JSON-lines file, so it works across processes.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -60,18 +57,6 @@ def read_records(path: Path) -> list[dict]:
 
 
 # --- fixtures ------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def demo_home(tmp_path_factory):
-    """`omniflow fetch --demo --home <tmp>` once; OMNIFLOW_HOME points there for every test."""
-    home = tmp_path_factory.mktemp("omniflow-home")
-    subprocess.run([sys.executable, "-m", "omniflow.cli", "fetch", "--demo", "--home", str(home)],
-                   check=True, capture_output=True, cwd=REPO)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("OMNIFLOW_HOME", str(home))
-    yield home
-    mp.undo()
-
 
 def speech_graph(tmp: Path, *sets: str, edit=None):
     """The shipped graph, outputs redirected into `tmp`, a Recorder on tokens and audio; `edit(spec)`

@@ -51,17 +51,6 @@ def omniflow(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           env=dict(os.environ, COLUMNS="200"))     # rich wraps at the width
 
 
-@pytest.fixture(scope="module")
-def demo_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("omniflow-home")
-    subprocess.run([sys.executable, "-m", "omniflow.cli", "fetch", "--demo", "--home", str(home)],
-                   check=True, capture_output=True, cwd=REPO)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("OMNIFLOW_HOME", str(home))
-    yield home
-    mp.undo()
-
-
 def test_replayed_embeds_give_the_same_answer_sample_for_sample(demo_home, tmp_path):
     from omniflow.graph import load_graph
     from omniflow.launch.local import run_graph

@@ -73,17 +73,6 @@ def test_trace_every_keeps_each_turns_first_and_last_frame(tmp_path, tone_wav):
     assert every.ok and len(read_trace(trace)) == 2 * 50          # a new run starts a new file
 
 
-@pytest.fixture(scope="module")
-def demo_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("omniflow-home")
-    subprocess.run([sys.executable, "-m", "omniflow.cli", "fetch", "--demo", "--home", str(home)],
-                   check=True, capture_output=True, cwd=REPO)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("OMNIFLOW_HOME", str(home))
-    yield home
-    mp.undo()
-
-
 def test_speech_graph_critical_path_is_vad_to_first_audio(demo_home, tmp_path):
     from omniflow.graph import load_graph
     from omniflow.launch.local import run_graph
