@@ -28,7 +28,6 @@ a second speaker costs the first; the table shows it as it is.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import queue
 import statistics
@@ -257,14 +256,7 @@ def report(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="omniflow bench concurrency", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    results = run(args)
-    print(report(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    return 0
+    return g.bench_main(argv, "omniflow bench concurrency", __doc__, add_arguments, run, report)
 
 
 if __name__ == "__main__":

@@ -469,18 +469,20 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    if isinstance(argv, argparse.Namespace):
-        args = argv
-    else:
-        parser = argparse.ArgumentParser(prog="omniflow bench graph", description=__doc__.splitlines()[0])
-        add_arguments(parser)
-        args = parser.parse_args(argv)
+def bench_main(argv, prog: str, doc: str, add_arguments, run, report) -> int:
+    """Parse `argv`, run the benchmark, print its report, write --json if asked (graph, concurrency)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
     results = run(args)
     print(report(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
+
+
+def main(argv=None) -> int:
+    return bench_main(argv, "omniflow bench graph", __doc__, add_arguments, run, report)
 
 
 if __name__ == "__main__":
