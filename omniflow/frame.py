@@ -19,6 +19,8 @@ import numpy as np
 
 MAX_HEADER_BYTES = 64 * 1024        # a header is metadata, never data: larger ones are rejected
 MAX_PAYLOAD_BYTES = 256 * 1024**2   # one frame's payload; a whole 30 s utterance is ~1.9 MB
+MAX_DIMS = 8                        # dimensions of an array payload (nodes send 1-3)
+PLAIN_KINDS = "biufc"               # numpy dtype kinds a payload may have: bool, int, uint, float, complex
 
 # Frame kinds a port may declare. "any" accepts everything (generic sinks, taps, recorders).
 KINDS: dict[str, str] = {
@@ -94,6 +96,27 @@ def encode(frame: Frame) -> list[bytes | memoryview]:
     return [_encoder.encode(header), payload]
 
 
+def _array(dtype: str, shape: tuple[int, ...], payload) -> np.ndarray:
+    """The payload as an ndarray of a plain numeric `dtype` and `shape`, or FrameError. Only
+    bool/int/uint/float/complex dtypes travel: numpy accepts far more strings ("V0", "i4,i4",
+    "(2,)f4", "O"), and each of those can fail later in ways no node expects."""
+    try:
+        dt = np.dtype(dtype)
+    except Exception:                   # TypeError, ValueError, SyntaxError: numpy parses the string
+        raise FrameError(f"unknown dtype {dtype!r}") from None
+    if dt.kind not in PLAIN_KINDS or dt.fields is not None or dt.subdtype is not None \
+            or dt.itemsize == 0 or len(shape) > MAX_DIMS or any(s < 0 for s in shape):
+        raise FrameError(f"refusing dtype {dtype!r} / shape {shape}: payloads are plain numbers "
+                         f"(numpy kinds {PLAIN_KINDS!r}) of at most {MAX_DIMS} dimensions")
+    expected = dt.itemsize * math.prod(shape)   # exact ints; np.prod costs ~3 µs
+    if expected != len(payload):
+        raise FrameError(f"payload is {len(payload)} bytes but {dtype}{list(shape)} needs {expected}")
+    try:
+        return np.frombuffer(payload, dtype=dt).reshape(shape)
+    except (ValueError, TypeError) as e:      # e.g. a shape numpy cannot index
+        raise FrameError(f"payload cannot be shaped {dtype}{list(shape)}: {e}") from None
+
+
 def decode(parts: list[bytes | memoryview]) -> Frame:
     """[header, payload] -> Frame. Raises FrameError on anything malformed."""
     if len(parts) != 2:
@@ -118,16 +141,6 @@ def decode(parts: list[bytes | memoryview]) -> Frame:
             raise FrameError(f"header says {h.shape} bytes, payload has {len(payload)}")
         data = bytes(payload)
     else:
-        try:
-            dt = np.dtype(h.dtype)
-        except TypeError:
-            raise FrameError(f"unknown dtype {h.dtype!r}") from None
-        if dt.hasobject or any(s < 0 for s in h.shape):
-            raise FrameError(f"refusing dtype {h.dtype!r} / shape {h.shape}")
-        expected = dt.itemsize * math.prod(h.shape)   # exact ints; np.prod costs ~3 µs
-        if expected != len(payload):
-            raise FrameError(f"payload is {len(payload)} bytes but {h.dtype}{list(h.shape)} "
-                             f"needs {expected}")
-        data = np.frombuffer(payload, dtype=dt).reshape(h.shape)
+        data = _array(h.dtype, h.shape, payload)
     return Frame(kind=h.kind, session=h.session, turn=h.turn, seq=h.seq, last=h.last,
                  meta=h.meta, stamps=h.stamps, data=data)

@@ -62,6 +62,15 @@ def header(**over) -> bytes:
     ([header(shape=(-4,)), b""], "refusing dtype"),
     ([header(dtype="", shape=()), b"\x00"], "no payload"),
     ([header(dtype="bytes", shape=(3,)), b"\x00"], "payload has 1"),
+    # numpy accepts these dtype strings, and each used to escape as ValueError/TypeError
+    ([header(dtype="V0", shape=(4,)), b""], "refusing dtype"),
+    ([header(dtype="i4,i4", shape=(2,)), b"\x00" * 16], "refusing dtype"),
+    ([header(dtype="(2,)f4", shape=(2,)), b"\x00" * 16], "refusing dtype"),
+    ([header(dtype="<U4", shape=(1,)), b"\x00" * 16], "refusing dtype"),
+    ([header(dtype="M8[s]", shape=(1,)), b"\x00" * 8], "refusing dtype"),
+    ([header(dtype="f4)", shape=(1,)), b"\x00" * 4], "unknown dtype"),
+    ([header(dtype="<f4", shape=(1,) * 100), b"\x00" * 4], "refusing dtype"),
+    ([header(dtype="<f4", shape=(0, 2**62, 2**62)), b""], "cannot be shaped|refusing"),
 ])
 def test_malformed_frames_are_rejected(parts, reason):
     with pytest.raises(FrameError, match=reason.replace("[", r"\[").replace("]", r"\]")):
