@@ -60,7 +60,7 @@ def build_models(seed: int = 0):
     from nodes.vocoder import SnacDecoder
     from omniflow.model.config import Config
     from omniflow.model.gpt import MiniOmni
-    from omniflow.weights import INIT_STD, SNAC_CONFIG, WHISPER_DIMS
+    from omniflow.model.weights import INIT_STD, SNAC_CONFIG, WHISPER_DIMS
 
     torch.manual_seed(seed)
     d = ModelDimensions(**WHISPER_DIMS["real"])                     # whisper-small

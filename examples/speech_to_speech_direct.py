@@ -18,7 +18,7 @@ import whisper
 from nodes.scheduler import SnacScheduler
 from nodes.vocoder import SAMPLE_RATE, SnacDecoder, StreamingSnac, StreamState
 from nodes.whisper import frames_to_keep, load_encoder
-from omniflow import weights
+from omniflow.model import weights
 from omniflow.frame import Frame
 from omniflow.model.checkpoint import load_model
 from omniflow.model.engine import Engine

@@ -15,7 +15,7 @@ from typing import Literal
 import msgspec
 import numpy as np
 
-from omniflow import weights
+from omniflow.model import weights
 from omniflow.frame import Frame
 from omniflow.node import Node
 

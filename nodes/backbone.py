@@ -107,7 +107,7 @@ class Backbone(Node):
     def setup(self):
         import torch
 
-        from omniflow import weights
+        from omniflow.model import weights
         from omniflow.model.checkpoint import load_model
         from omniflow.model.engine import Engine
         from omniflow.model.sampling import Sampling

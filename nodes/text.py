@@ -21,7 +21,7 @@ from typing import Literal
 
 import msgspec
 
-from omniflow import weights
+from omniflow.model import weights
 from omniflow.frame import Frame
 from omniflow.model.tokens import TEXT_STREAM
 from omniflow.node import CONTROL, Node

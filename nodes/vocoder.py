@@ -27,7 +27,7 @@ original is stochastic. `noise` selects what this node does:
   noise blocks: noise is "off" there.
 
 Weights: the official `config.json` + `pytorch_model.bin` (hubertsiuzdak/snac_24khz), found by
-`omniflow.weights.resolve("snac", params.checkpoint)`.
+`omniflow.model.weights.resolve("snac", params.checkpoint)`.
 """
 from __future__ import annotations
 
@@ -125,12 +125,12 @@ class SnacDecoder:
         """Load the official format: `config.json` + `pytorch_model.bin` in `path`."""
         from snac import SNAC
 
-        from omniflow.weights import REQUIRED_FILES
+        from omniflow.model.weights import missing_files
         path = Path(path)
-        for name in REQUIRED_FILES["snac"]:                  # config.json, pytorch_model.bin
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"{path / name} is missing: a SNAC checkpoint directory holds "
-                                        "config.json and pytorch_model.bin (run `omniflow fetch`)")
+        missing = missing_files("snac", path)                # of config.json, pytorch_model.bin
+        if missing:
+            raise FileNotFoundError(f"{path / missing[0]} is missing: a SNAC checkpoint directory holds "
+                                    "config.json and pytorch_model.bin (run `omniflow fetch`)")
         model = SNAC.from_config(str(path / "config.json"))
         model.load_state_dict(torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True))
         return cls(model, **kwargs)
@@ -221,7 +221,7 @@ class SnacVocoder(Node):
         if p.runtime == "onnx" and noise != "off":
             raise ValueError(f"runtime: onnx decodes without SNAC's noise; noise: {noise!r} needs "
                              "runtime: torch (or set noise: off)")
-        from omniflow import weights
+        from omniflow.model import weights
         path = weights.resolve("snac", p.checkpoint)
         weights.warn_if_demo(path, self.log)
         decoder = SnacDecoder.from_dir(path, noise=noise, seed=p.seed, device=p.device)

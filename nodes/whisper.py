@@ -24,7 +24,7 @@ the semantics above) and their kept frames concatenated; with `over_limit: refus
 is dropped with an error in the log that says how long it was and how to allow it.
 
 Weights: `checkpoint` is an openai-whisper size ("small", "base", ...) looked up through
-omniflow.weights (explicit path -> $OMNIFLOW_HOME/whisper-<size>/<size>.pt -> `omniflow fetch`), or
+omniflow.model.weights (explicit path -> $OMNIFLOW_HOME/whisper-<size>/<size>.pt -> `omniflow fetch`), or
 a path to a `.pt` file in openai-whisper's format. Only the encoder is kept in memory.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Literal
 import msgspec
 import numpy as np
 
-from omniflow import weights
+from omniflow.model import weights
 from omniflow.audio import to_float_mono
 from omniflow.frame import Frame
 from omniflow.node import Node

@@ -2,12 +2,16 @@
 
 Each subcommand module exposes `add_arguments(parser)` and `main(args) -> int | None`; a module
 serving several commands names them per command: `add_<command>_arguments`, `<command>_main`.
+Commands of the core are listed here; those of the model, trainer and benchmarks come from
+`omniflow.plugins.COMMANDS` (by module name: the core imports no model code).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from . import plugins
 
 # name -> (module, one-line help). Modules are imported lazily so `omniflow --help` is instant.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -16,13 +20,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "graph": ("omniflow.graph_cli", "print a graph as Mermaid text"),
     "keys": ("omniflow.security", "CURVE keys for secured tcp edges: keys generate DIR | keys show DIR"),
     "export": ("omniflow.launch.k8s", "export a graph for another platform: export k8s GRAPH --out DIR"),
-    "fetch": ("omniflow.weights", "download official weights (or write --demo weights)"),
-    "bench": ("benchmarks.cli", "run a benchmark: transport | decode | graph | train"),
-    "train": ("train.cli", "train a Mini-Omni stage: stage1 | stage2 | stage3 | final"),
     "trace": ("omniflow.trace", "per-hop latency of a run traced with 'run --trace FILE.jsonl'"),
     "record": ("omniflow.record", "run a graph recording the frames of an edge: record GRAPH --edge E --out F"),
     "replay": ("omniflow.record", "show what a recording holds (replay it with a nodes.replay:Replay node)"),
     "doctor": ("omniflow.doctor", "check this machine: Python, torch/CUDA, bf16, libzmq/CURVE, extras, weights"),
+    **plugins.COMMANDS,
 }
 
 
@@ -37,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
         if name in sys.argv[1:2]:          # only the chosen command's module is imported
-            mod = importlib.import_module(module)
+            mod = plugins.load(module, f"omniflow {name}")
             (getattr(mod, f"add_{name}_arguments", None) or mod.add_arguments)(p)
     return parser
 
@@ -45,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     if argv is not None:
         sys.argv[1:] = argv
-    args = build_parser().parse_args()
+    try:
+        args = build_parser().parse_args()
+    except plugins.PluginMissing as e:
+        print(f"omniflow: error: {e}", file=sys.stderr)
+        return 1
     mod = importlib.import_module(args._module)
     entry = getattr(mod, f"{args.command}_main", None) or mod.main
     return int(entry(args) or 0)

@@ -1,8 +1,10 @@
 """`omniflow doctor`: what this machine can run, and how to fix what it cannot.
 
 Prints one row per check: ✓ works, ! works with a caveat, ✗ missing (with the fix). Exits 1 when
-something the core needs is missing (Python, the core packages, libzmq), else 0: optional extras,
-test tools and weights are reported but do not fail the check.
+something required is missing (Python, the core packages, libzmq; torch and onnxruntime of the
+model stack), else 0: optional extras, test tools and weights are reported but do not fail the check.
+The model stack's rows (torch/CUDA, bf16, onnxruntime, weights) come from the modules named in
+`omniflow.plugins.DOCTOR_CHECKS`.
 
     omniflow doctor                  # weights from $OMNIFLOW_HOME (default ~/.cache/omniflow)
     omniflow doctor --home DIR       # weights from DIR (as `omniflow fetch --home DIR`)
@@ -11,9 +13,11 @@ test tools and weights are reported but do not fail the check.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import platform
 import shutil
 import sys
@@ -22,15 +26,13 @@ from typing import Callable
 
 import msgspec
 
+from . import plugins
+
 MIN_PYTHON = (3, 11)
-CPUINFO = Path("/proc/cpuinfo")
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")         # CPU instructions that make bfloat16 fast
 # core packages (pyproject dependencies) -> import name; imported for real, since some fail only
-# at import (soundfile without libsndfile, torch with a broken CUDA runtime)
-CORE_PACKAGES = {"numpy": "numpy", "msgspec": "msgspec", "pyyaml": "yaml", "soundfile": "soundfile",
-                 "soxr": "soxr", "rich": "rich", "snac": "snac", "openai-whisper": "whisper",
-                 "tokenizers": "tokenizers", "huggingface_hub": "huggingface_hub",
-                 "silero-vad": "silero_vad"}
+# at import (a broken binary wheel)
+CORE_PACKAGES = {"numpy": "numpy", "msgspec": "msgspec", "pyyaml": "yaml", "pyzmq": "zmq", "rich": "rich"}
+CORE_INSTALL = "pip install -e ."
 OK, WARN, FAIL = "ok", "warn", "fail"
 MARKS = {OK: "[green]✓[/]", WARN: "[yellow]![/]", FAIL: "[red]✗[/]"}
 
@@ -60,9 +62,10 @@ def check_python() -> list[Check]:
                   "" if ok else f"install Python >= {need} and reinstall omniflow with it", True)]
 
 
-def check_core_packages() -> list[Check]:
+def check_packages(name: str, packages: dict[str, str], fix: str, required: bool) -> list[Check]:
+    """One row for a group of packages ({distribution: import name}): all import, or what does not."""
     missing, broken = [], []
-    for dist, module in CORE_PACKAGES.items():
+    for dist, module in packages.items():
         try:
             importlib.import_module(module)
         except ImportError:
@@ -70,60 +73,14 @@ def check_core_packages() -> list[Check]:
         except Exception as e:                      # e.g. OSError: libsndfile not found
             broken.append(f"{dist} ({type(e).__name__}: {e})")
     if missing or broken:
-        return [Check("core packages", FAIL, "; ".join(filter(None, [
+        return [Check(name, FAIL, "; ".join(filter(None, [
             "missing: " + ", ".join(missing) if missing else "",
-            "failing to import: " + ", ".join(broken) if broken else ""])),
-            "pip install -e '.[cpu]' (a CPU machine) or pip install -e . (a CUDA machine)", True)]
-    return [Check("core packages", OK, f"{len(CORE_PACKAGES)} import", required=True)]
+            "failing to import: " + ", ".join(broken) if broken else ""])), fix, required)]
+    return [Check(name, OK, f"{len(packages)} import", required=required)]
 
 
-def check_torch() -> list[Check]:
-    try:
-        import torch
-    except Exception as e:
-        return [Check("torch", FAIL, f"cannot import torch ({e})",
-                      "pip install -e '.[cpu]' for the CPU wheel, or a CUDA build from pytorch.org", True)]
-    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU build"
-    rows = [Check("torch", OK, f"{torch.__version__}, {build}", required=True)]
-    if not torch.version.cuda:
-        rows.append(Check("CUDA devices", WARN, "none: a CPU build of torch; models run on the CPU",
-                          "for a GPU, install a CUDA build of torch (https://pytorch.org)"))
-    elif not torch.cuda.is_available():
-        rows.append(Check("CUDA devices", WARN, "a CUDA build, but no usable GPU (driver? "
-                          "CUDA_VISIBLE_DEVICES?)", "check nvidia-smi and the driver version"))
-    else:
-        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        bf16 = "bf16 ok" if torch.cuda.is_bf16_supported() else "no bf16"
-        rows.append(Check("CUDA devices", OK, f"{len(names)}: {', '.join(names)} ({bf16})"))
-    return rows
-
-
-def check_cpu_bf16(cpuinfo: Path = CPUINFO) -> list[Check]:
-    """bfloat16 is only faster than float32 on CPUs with bf16 instructions (see nodes/backbone.py)."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return [Check("CPU bf16", WARN, f"unknown ({cpuinfo} unreadable: not Linux?)",
-                      "keep dtype: float32 on the CPU nodes unless you know the CPU has bf16")]
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
-            break
-    have = [f for f in BF16_FLAGS if f in flags]
-    if have:
-        return [Check("CPU bf16", OK, f"{', '.join(have)}: dtype: bfloat16 speeds up CPU nodes")]
-    return [Check("CPU bf16", WARN, f"no {' / '.join(BF16_FLAGS)}: bfloat16 would be emulated (slow)",
-                  "keep dtype: float32 on CPU nodes (the default)")]
-
-
-def check_onnxruntime() -> list[Check]:
-    try:
-        import onnxruntime as ort
-    except Exception as e:
-        return [Check("onnxruntime", FAIL, f"cannot import ({e})", "pip install onnxruntime", True)]
-    providers = ort.get_available_providers()
-    return [Check("onnxruntime", OK, f"{ort.__version__}: {', '.join(providers)}", required=True)]
+def check_core_packages() -> list[Check]:
+    return check_packages("core packages", CORE_PACKAGES, CORE_INSTALL, True)
 
 
 def check_zmq() -> list[Check]:
@@ -181,42 +138,33 @@ def check_tools() -> list[Check]:
     return rows
 
 
-def check_weights(root: Path | None = None) -> list[Check]:
-    from . import weights
-    root = weights.home(root).resolve()
-    sizes = sorted(p.name.removeprefix(weights.WHISPER_PREFIX)
-                   for p in root.glob(f"{weights.WHISPER_PREFIX}*") if p.is_dir())
-    rows = []
-    for component, folder in weights.component_dirs(root, sizes or ["small"]).items():  # graphs use small
-        try:
-            path = weights.resolve(component, folder)
-        except (weights.WeightsNotFound, ValueError):
-            rows.append(Check(f"weights: {component}", FAIL, f"not in {root}",
-                              f"omniflow fetch (needs internet) or omniflow fetch --demo "
-                              f"--home {root} (random weights)"))
-            continue
-        if weights.is_demo(path):
-            rows.append(Check(f"weights: {component}", WARN, f"DEMO weights at {path} "
-                              "(random: the output is not speech)",
-                              "omniflow fetch, for the real model"))
-        else:
-            rows.append(Check(f"weights: {component}", OK, str(path)))
-    return rows
-
-
-CHECKS: list[Callable[[], list[Check]]] = [check_python, check_core_packages, check_torch,
-                                            check_cpu_bf16, check_onnxruntime, check_zmq,
+CHECKS: list[Callable[[], list[Check]]] = [check_python, check_core_packages, check_zmq,
                                             check_extras, check_tools]
+
+
+def _plugin_checks(home: Path | None) -> list[Callable[[], list[Check]]]:
+    """The checks of the packages named in plugins.DOCTOR_CHECKS, bound to `home`."""
+    checks: list[Callable[[], list[Check]]] = []
+    for module in plugins.DOCTOR_CHECKS:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            checks.append(lambda m=module, e=e: [Check(m, WARN, f"not importable ({e})",
+                                                       plugins.MODEL_INSTALL)])
+            continue
+        checks += [functools.partial(check, home) if "home" in inspect.signature(check).parameters
+                   else check for check in mod.CHECKS]
+    return checks
 
 
 def run_checks(home: str | Path | None = None) -> list[Check]:
     """Every check, in order; a check that crashes is reported as a failed row, not raised."""
     rows: list[Check] = []
-    for check in [*CHECKS, lambda: check_weights(Path(home) if home else None)]:
+    for check in [*CHECKS, *_plugin_checks(Path(home) if home else None)]:
         try:
             rows += check()
         except Exception as e:
-            name = getattr(check, "__name__", "check").removeprefix("check_")
+            name = getattr(getattr(check, "func", check), "__name__", "check").removeprefix("check_")
             rows.append(Check(name, FAIL, f"the check itself failed: {e!r}",
                               "please report this with the output of omniflow doctor"))
     return rows
@@ -240,7 +188,7 @@ def print_checks(rows: list[Check], console=None) -> None:
         table.add_row(MARKS[r.status], name, escape(r.detail), escape(r.fix))   # "[audio]" is text
     console.print(table)
     failed = [r.name for r in rows if r.required and r.status == FAIL]
-    console.print(f"[red]missing for the core: {', '.join(failed)}[/]" if failed else
+    console.print(f"[red]missing: {', '.join(failed)}[/]" if failed else
                   "[green]the core works[/] (rows marked ! or ✗ are optional or need weights)")
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from omniflow import doctor
+from omniflow.model import doctor as model_doctor
 
 REPO = Path(__file__).resolve().parent.parent
 WEIGHTS = ("miniomni", "snac", "whisper-small")
@@ -69,7 +70,7 @@ def test_a_missing_core_package_exits_1_and_names_the_install(tmp_path, monkeypa
 def test_cpu_bf16_is_read_from_cpuinfo_flags(tmp_path, flags, status):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-    [row] = doctor.check_cpu_bf16(cpuinfo)
+    [row] = model_doctor.check_cpu_bf16(cpuinfo)
     assert row.status == status
     if status == doctor.OK:
         assert row.detail.startswith("avx512_bf16") and not row.fix
@@ -95,10 +96,10 @@ def test_a_cuda_build_lists_its_devices(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    build, devices = doctor.check_torch()
+    build, devices = model_doctor.check_torch()
     assert build.status == doctor.OK and "CUDA 12.4 build" in build.detail
     assert devices.status == doctor.OK and devices.detail == "1: NVIDIA H100 80GB HBM3 (bf16 ok)"
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    _, devices = doctor.check_torch()
+    _, devices = model_doctor.check_torch()
     assert devices.status == doctor.WARN and "nvidia-smi" in devices.fix

@@ -103,7 +103,7 @@ def direct_tokens(embeds: np.ndarray, steps: int = STEPS) -> list[list[int]]:
     graph's backbone dtype: bfloat16 tokens are compared with bfloat16 tokens)."""
     import torch
 
-    from omniflow import weights
+    from omniflow.model import weights
     from omniflow.model.checkpoint import load_model
     from omniflow.model.engine import Engine
 
@@ -134,7 +134,7 @@ def recorded_tokens(records, session="default", turn=None):
 def test_full_graph_each_node_its_own_process(demo_home, tmp_path):
     from omniflow.launch.local import run_graph
     from omniflow.model.tokenizer import Tokenizer
-    from omniflow import weights
+    from omniflow.model import weights
 
     result = run_graph(speech_graph(tmp_path))
     assert result.ok, result.message

@@ -8,7 +8,7 @@ import pytest
 import whisper
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from omniflow.model import hub
+from omniflow.model.weights import hub
 
 PAYLOAD = b"pretend whisper checkpoint " * 1000
 SHA = hashlib.sha256(PAYLOAD).hexdigest()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nodes.adapter import Adapter
-from omniflow import weights
+from omniflow.model import weights
 from omniflow.frame import Frame
 from omniflow.model.checkpoint import load_model
 from omniflow.testing import run_node

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nodes.backbone import Backbone
-from omniflow import weights
+from omniflow.model import weights
 from omniflow.frame import Frame
 from omniflow.model.checkpoint import load_model
 from omniflow.model.engine import Engine

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nodes.text import Detokenizer, TextSink, TextSource
-from omniflow import weights
+from omniflow.model import weights
 from omniflow.frame import Frame
 from omniflow.model.tokenizer import Tokenizer
 from omniflow.model.tokens import EOT, PAD_A, PAD_T

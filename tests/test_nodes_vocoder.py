@@ -12,7 +12,7 @@ import pytest
 
 from nodes.vocoder import (SAMPLE_RATE, SAMPLES_PER_FRAME, SnacDecoder, SnacVocoder, StreamingSnac,
                            StreamState, frames_to_codes)
-from omniflow import weights
+from omniflow.model import weights
 from omniflow.frame import Frame
 from omniflow.testing import run_node
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nodes.whisper import WhisperEncoder
-from omniflow import weights
+from omniflow.model import weights
 from omniflow.frame import Frame
 from omniflow.testing import run_node
 

@@ -1,4 +1,4 @@
-"""omniflow.weights: the demo set loads with every official loader; missing weights name the fix."""
+"""omniflow.model.weights: the demo set loads with every official loader; missing weights name the fix."""
 from __future__ import annotations
 
 import hashlib
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from omniflow import weights
+from omniflow.model import weights
 from omniflow.cli import main as cli_main
 from omniflow.model import tokens
 
@@ -89,7 +89,7 @@ def test_resolve_order_explicit_then_cache(demo_home, tmp_path, monkeypatch):
 def test_a_hub_repo_id_is_downloaded_once_into_the_cache(demo_home, tmp_path, monkeypatch):
     import shutil
 
-    from omniflow.model import hub
+    from omniflow.model.weights import hub
 
     calls = []
 
@@ -138,7 +138,7 @@ def test_demo_never_overwrites_real_weights(tmp_path, capsys):
 
 
 def test_real_fetch_replaces_demo_weights_and_reports_download_errors(tmp_path, monkeypatch, capsys):
-    from omniflow.model import hub
+    from omniflow.model.weights import hub
 
     weights.write_demo_snac(tmp_path / "snac")
     seen = {}

@@ -1,7 +1,7 @@
 """Small checkpoints in the official formats, for tests and benchmarks (no model hub needed).
 
 The vocabulary layout is always the real one (181120 rows: the token ids require it); only the
-trunk is scaled. Whisper and SNAC come from `omniflow.weights`' demo writers (same file formats
+trunk is scaled. Whisper and SNAC come from `omniflow.model.weights`' demo writers (same file formats
 as openai-whisper's `small.pt` and `hubertsiuzdak/snac_24khz`).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from omniflow.model.checkpoint import save_checkpoint
 from omniflow.model.config import Config
 from omniflow.model.gpt import MiniOmni
-from omniflow.weights import INIT_STD, MINIOMNI_TRUNK
+from omniflow.model.weights import INIT_STD, MINIOMNI_TRUNK
 
 # n_embd 16-32 and 1-2 layers train in seconds on 2 CPU cores; block_size bounds RoPE tables.
 TINY_TRUNK = dict(n_layer=1, n_embd=32, n_head=4, n_query_groups=2, head_size=8, intermediate_size=64,
@@ -48,13 +48,13 @@ def write_model(dest: str | Path, whisper_adapter_dim: int, seed: int = 0, **tru
 
 def write_whisper(dest: str | Path, seed: int = 0) -> tuple[Path, int]:
     """A tiny openai-whisper `.pt`; returns (path, n_audio_state)."""
-    from omniflow.weights import WHISPER_DIMS, write_demo_whisper
+    from omniflow.model.weights import WHISPER_DIMS, write_demo_whisper
     return write_demo_whisper(Path(dest), "tiny-test", "tiny", seed), WHISPER_DIMS["tiny"]["n_audio_state"]
 
 
 def write_snac(dest: str | Path, seed: int = 0) -> Path:
     """A tiny SNAC 24 kHz directory (config.json + pytorch_model.bin)."""
-    from omniflow.weights import write_demo_snac
+    from omniflow.model.weights import write_demo_snac
     return write_demo_snac(Path(dest), "tiny", seed)
 
 

@@ -169,7 +169,7 @@ def cached_export(kind: str, module: nn.Module, cache_dir, name: str | None = No
     if path.is_file() and source_hash_of(path) == h:
         return path                    # also works from a read-only weights folder
     if not _writable(path.parent):
-        from omniflow.weights import home
+        from omniflow.model.weights import home
 
         fallback = home() / "onnx" / h[:16] / path.name
         log.warning("cannot write to %s; caching the ONNX export at %s instead", path.parent, fallback)

@@ -20,12 +20,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-MINIOMNI_REPO = "gpt-omni/mini-omni"
-MINIOMNI_FILES = ("lit_model.pth", "model_config.yaml", "tokenizer.json", "tokenizer_config.json")
-# tokenizer_config.json is only read for BOS/EOS flags, which Qwen2 does not use: optional.
-MINIOMNI_REQUIRED = ("lit_model.pth", "model_config.yaml", "tokenizer.json")
-SNAC_REPO = "hubertsiuzdak/snac_24khz"
-SNAC_FILES = ("config.json", "pytorch_model.bin")
+from .components import COMPONENTS
+
+MINIOMNI_REPO = COMPONENTS["miniomni"].repo
+SNAC_REPO = COMPONENTS["snac"].repo
 WHISPER_CACHE = Path("~/.cache/whisper")                     # openai-whisper's own default
 CHUNK_BYTES = 1 << 20                                        # download read size: 1 MiB
 
@@ -71,14 +69,25 @@ def _snapshot(repo: str, files: tuple[str, ...], required: tuple[str, ...], dest
     return dest
 
 
+def _fetch(component: str, dest, repo: str, revision: str | None) -> Path:
+    c = COMPONENTS[component]
+    return _snapshot(repo, c.download, c.download_required, dest, revision)
+
+
 def fetch_miniomni(dest, repo: str = MINIOMNI_REPO, *, revision: str | None = None) -> Path:
     """Mini-Omni's lit_model.pth, model_config.yaml, tokenizer.json, tokenizer_config.json -> dest."""
-    return _snapshot(repo, MINIOMNI_FILES, MINIOMNI_REQUIRED, dest, revision)
+    return _fetch("miniomni", dest, repo, revision)
 
 
 def fetch_snac(dest, repo: str = SNAC_REPO, *, revision: str | None = None) -> Path:
     """SNAC 24 kHz config.json + pytorch_model.bin -> dest (loadable with `SNAC.from_pretrained(dest)`)."""
-    return _snapshot(repo, SNAC_FILES, SNAC_FILES, dest, revision)
+    return _fetch("snac", dest, repo, revision)
+
+
+def fetch_component(component: str, dest, repo: str | None = None) -> Path:
+    """A directory component ("miniomni" | "snac") from `repo` (default: the official one) -> dest."""
+    fetcher = {"miniomni": fetch_miniomni, "snac": fetch_snac}[component]   # looked up per call
+    return fetcher(dest, repo=repo or COMPONENTS[component].repo)
 
 
 # --- openai-whisper ---------------------------------------------------------------------------------
