@@ -49,13 +49,15 @@ class FileSource(Node):
         self.chunk = max(1, round(p.rate * p.chunk_ms / 1000))     # samples per frame
         self.pos = 0
         self.seq = 0
-        self.started = time.monotonic()
+        self.started: float | None = None    # the first step's time: realtime pacing starts there
 
     def has_work(self) -> bool:
         return self.pos < len(self.audio)
 
     def step(self):
         p = self.params
+        if self.started is None:    # not setup(): a graph starts its sources when every node is ready
+            self.started = time.monotonic()
         if p.realtime:      # frame k is due when k chunks of audio have played
             due = self.started + self.pos / p.rate
             time.sleep(max(0.0, due - time.monotonic()))

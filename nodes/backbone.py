@@ -64,6 +64,7 @@ class _Request:
 class Backbone(Node):
     inputs = {"embeds": "embeds", "text": "text"}
     outputs = {"tokens": "tokens"}
+    cpu_weight = 2                 # CPU plan: its share of the cores (omniflow.launch.plan)
 
     class Params(msgspec.Struct, forbid_unknown_fields=True):
         checkpoint: str | None = None      # Mini-Omni dir (lit_model.pth + model_config.yaml); None: cache

@@ -39,7 +39,7 @@ class Replay(Node):
         if self.next is None:
             self.log.warning("recording %s holds no frames", self.params.path)
         self.first_ns = self.next.t_ns if self.next is not None else 0
-        self.started_ns = time.monotonic_ns()
+        self.started_ns: int | None = None     # the first step's time (sources start at graph ready)
 
     def teardown(self) -> None:
         if hasattr(self, "frames"):
@@ -50,6 +50,8 @@ class Replay(Node):
 
     def step(self):
         t_ns, recorded = self.next
+        if self.started_ns is None:
+            self.started_ns = time.monotonic_ns()
         if self.params.realtime:     # frame k is due at its recorded offset / speed
             due = self.started_ns + (t_ns - self.first_ns) / self.params.speed
             time.sleep(max(0.0, (due - time.monotonic_ns()) / NS_PER_S))

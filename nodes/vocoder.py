@@ -203,6 +203,7 @@ class StreamingSnac:
 class SnacVocoder(Node):
     inputs = {"codes": "codes"}
     outputs = {"pcm": "pcm"}
+    cpu_weight = 1                 # CPU plan: its share of the cores (omniflow.launch.plan)
 
     class Params(msgspec.Struct, forbid_unknown_fields=True):
         checkpoint: str | None = None     # SNAC dir (config.json + pytorch_model.bin); None: cache/fetch

@@ -93,6 +93,7 @@ def cast_encoder(encoder, dtype):
 class WhisperEncoder(Node):
     inputs = {"audio": "utterance"}
     outputs = {"features": "features"}
+    cpu_weight = 1                 # CPU plan: its share of the cores (omniflow.launch.plan)
 
     class Params(msgspec.Struct, forbid_unknown_fields=True):
         checkpoint: str = "small"                 # whisper size name, or path to a .pt file

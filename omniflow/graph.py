@@ -13,7 +13,7 @@
                                                # 47100, 47101, ... (no port: free ports, one machine)
         resources: {num_cpus: 1, num_gpus: 1}  # optional: what Ray / Kubernetes reserve for it
         threads: 1                             # optional: CPU threads for the node's math (torch,
-                                               # OpenMP, MKL); default: the libraries' own (all cores)
+                                               # OpenMP, MKL); default: the launcher's CPU plan
       sink:
         use: nodes.audio:WavSink
         params: {path: out.wav}
@@ -26,7 +26,8 @@ consumers delivers every frame to each (fan-out). A loop is an error unless one 
 
 `threads: N` matters when several compute-heavy nodes share few cores: torch, OpenMP and MKL each
 default to one thread per core, so two such nodes (e.g. whisper and the backbone on 2 cores)
-oversubscribe the CPU and both slow down. The runtime applies it in the node's process before
+oversubscribe the CPU and both slow down. Without it the local launcher follows its CPU plan
+(omniflow.launch.plan: light nodes 1 thread, heavy ones a share of the cores). The runtime applies it in the node's process before
 `setup()`: torch.set_num_threads(N) if torch is loaded, and OMP_NUM_THREADS / MKL_NUM_THREADS /
 OPENBLAS_NUM_THREADS for a node process the local launcher starts (read when torch loads later).
 In an in-process run (`--in-process`, nodes on threads) the setting is process-wide: the last

@@ -39,6 +39,10 @@ class Node:
     # that starts turns itself from a continuous, turn-less stream (the VAD hearing a microphone)
     # sets this False, or it would go deaf to that stream after its first new turn.
     drop_old_turns: ClassVar[bool] = True
+    # CPU plan (omniflow.launch.plan): the node's share of the cores when its graph sets no
+    # `threads:`. 0: light (I/O, bookkeeping), 1 thread. A node whose math is heavy (an encoder, a
+    # decoder, a vocoder) declares a weight; the launcher splits the cores among those nodes.
+    cpu_weight: ClassVar[int] = 0
 
     def __init__(self, params: Any = None, name: str | None = None):
         if params is None:

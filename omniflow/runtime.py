@@ -9,6 +9,11 @@ drops data frames of S with turn < N that arrive later; {"op": "stop"} ends the 
 frame of a newer turn than the session's current one starts that turn the same way (its control
 frame is still on the way). A malformed frame is counted and logged; the node keeps serving.
 
+Graph ready: heartbeats start once setup() has finished (the control bus counts them). A source
+(a node with no input but feedback edges: a file, a microphone, the WebSocket gateway) wired to a
+control channel holds its first step() until the bus announces {"op": "graph_ready"}: the first
+utterance must not queue behind another node's weight load.
+
 A node process is started as `python -m omniflow.runtime CONFIG.json` (a `NodeConfig`).
 """
 from __future__ import annotations
@@ -82,6 +87,7 @@ class NodeRuntime:
         self._control: list[Frame] = []           # control frames read, not yet applied
         self._taps = tuple(taps or ())            # observers of received frames (trace, record)
         self.threads = threads                    # torch/OpenMP/MKL threads (graph key `threads`)
+        self._held = False                        # a source waiting for "graph_ready"
 
     def stop(self) -> None:
         """Ask the loop to end soon (safe from another thread or a signal handler)."""
@@ -142,6 +148,7 @@ class NodeRuntime:
                                               # OMP_NUM_THREADS its launcher set at the core count
             except Exception as e:
                 raise SetupError(f"node '{self.name}' failed in setup(): {e!r}") from e
+            self._heartbeat()                 # the first one tells the bus setup() is done
             try:
                 self._loop()
                 finished = not self._stopping
@@ -161,14 +168,17 @@ class NodeRuntime:
                 poller.register(sock, zmq.POLLIN)
         main = {s for s, link in self._ins.items() if not link.feedback}   # inputs without eos yet
         feedback = set(self._ins) - main
-        next_beat = time.monotonic()
+        self._held = not main and self._sub is not None      # a source: wait for graph_ready
+        if self._held:
+            self.log.info("waiting for every node of the graph to finish setup()")
+        next_beat = time.monotonic() + self.heartbeat_s
         while not self._stopping:
             self._apply_control()
-            if not self._ended and not main and not self.node.has_work():
+            if not self._ended and not main and not self._held and not self.node.has_work():
                 self._end()
             if self._ended and not feedback and not any(w.connected() for w in self._watches):
                 return                          # every consumer has read our eos and hung up
-            busy = not self._ended and self.node.has_work()
+            busy = not self._ended and not self._held and self.node.has_work()
             backlog = any(self._backlog.values())
             for sock, _ in poller.poll(0 if busy or backlog else IDLE_POLL_MS):
                 if sock is self._sub:
@@ -295,6 +305,9 @@ class NodeRuntime:
             if frame.meta.get("op") == "stop":
                 self.log.info("stop requested on the control channel")
                 self._stopping = True
+            elif frame.meta.get("op") == "graph_ready":
+                self._held = False
+                continue
             self._control.append(frame)
 
     def _apply_control(self) -> None:
@@ -369,12 +382,19 @@ class NodeConfig(msgspec.Struct):
 
 
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+# Idle OpenMP threads sleep instead of spinning (unless the user's environment says otherwise):
+# a node's spinning threads take the cores the other nodes' math needs.
+WAIT_POLICY = ("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def thread_env(threads: int | None) -> dict[str, str]:
-    """Environment variables that cap a not-yet-started process's math libraries at `threads`
-    (read when torch / numpy's BLAS load, so they must be set before)."""
-    return {} if threads is None else {var: str(threads) for var in THREAD_ENV_VARS}
+    """Environment variables for a not-yet-started node process: its math libraries' threads
+    capped at `threads`, and passive OpenMP waiting (read when torch / numpy's BLAS load, so
+    they must be set before)."""
+    env = {} if threads is None else {var: str(threads) for var in THREAD_ENV_VARS}
+    if WAIT_POLICY[0] not in os.environ:
+        env[WAIT_POLICY[0]] = WAIT_POLICY[1]
+    return env
 
 
 def apply_threads(threads: int | None) -> None:

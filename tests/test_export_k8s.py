@@ -168,5 +168,6 @@ def test_exported_node_configs_run_as_containers_would(tone_wav, tmp_path):
     output, _ = bus_proc.communicate(timeout=10)
     assert bus_proc.returncode == 0 and "control bus on" in output, output
     assert all(f"node '{n}' joined" in output for n in ("src", "gain", "sink")), output  # over CURVE
+    assert output.count("graph ready") == 1, output      # the bus alone gates the source too
     x = pcm.astype(np.float32) / np.float32(32768)
     np.testing.assert_array_equal(sf.read(out, dtype="int16")[0], to_int16(x * np.float32(10 ** (-6 / 20))))

@@ -185,3 +185,61 @@ nodes:
         assert (tmp_path / "three").read_text() == "3"
     finally:
         torch.set_num_threads(before)
+
+
+def ready_graph(wav: Path, tmp_path: Path) -> str:
+    """A source feeding a node whose setup() takes 1.5 s (a weight load)."""
+    return f"""
+nodes:
+  src:  {{use: "nodes.audio:FileSource", params: {{path: "{wav}", chunk_ms: 100}}}}
+  slow: {{use: "test_runtime_nodes:SlowSetupRecorder", params: {{path: "{tmp_path}/slow.jsonl",
+         setup_s: 1.5}}, inputs: {{in: src/audio}}}}
+"""
+
+
+def check_source_waited(tmp_path: Path) -> None:
+    import json
+    lines = [json.loads(line) for line in (tmp_path / "slow.jsonl").read_text().splitlines()]
+    setup_done = lines[0]["setup_done_ns"]
+    frames = lines[1:]
+    assert len(frames) == 5                                   # 0.5 s of audio in 100 ms chunks
+    sent = [dict(f["stamps"])["src"] for f in frames]         # when the source sent each frame
+    assert min(sent) >= setup_done, "the source started before every node had finished setup()"
+
+
+def test_sources_start_only_when_every_node_finished_setup(tone_wav, tmp_path, caplog):
+    import logging
+    wav, _ = tone_wav(seconds=0.5)
+    with caplog.at_level(logging.INFO, logger="omniflow.launch"):
+        result = run_graph(parse_graph(ready_graph(wav, tmp_path)))
+    assert result.ok, result.message
+    check_source_waited(tmp_path)
+    assert sum("graph ready" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_sources_wait_for_setup_in_process_too(tone_wav, tmp_path):
+    wav, _ = tone_wav(seconds=0.5)
+    assert run_graph(parse_graph(ready_graph(wav, tmp_path)), in_process=True).ok
+    check_source_waited(tmp_path)
+
+
+def test_the_cpu_plan_gives_light_nodes_one_thread_and_heavy_ones_the_cores(tmp_path):
+    from omniflow.launch.plan import available_cores
+    graph = parse_graph(f"""
+nodes:
+  light: {{use: "test_runtime_nodes:ThreadsReporter", params: {{path: "{tmp_path}/light"}}}}
+  heavy: {{use: "test_runtime_nodes:HeavyThreadsReporter", params: {{path: "{tmp_path}/heavy"}}}}
+""")
+    result = run_graph(graph)
+    assert result.ok, result.message
+    assert (tmp_path / "light").read_text() == "1"       # torch's default would be every core
+    assert (tmp_path / "heavy").read_text() == str(available_cores())
+
+
+def test_node_processes_wait_passively_unless_the_user_says_otherwise(monkeypatch):
+    from omniflow.runtime import thread_env
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert thread_env(2) == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2",
+                             "OPENBLAS_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert "OMP_WAIT_POLICY" not in thread_env(2)

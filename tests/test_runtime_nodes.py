@@ -165,3 +165,27 @@ class ThreadsReporter(Node):
         import torch
         Path(self.params.path).write_text(str(torch.get_num_threads()))
         return None
+
+
+class SlowSetupRecorder(Recorder):
+    """A Recorder whose setup() takes `setup_s` (as a weight load does). Its first line says when
+    setup ended; each frame's line carries the frame's stamps (when each hop sent it)."""
+
+    class Params(msgspec.Struct, forbid_unknown_fields=True):
+        path: str
+        delay_s: float = 0.0
+        setup_s: float = 0.0
+
+    def setup(self):
+        time.sleep(self.params.setup_s)
+        super().setup()
+        self._write({"setup_done_ns": time.monotonic_ns()})
+
+    def process(self, port, frame):
+        self._write({"seq": frame.seq, "stamps": frame.stamps})
+        return ()
+
+
+class HeavyThreadsReporter(ThreadsReporter):
+    """A ThreadsReporter that declares heavy math: the CPU plan gives it a share of the cores."""
+    cpu_weight = 1

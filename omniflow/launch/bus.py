@@ -3,6 +3,12 @@
 a `stop` frame is republished and reported to `on_stop`. The latest turn of every session is
 replayed to a node that (re)joins, so a node that starts late or restarts still drops old turns.
 
+Graph ready: a node's heartbeats begin when its setup() has finished. Once every node in `nodes`
+has sent one, the bus publishes {"op": "graph_ready"} (and replays it to any node that
+joins later) and calls `on_ready` once; sources (nodes without inputs of their own) hold their
+first step until they see it, so the first question never waits behind a weight load. A bus
+given no `nodes` announces the graph ready at once (nothing is held).
+
 The local and Ray launchers host one in their supervision loop; on Kubernetes it runs alone:
 
     python -m omniflow.launch.bus --pub tcp://*:5590 --in tcp://*:5591 [--keys /etc/omniflow/keys]
@@ -14,23 +20,28 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import zmq
 
-from ..frame import FrameError, decode
+from ..frame import Frame, FrameError, decode, encode
 from ..runtime import LOG_FORMAT
 from ..security import Curve, is_tcp, secure_bind, start_authenticator, stop_authenticator
 
 log = logging.getLogger("omniflow.launch")
+GRAPH_READY = encode(Frame(kind="control", meta={"op": "graph_ready"}))   # sources may start
 
 
 class ControlBus:
     def __init__(self, context: zmq.Context, pub_address: str, in_address: str,
                  curve: Curve | None = None, *,
                  on_heartbeat: Callable[[dict[str, Any]], None] = lambda meta: None,
-                 on_stop: Callable[[str], None] = lambda reason: None):
+                 on_stop: Callable[[str], None] = lambda reason: None,
+                 nodes: Collection[str] | None = None, on_ready: Callable[[], None] = lambda: None):
         self.context, self.on_heartbeat, self.on_stop = context, on_heartbeat, on_stop
+        self.on_ready = on_ready
+        self.waiting = set(nodes or ())           # nodes whose setup() has not finished yet
+        self.ready = not self.waiting             # graph_ready announced
         self.pub = context.socket(zmq.XPUB)     # XPUB: hears each node subscribe (see _replay_turns)
         self.pub.setsockopt(zmq.XPUB_VERBOSE, 1)
         self.pull = context.socket(zmq.PULL)
@@ -40,6 +51,8 @@ class ControlBus:
         secure_bind(self.pub, pub_address, curve)
         secure_bind(self.pull, in_address, curve)
         self._turns: dict[str, tuple[int, list[bytes]]] = {}   # session -> latest turn frame
+        if self.ready:
+            self.on_ready()
 
     def register(self, poller: zmq.Poller) -> None:
         poller.register(self.pull, zmq.POLLIN)
@@ -71,6 +84,8 @@ class ControlBus:
                 continue
             op = frame.meta.get("op")
             if op == "heartbeat":
+                if not self.ready:
+                    self._node_ready(str(frame.meta.get("node")))
                 self.on_heartbeat(frame.meta)
                 continue
             self.pub.send_multipart(parts)
@@ -81,6 +96,13 @@ class ControlBus:
             if op == "stop":
                 self.on_stop(f"stopped by a node's control frame (session {frame.session})")
 
+    def _node_ready(self, node: str) -> None:
+        self.waiting.discard(node)
+        if not self.waiting and not self.ready:
+            self.ready = True
+            self.pub.send_multipart(GRAPH_READY)
+            self.on_ready()
+
     def _replay_turns(self) -> None:
         """A node (re)joined: send it the current turn of every session (last-value cache)."""
         joined = False
@@ -90,6 +112,8 @@ class ControlBus:
             except zmq.Again:
                 break
         if joined:
+            if self.ready:
+                self.pub.send_multipart(GRAPH_READY)
             for _, parts in self._turns.values():
                 self.pub.send_multipart(parts)
 
@@ -100,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pub", required=True, help="address nodes subscribe to, e.g. tcp://*:5590")
     parser.add_argument("--in", dest="inbox", required=True, help="address nodes push to, e.g. tcp://*:5591")
     parser.add_argument("--keys", help="CURVE key directory")
+    parser.add_argument("--nodes", default="", metavar="A,B,...",
+                        help="the graph's nodes: sources start once every one has finished setup() "
+                             "(default: at once)")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format=LOG_FORMAT)
     stopping = []
@@ -113,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
             seen.add(meta.get("node"))
             log.info("node '%s' joined (pid %s)", meta.get("node"), meta.get("pid"))
 
-    bus = ControlBus(context, args.pub, args.inbox, curve, on_heartbeat=on_heartbeat)
+    bus = ControlBus(context, args.pub, args.inbox, curve, on_heartbeat=on_heartbeat,
+                     nodes=[n for n in args.nodes.split(",") if n],
+                     on_ready=lambda: log.info("graph ready: every node finished setup()"))
     poller = zmq.Poller()
     bus.register(poller)
     log.info("control bus on %s (pub) and %s (in)", args.pub, args.inbox)

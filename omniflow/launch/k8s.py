@@ -189,7 +189,8 @@ def manifests(graph: Graph, *, image: str = DEFAULT_IMAGE, namespace: str = "def
     bus = control_name(graph)
     labels = {**common, "omniflow/node": bus}
     command = ["python", "-m", "omniflow.launch.bus", f"--pub=tcp://*:{CONTROL_PORTS[CONTROL_PUB]}",
-               f"--in=tcp://*:{CONTROL_PORTS[CONTROL_IN]}"] + ([f"--keys={KEYS_DIR}"] if keys else [])
+               f"--in=tcp://*:{CONTROL_PORTS[CONTROL_IN]}", f"--nodes={','.join(graph.nodes)}"] + \
+        ([f"--keys={KEYS_DIR}"] if keys else [])
     pod = pod_spec(command, {}, image, None, secret, "Always")
     files["control.yaml"] = [
         workload("always", 0, meta(bus, **{"omniflow/node": bus}), labels, pod),

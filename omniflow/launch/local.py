@@ -38,6 +38,7 @@ from ..runtime import (EXIT_OK, EXIT_SETUP_FAILED, Metrics, NodeConfig, NodeRunt
 from ..security import Curve
 from ..transport import CONTROL_IN, CONTROL_PUB, endpoint_map, ipc_dir_fits, wiring_for
 from .bus import ControlBus
+from .plan import cpu_plan
 
 STOP_GRACE_S = 4.0          # SIGTERM, then SIGKILL after this: every node is gone within 5 s
 MONITOR_POLL_MS = 50        # how often the launcher checks its children
@@ -201,6 +202,7 @@ class LocalLauncher:
         self.heartbeats: dict[str, dict[str, Any]] = {}     # node -> last heartbeat's meta
         self._stop_reason: str | None = None
         self._silent: set[str] = set()                      # nodes warned about as silent
+        self.plan = cpu_plan(graph, nodes=self.here)        # math threads per node (plan.py)
 
     def _endpoint_map(self, overrides: dict[str, str] | None) -> dict[str, str]:
         """Every address of the run (a Ray launcher builds its own from its actors' IPs)."""
@@ -218,7 +220,7 @@ class LocalLauncher:
                           log_level=self.log_level, parent_pid=os.getpid(), keys_dir=self.keys_dir,
                           metrics_path=str(self.run_dir / "nodes" / f"{spec.name}.metrics.json"),
                           trace_path=self.trace, trace_every=self.trace_every, record=self.record,
-                          threads=spec.threads)
+                          threads=self.plan.threads[spec.name])
 
     def _worker(self, spec: NodeSpec):
         cfg = self._node_config(spec)
@@ -227,8 +229,13 @@ class LocalLauncher:
         return ProcessWorker(cfg, self.run_dir / "nodes" / f"{spec.name}.json")
 
     def run(self) -> RunResult:
+        self._started_at = time.monotonic()
         bus = ControlBus(self.context, self.endpoints[CONTROL_PUB], self.endpoints[CONTROL_IN],
-                         self.curve, on_heartbeat=self._on_heartbeat, on_stop=self.stop)
+                         self.curve, on_heartbeat=self._on_heartbeat, on_stop=self.stop,
+                         nodes=self.here, on_ready=self._on_ready)
+        log.info("%s", self.plan.line())
+        for warning in self.plan.warnings:
+            log.warning("%s", warning)
         codes: dict[str, int] = {}
         ok, message, interrupted = True, "every node finished", False
         try:
@@ -315,6 +322,10 @@ class LocalLauncher:
                   or "Error" in l]
         detail = f": {errors[-1]}" if errors else ""
         return f"node '{name}' {describe_exit(code)}{detail}; {why}. Stopping the run"
+
+    def _on_ready(self) -> None:
+        log.info("graph ready: every node finished setup() in %.1f s; sources start now",
+                 time.monotonic() - self._started_at)
 
     def _on_heartbeat(self, meta: dict[str, Any]) -> None:
         node = str(meta.get("node"))
