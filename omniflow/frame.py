@@ -22,19 +22,36 @@ MAX_PAYLOAD_BYTES = 256 * 1024**2   # one frame's payload; a whole 30 s utteranc
 MAX_DIMS = 8                        # dimensions of an array payload (nodes send 1-3)
 PLAIN_KINDS = "biufc"               # numpy dtype kinds a payload may have: bool, int, uint, float, complex
 
-# Frame kinds a port may declare. "any" accepts everything (generic sinks, taps, recorders).
-KINDS: dict[str, str] = {
-    "any": "accepts every kind",
-    "pcm": "mono audio chunk; int16 or float32 (N,), meta['rate'] in Hz",
-    "utterance": "one whole utterance of mono float32 audio (N,), meta['rate'] in Hz",
-    "features": "audio-encoder output float32 (T, D): one row per 20 ms",
-    "embeds": "adapter output float32 (T, n_embd), ready to replace audio-stream embeddings",
-    "tokens": "one decode step: int64 (8,) = 7 raw audio ids + 1 text id; meta['step']",
-    "codes": "whole SNAC frames, undelayed: int64 (F, 7) raw codes 0..4095",
-    "text": "UTF-8 text in meta['text'] (a prompt, a transcript, a streamed answer piece)",
-    "control": "control-channel message: meta['op'] in {'turn', 'stop'}",
-    "eos": "end of stream on this edge: the producer will send nothing more",
-}
+# Frame kinds a port may declare, name -> what the frame holds. The core registers the generic
+# ones; a package that defines others registers them when it is imported (the Mini-Omni kinds:
+# omniflow/model/kinds.py, imported by the nodes package). "any" accepts everything (generic
+# sinks, taps, recorders). The launcher hands every node process the kinds of its graph
+# (runtime.NodeConfig.kinds), so `decode` knows them whatever the process imported.
+KINDS: dict[str, str] = {}
+
+
+def register_kind(name: str, doc: str) -> str:
+    """Make `name` a frame kind ports may declare and frames may carry; returns `name`.
+
+    Registering a name again with the same `doc` is a no-op; with another doc it is an error (two
+    packages would mean different things by one kind).
+    """
+    if not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"frame kind {name!r}: use letters, digits, '_' and '-'")
+    known = KINDS.get(name)
+    if known is not None and known != doc:
+        raise ValueError(f"frame kind {name!r} is already registered as {known!r}; "
+                         f"pick another name for {doc!r}")
+    KINDS[name] = doc
+    return name
+
+
+register_kind("any", "accepts every kind")
+register_kind("pcm", "mono audio chunk; int16 or float32 (N,), meta['rate'] in Hz")
+register_kind("utterance", "one whole utterance of mono float32 audio (N,), meta['rate'] in Hz")
+register_kind("text", "UTF-8 text in meta['text'] (a prompt, a transcript, a streamed answer piece)")
+register_kind("control", "control-channel message: meta['op'] in {'turn', 'stop'}")
+register_kind("eos", "end of stream on this edge: the producer will send nothing more")
 
 
 class FrameError(ValueError):

@@ -7,7 +7,7 @@
 The consuming node's runtime writes each frame exactly as it arrived (the two encoded parts,
 see frame.py) with its receive time. File layout (little-endian):
 
-    MAGIC (8 bytes) | u32 n | n bytes of JSON {"version", "edges"}     preamble, once
+    MAGIC (8 bytes) | u32 n | n bytes of JSON {"version", "edges", "kinds"}   preamble, once
     i64 receive time (time.monotonic_ns) | u32 header bytes | u32 payload bytes | header | payload
     ...                                                                 one record per frame
 
@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import BinaryIO, Iterator, NamedTuple
 
-from .frame import Frame, FrameError, decode
+from .frame import KINDS, Frame, FrameError, decode, register_kind
 
 log = logging.getLogger("omniflow.record")
 
@@ -92,7 +92,8 @@ def parse_record_options(items: list[str]) -> dict[str, str]:
 
 
 def _write_preamble(f: BinaryIO, edges: list[str]) -> None:
-    meta = json.dumps({"version": VERSION, "edges": edges}).encode()
+    # the frame kinds known when recording, so a reader decodes them without importing their package
+    meta = json.dumps({"version": VERSION, "edges": edges, "kinds": KINDS}).encode()
     f.write(MAGIC + PREAMBLE_LEN.pack(len(meta)) + meta)
 
 
@@ -155,6 +156,8 @@ class Recording:
                                  f"this omniflow reads version {VERSION}. Fix: record it again with "
                                  "this omniflow (omniflow run GRAPH --record NODE/PORT=FILE)")
         self.edges: list[str] = meta.get("edges", [])
+        for kind, doc in meta.get("kinds", {}).items():
+            register_kind(kind, doc)
 
     def __iter__(self) -> Iterator[Recorded]:
         with open(self.path, "rb") as f:

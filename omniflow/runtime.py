@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Protocol
 import msgspec
 import zmq
 
-from .frame import Frame, FrameError, decode, encode
+from .frame import KINDS, Frame, FrameError, decode, encode, register_kind
 from .node import CONTROL, Node, Output, drain
 from .security import Curve, is_tcp, secure_connect, start_authenticator, stop_authenticator
 from .transport import (Link, Wiring, bind_output, connect_input, recv_parts, send_blocking,
@@ -379,6 +379,9 @@ class NodeConfig(msgspec.Struct):
     trace_every: int = 1           # trace one frame in N per edge (plus each turn's first and last)
     record: dict[str, str] = {}    # input edge id -> file: record every frame received on it
     threads: int | None = None     # CPU threads for torch/OpenMP/MKL (graph key `threads`)
+    # every frame kind the launcher knew (its node classes registered theirs), so this process
+    # decodes them whatever modules it imports itself
+    kinds: dict[str, str] = msgspec.field(default_factory=lambda: dict(KINDS))
 
 
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -438,6 +441,8 @@ def run_config(cfg: NodeConfig, *, context: zmq.Context | None = None, curve: Cu
     before it runs."""
     log = logging.getLogger(f"omniflow.{cfg.name}")
     try:
+        for kind, doc in cfg.kinds.items():
+            register_kind(kind, doc)
         if curve is None and cfg.keys_dir:
             curve = Curve.load(cfg.keys_dir)
         runtime = NodeRuntime(build_node(cfg.name, cfg.use, cfg.params), cfg.wiring, context=context,

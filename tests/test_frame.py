@@ -22,11 +22,11 @@ def wire(frame: Frame) -> Frame:
     None,
 ])
 def test_round_trip_keeps_header_and_payload(data):
-    f = Frame(kind="codes", session="s1", turn=3, seq=42, last=True,
+    f = Frame(kind="pcm", session="s1", turn=3, seq=42, last=True,
               meta={"rate": 24000, "text": "héllo"}, stamps=[("src", 123)], data=data)
     g = wire(f)
     assert (g.kind, g.session, g.turn, g.seq, g.last, g.meta, g.stamps) == \
-        ("codes", "s1", 3, 42, True, {"rate": 24000, "text": "héllo"}, [("src", 123)])
+        ("pcm", "s1", 3, 42, True, {"rate": 24000, "text": "héllo"}, [("src", 123)])
     if isinstance(data, np.ndarray):
         assert g.data.dtype == data.dtype and g.data.shape == data.shape
         np.testing.assert_array_equal(g.data, data)
