@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-MODEL_INSTALL = "pip install -e '.[model]' (add cpu for the CPU build of torch: '.[model,cpu]')"
+# how to install the model stack (README, Installing): one of the [cpu] / [gpu] extras
+MODEL_INSTALL = ("on a CPU machine pip install -e '.[cpu]' --extra-index-url https://download.pytorch.org/whl/cpu "
+                 "&& pip install --no-deps openai-whisper; on a CUDA machine pip install -e '.[gpu]'")
 
 # command -> (module, one-line help); the module has add_arguments(parser) and main(args)
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -103,3 +103,18 @@ def test_a_cuda_build_lists_its_devices(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     _, devices = model_doctor.check_torch()
     assert devices.status == doctor.WARN and "nvidia-smi" in devices.fix
+
+
+def test_onnxruntime_and_onnxruntime_gpu_together_fail(monkeypatch):
+    """Both builds share one module and overwrite each other's files: doctor names it and the fix."""
+    monkeypatch.setattr(model_doctor, "_installed", lambda dist: dist in model_doctor.ORT_DISTS)
+    [row] = model_doctor.check_onnxruntime()
+    assert row.status == doctor.FAIL and row.required
+    assert "both installed" in row.detail and "pip uninstall -y onnxruntime onnxruntime-gpu" in row.fix
+
+
+def test_onnxruntime_row_names_the_installed_build():
+    pytest.importorskip("onnxruntime")
+    [row] = model_doctor.check_onnxruntime()
+    installed = [d for d in model_doctor.ORT_DISTS if model_doctor._installed(d)]
+    assert row.status == doctor.OK and f"({', '.join(installed)})" in row.detail

@@ -5,10 +5,12 @@ imports what it checks only when it runs.
 """
 from __future__ import annotations
 
+import importlib.metadata
 from pathlib import Path
 from typing import Callable
 
 from omniflow.doctor import FAIL, OK, WARN, Check, check_packages
+from omniflow.plugins import MODEL_INSTALL
 
 CPUINFO = Path("/proc/cpuinfo")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")         # CPU instructions that make bfloat16 fast
@@ -17,7 +19,7 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")         # CPU instructions that make bf
 MODEL_PACKAGES = {"soundfile": "soundfile", "soxr": "soxr", "snac": "snac", "openai-whisper": "whisper",
                   "tokenizers": "tokenizers", "huggingface_hub": "huggingface_hub",
                   "silero-vad": "silero_vad", "tqdm": "tqdm"}
-MODEL_INSTALL = "pip install -e '.[model,cpu]' (a CPU machine) or pip install -e '.[model]' (a CUDA machine)"
+ORT_DISTS = ("onnxruntime", "onnxruntime-gpu")   # one `onnxruntime` module, two builds: never both
 
 
 def check_model_packages() -> list[Check]:
@@ -65,12 +67,27 @@ def check_cpu_bf16(cpuinfo: Path = CPUINFO) -> list[Check]:
 
 
 def check_onnxruntime() -> list[Check]:
+    both = [d for d in ORT_DISTS if _installed(d)]
+    if len(both) == 2:      # each overwrote the other's files: which build answers is an accident
+        return [Check("onnxruntime", FAIL, "onnxruntime and onnxruntime-gpu are both installed (they share one "
+                      "module and overwrite each other's files)",
+                      "pip uninstall -y onnxruntime onnxruntime-gpu, then pip install 'onnxruntime-gpu>=1.18' "
+                      "on a CUDA machine or 'onnxruntime>=1.18' on a CPU one", True)]
     try:
         import onnxruntime as ort
     except Exception as e:
-        return [Check("onnxruntime", FAIL, f"cannot import ({e})", "pip install onnxruntime", True)]
+        return [Check("onnxruntime", FAIL, f"cannot import ({e})", MODEL_INSTALL, True)]
     providers = ort.get_available_providers()
-    return [Check("onnxruntime", OK, f"{ort.__version__}: {', '.join(providers)}", required=True)]
+    return [Check("onnxruntime", OK, f"{ort.__version__} ({', '.join(both) or 'unknown build'}): "
+                  f"{', '.join(providers)}", required=True)]
+
+
+def _installed(dist: str) -> bool:
+    try:
+        importlib.metadata.version(dist)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
 
 
 def check_weights(home: Path | None = None) -> list[Check]:

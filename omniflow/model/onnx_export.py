@@ -48,7 +48,7 @@ def _need_onnxscript() -> None:
         import onnxscript  # noqa: F401  (torch's ONNX exporter imports it)
     except ImportError as e:
         raise ImportError("ONNX export needs onnxscript: pip install 'omniflow[onnx]' "
-                          "(or pip install onnxscript onnx onnxruntime)") from e
+                          "(or pip install onnxscript onnx)") from e
 
 
 def weights_hash(module: nn.Module, kind: str = "") -> str:

@@ -30,8 +30,9 @@ def _ort():
     try:
         import onnxruntime
     except ImportError as e:
-        raise ImportError("runtime: onnx needs onnxruntime: pip install 'omniflow[onnx]' "
-                          "(or 'omniflow[gpu]' for onnxruntime-gpu on NVIDIA GPUs)") from e
+        raise ImportError("runtime: onnx needs onnxruntime, which the [cpu] extra brings (onnxruntime-gpu: "
+                          "the [gpu] extra): pip install 'onnxruntime>=1.18' on a CPU machine, "
+                          "'onnxruntime-gpu>=1.18' on a CUDA one, never both") from e
     return onnxruntime
 
 
