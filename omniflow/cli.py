@@ -21,8 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("omniflow.security", "CURVE keys for secured tcp edges: keys generate DIR | keys show DIR"),
     "export": ("omniflow.launch.k8s", "export a graph for another platform: export k8s GRAPH --out DIR"),
     "trace": ("omniflow.trace", "per-hop latency of a run traced with 'run --trace FILE.jsonl'"),
-    "record": ("omniflow.record", "run a graph recording the frames of an edge: record GRAPH --edge E --out F"),
-    "replay": ("omniflow.record", "show what a recording holds (replay it with a nodes.replay:Replay node)"),
+    "record": ("omniflow.record_cli", "run a graph recording the frames of an edge: record GRAPH --edge E --out F"),
+    "replay": ("omniflow.record_cli", "show what a recording holds (replay it with a nodes.replay:Replay node)"),
     "doctor": ("omniflow.doctor", "check this machine: Python, torch/CUDA, bf16, libzmq/CURVE, extras, weights"),
     **plugins.COMMANDS,
 }
