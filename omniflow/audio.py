@@ -45,8 +45,12 @@ class BadAudio(ValueError):
 def load_audio(source: str | Path | bytes, sample_rate: int) -> np.ndarray:
     """-> (N,) float32 mono at `sample_rate` Hz: channels are averaged, other rates are resampled
     with soxr (its default "HQ" quality). Raises BadAudio naming the file and the reason."""
-    import soundfile as sf
-    import soxr
+    try:
+        import soundfile as sf
+        import soxr
+    except ModuleNotFoundError as e:
+        raise BadAudio(f"reading audio needs the package {e.name!r}: pip install soundfile soxr "
+                       "(part of the model stack, omniflow[model])") from e
 
     is_bytes = isinstance(source, (bytes, bytearray))
     name = "<bytes>" if is_bytes else str(source)

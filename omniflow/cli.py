@@ -54,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     mod = importlib.import_module(args._module)
     entry = getattr(mod, f"{args.command}_main", None) or mod.main
-    return int(entry(args) or 0)
+    try:
+        return int(entry(args) or 0)
+    except ModuleNotFoundError as e:           # a package of an extra that is not installed
+        print(f"omniflow {args.command}: error: {plugins.PluginMissing.for_package(e.name, args.command)}",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

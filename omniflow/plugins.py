@@ -28,11 +28,14 @@ DOCTOR_CHECKS: tuple[str, ...] = ("omniflow.model.doctor",)
 class PluginMissing(ImportError):
     """A package the command needs is not installed; the message names the install."""
 
+    @classmethod
+    def for_package(cls, package: str | None, what: str) -> "PluginMissing":
+        return cls(f"{what} needs the package {package!r}, which is not installed: {MODEL_INSTALL}")
+
 
 def load(module: str, what: str) -> ModuleType:
     """Import `module` for `what` (a command name); a missing dependency becomes PluginMissing."""
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
-        raise PluginMissing(f"{what} needs the package {e.name!r}, which is not installed: "
-                            f"{MODEL_INSTALL}") from e
+        raise PluginMissing.for_package(e.name, what) from e

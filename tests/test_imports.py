@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import ast
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+
+from omniflow.doctor import CORE_PACKAGES
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("omniflow", "nodes", "train", "benchmarks")
@@ -19,8 +23,9 @@ PACKAGES = ("omniflow", "nodes", "train", "benchmarks")
 MODEL_CODE = ("omniflow.model", "nodes", "train", "benchmarks", "torch", "snac", "whisper",
               "transformers", "tokenizers", "huggingface_hub", "onnxruntime", "silero_vad")
 # the third-party packages a core module may import at module level: pyproject's core dependencies
-# (import names). Anything else the core uses is imported where it is used, with an install hint.
-CORE_DEPENDENCIES = {"numpy", "msgspec", "zmq", "yaml", "rich"}
+# (doctor.CORE_PACKAGES: distribution -> import name). Anything else the core uses is imported
+# where it is used, with an install hint.
+CORE_DEPENDENCIES = set(CORE_PACKAGES.values())
 
 
 def module_name(path: Path) -> str:
@@ -169,6 +174,17 @@ def test_the_core_imports_only_its_dependencies_at_module_level():
                      "used, or add it to pyproject's core dependencies):\n" + "\n".join(bad))
 
 
+def test_pyproject_core_dependencies_are_the_core_packages_and_the_model_stack_is_an_extra():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    core = {Requirement(r).name.lower() for r in project["dependencies"]}
+    assert core == set(CORE_PACKAGES)
+    extras = project["optional-dependencies"]
+    model = {Requirement(r).name.lower().replace("_", "-") for r in extras["model"]}
+    assert {"snac", "tokenizers", "huggingface-hub", "soundfile"} <= model
+    for machine in ("cpu", "gpu"):             # the README installs one of them: the model comes along
+        assert "omniflow[model]" in extras[machine]
+
+
 @pytest.mark.parametrize("source, expected", [
     ("import a.b\n", [("a.b", 1, True)]),
     ("def f():\n    from .sibling import x\n", [("pkg.sibling", 2, False)]),
@@ -185,3 +201,46 @@ def test_the_cycle_finder_finds_a_cycle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(graph) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+BLOCKER = """
+import importlib.abc, sys
+BLOCKED = {blocked!r}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)", name=name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_the_core_imports_and_its_cli_works_without_the_model_stack(tmp_path):
+    """Every core module imports, and `omniflow --help` / `doctor` run, with the model stack absent."""
+    import subprocess
+
+    core = sorted(m for m in repository_modules() if is_core(m))
+    blocked = ["torch", "snac", "whisper", "transformers", "tokenizers", "huggingface_hub",
+               "onnxruntime", "silero_vad", "soundfile", "soxr", "tqdm"]
+    code = BLOCKER.format(blocked=blocked) + f"""
+import importlib
+for m in {core!r}:
+    importlib.import_module(m)
+from omniflow.cli import main
+sys.argv = ["omniflow", "--help"]
+try:
+    main()
+except SystemExit as e:
+    assert e.code == 0
+assert not [m for m in sys.modules if m.split(".")[0] in BLOCKED]
+print("ok", len({core!r}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith(f"ok {len(core)}")
+    fetch = subprocess.run([sys.executable, "-c", BLOCKER.format(blocked=blocked)
+                            + "from omniflow.cli import main; sys.exit(main(['fetch', '--demo', "
+                            f"'--home', {str(tmp_path)!r}]))"],
+                           capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert fetch.returncode == 1 and "pip install" in fetch.stderr, fetch.stderr
+    assert "Traceback" not in fetch.stderr
