@@ -66,6 +66,8 @@ from omniflow.audio import as_float32, to_int16
 from omniflow.frame import Frame
 from omniflow.node import CONTROL, Node
 
+from . import realtime
+
 POLL_S = 0.02                  # an idle step waits at most this long for a client message
 MAX_EVENTS_PER_STEP = 64       # then return, so the runtime can read its inputs and control channel
 SETUP_TIMEOUT_S = 10.0         # the server thread must be listening within this
@@ -104,6 +106,7 @@ class _Connection:
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     got_audio: bool = False
     closing: bool = False           # being disconnected for reading too slowly
+    realtime: Any = None            # a nodes.realtime.RealtimeSession: this client speaks the Realtime API
 
 
 class _Server:
@@ -135,11 +138,13 @@ class _Server:
             self.loop.call_soon_threadsafe(self._stop.set)
             self._thread.join(STOP_TIMEOUT_S)
 
-    def send(self, session: str, message: str | np.ndarray) -> None:
-        """Queue a message for `session`'s client (thread-safe; dropped if it has gone)."""
+    def send(self, session: str, message: str | dict | np.ndarray, turn: int | None = None) -> None:
+        """Queue a message for `session`'s client (thread-safe; dropped if it has gone). A JSON
+        string is this protocol's message; a dict is internal (only Realtime clients get it, as
+        their events); audio carries its `turn`."""
         if self.loop is not None and not self.loop.is_closed():
             try:
-                self.loop.call_soon_threadsafe(self._deliver, session, message)
+                self.loop.call_soon_threadsafe(self._deliver, session, message, turn)
             except RuntimeError:                  # the loop closed meanwhile: the server stopped
                 pass
 
@@ -178,8 +183,7 @@ class _Server:
 
     def _session_name(self, ws) -> tuple[str | None, str | None]:
         """(session, None) or (None, why it is refused)."""
-        request = getattr(ws, "request", None)   # websockets >= 13; 12 has ws.path
-        path = request.path if request is not None else getattr(ws, "path", "/")
+        path = _request_path(ws)
         wanted = parse_qs(urlsplit(path).query).get("session", [None])[0]
         if wanted is None:
             return uuid.uuid4().hex, None
@@ -203,6 +207,10 @@ class _Server:
             return
         p = self.p
         conn = _Connection(session, ws, rate=p.rate, dtype=p.dtype, out_dtype=p.output_dtype)
+        if urlsplit(_request_path(ws)).path.rstrip("/") == realtime.PATH:
+            conn.realtime = realtime.RealtimeSession(
+                session, lambda kind, *args: self.events.put((kind, session, *args)), conn.outbox.put_nowait,
+                self.log)
         self.connections[session] = conn
         self.open_count = len(self.connections)
         self.events.put(("open", session))
@@ -229,16 +237,20 @@ class _Server:
         except self.ConnectionClosed:
             pass
 
-    def _deliver(self, session: str, message: str | np.ndarray) -> None:
+    def _deliver(self, session: str, message: str | dict | np.ndarray, turn: int | None = None) -> None:
         conn = self.connections.get(session)
         if conn is None or conn.closing:
             return                                 # the client has gone: its answer goes nowhere
+        if conn.realtime is None and isinstance(message, dict):
+            return                                 # internal: this protocol has no such message
         if conn.outbox.qsize() >= self.p.max_backlog:
             conn.closing = True
             self.log.warning("session %s reads too slowly (%d messages queued); closing it",
                              session, conn.outbox.qsize())
             asyncio.ensure_future(conn.ws.close(1008, "client too slow: answers piled up"))
             return
+        if conn.realtime is not None:
+            return conn.realtime.deliver(message, turn)
         if isinstance(message, np.ndarray):
             message = _encode_pcm(message, conn.out_dtype)
         conn.outbox.put_nowait(message)
@@ -248,12 +260,16 @@ class _Server:
         conn.outbox.put_nowait(json.dumps({"type": "error", "error": why}))
 
     def _greet(self, conn: _Connection) -> None:
+        if conn.realtime is not None:
+            return conn.realtime.greet()
         conn.outbox.put_nowait(json.dumps({
             "type": "session", "session": conn.session,
             "input": {"rate": conn.rate, "format": SHORT[conn.dtype]},
             "output": {"rate": self.p.output_rate, "format": SHORT[conn.out_dtype]}}))
 
     def _receive(self, conn: _Connection, message: str | bytes) -> None:
+        if conn.realtime is not None:
+            return conn.realtime.receive(message)
         now = time.monotonic_ns()
         if isinstance(message, bytes):
             audio = _decode_pcm(message, conn.dtype)
@@ -302,6 +318,11 @@ class _Server:
         return None
 
 
+def _request_path(ws) -> str:
+    request = getattr(ws, "request", None)   # websockets >= 13; 12 has ws.path
+    return request.path if request is not None else getattr(ws, "path", "/")
+
+
 def _decode_pcm(payload: bytes, dtype: str) -> np.ndarray | str:
     """Binary message -> (N,) samples in the native byte order, or why it cannot be audio."""
     dt = DTYPES[dtype]
@@ -335,7 +356,8 @@ class _Session:
 
 
 class Gateway(Node):
-    inputs = {"pcm": "pcm", "text": "text"}          # answers: audio (vocoder), text pieces (detokenizer)
+    inputs = {"pcm": "pcm", "text": "text",          # answers: audio (vocoder), text pieces (detokenizer)
+              "speech": "speech"}                    # the VAD's speech started/stopped (Realtime clients)
     outputs = {"audio": "pcm", "text": "text"}       # client audio (to the VAD), typed prompts
 
     class Params(msgspec.Struct, forbid_unknown_fields=True):
@@ -428,6 +450,11 @@ class Gateway(Node):
             yield "text", Frame(kind="text", session=session, turn=s.turn, seq=s.text_seq, last=True,
                                 meta={"text": text}, stamps=[(f"{self.name}:ws", t_ns)])
             s.text_seq += 1
+            self.server.send(session, {"type": "accepted", "turn": s.turn})     # (Realtime clients)
+        elif kind == "cancel":                         # stop the answer in progress (Realtime clients)
+            if s.used:
+                yield from self._bump(session, s)
+                self.server.send(session, json.dumps({"type": "turn", "turn": s.turn}))
         elif kind == "close":
             if s.used:                                 # free the backbone slot and every node's state
                 yield from self._bump(session, s)
@@ -464,6 +491,9 @@ class Gateway(Node):
         s.used = True
         if port == "pcm":
             self._send_audio(frame)
+        elif port == "speech":
+            self.server.send(frame.session, {"type": "speech", "turn": frame.turn, **frame.meta})
+            return ()
         else:
             piece = frame.meta.get("text", "")
             if isinstance(piece, str) and piece:
@@ -487,7 +517,7 @@ class Gateway(Node):
                                self.params.output_rate, rate)
                 self.rate_warned = True
             return
-        self.server.send(frame.session, np.asarray(frame.data))
+        self.server.send(frame.session, np.asarray(frame.data), frame.turn)
 
     def reset(self, session: str):
         """A new turn of `session` began (the control channel): count along, tell the client."""

@@ -16,6 +16,11 @@ of the session is a new turn N+1, announced with `(CONTROL, Frame(kind="control"
 meta={"op": "turn"}))` as soon as its speech is confirmed (`min_speech_ms` of it heard), so the
 runtime cancels the old answer everywhere while the user is still talking; the utterance itself
 follows, stamped with turn N+1, when the speech ends.
+
+Speech events (output `speech`, for clients that show them, e.g. the gateway's Realtime API): a
+frame {"event": "started", "audio_ms"} when an utterance's speech is confirmed (after its turn's
+announcement), and {"event": "stopped", "audio_ms"} when the utterance is sent; audio_ms counts
+the session's input stream from its start (pads excluded).
 """
 from __future__ import annotations
 
@@ -67,6 +72,7 @@ class StreamState:
     announced: bool = False       # barge-in control already sent for the utterance in progress
     resampler: object | None = None
     rate: int = RATE
+    origin: int = 0               # samples of the session's input before this stream (earlier flushes)
 
 
 @dataclass
@@ -78,7 +84,7 @@ class Segment:
 
 class SileroVAD(Node):
     inputs = {"audio": "pcm"}
-    outputs = {"utterance": "utterance"}
+    outputs = {"utterance": "utterance", "speech": "speech"}
     drop_old_turns = False        # the pcm stream has no turns: the VAD is where they begin
 
     class Params(msgspec.Struct, forbid_unknown_fields=True):
@@ -98,6 +104,7 @@ class SileroVAD(Node):
         self.streams: dict[str, StreamState] = {}
         self.turns: dict[str, int] = {}          # session -> turn of its latest utterance
         self.count: dict[str, int] = {}          # session -> utterances emitted
+        self.heard: dict[str, int] = {}          # session -> samples heard before its stream was flushed
         ms = RATE / 1000
         self.pad = int(p.speech_pad_ms * ms)
         self.min_silence = int(p.min_silence_ms * ms)
@@ -108,7 +115,7 @@ class SileroVAD(Node):
     def process(self, port, frame: Frame):
         s = self.streams.get(frame.session)
         if s is None:
-            s = self.streams[frame.session] = StreamState()
+            s = self.streams[frame.session] = StreamState(origin=self.heard.pop(frame.session, 0))
             self.turns.setdefault(frame.session, frame.turn)
         audio = self._to_16k(frame, s)
         s.pending = np.concatenate([s.pending, audio])
@@ -181,6 +188,8 @@ class SileroVAD(Node):
             self.turns[session] += 1
             yield CONTROL, Frame(kind="control", session=session, turn=self.turns[session],
                                  meta={"op": "turn", "reason": "barge-in"}).stamp(self.name)
+        yield "speech", Frame(kind="speech", session=session, turn=self.turns[session],
+                              meta={"event": "started", "audio_ms": self._ms(s, s.speech_start)})
 
     @staticmethod
     def _audio(s: StreamState) -> np.ndarray:
@@ -209,6 +218,13 @@ class SileroVAD(Node):
         out = Frame(kind="utterance", session=session, turn=self.turns[session],
                     seq=self.count[session] - 1, last=True, stamps=list(frame.stamps), data=audio, meta=meta)
         yield "utterance", out.stamp(self.name)
+        yield "speech", Frame(kind="speech", session=session, turn=self.turns[session],
+                              meta={"event": "stopped", "audio_ms": self._ms(s, speech_end)})
+
+    @staticmethod
+    def _ms(s: StreamState, position: int) -> int:
+        """A stream position (samples at 16 kHz) as ms since the session's input began."""
+        return int((s.origin + position) * 1000 // RATE)
 
     def _flush(self, frame: Frame, s: StreamState):
         """End of the stream: score the partial window (zero-padded) and close speech in progress."""
@@ -221,4 +237,6 @@ class SileroVAD(Node):
             s.kept[-1] = s.kept[-1][: len(s.kept[-1]) - (WINDOW - tail)]
         if s.triggered:
             yield from self._close(frame, s, s.silence_start or s.position)
-        self.streams.pop(frame.session, None)
+        s = self.streams.pop(frame.session, None)
+        if s is not None:
+            self.heard[frame.session] = s.origin + s.position
