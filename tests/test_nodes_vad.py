@@ -84,7 +84,15 @@ def test_second_utterance_is_a_new_turn_announced_while_it_is_spoken(dialogue):
     for f in chunks(audio, 320):
         for port, frame in node.process("audio", f):
             events.append(((f.seq + 1) * 320 / RATE, port, frame))
+    speech = [(fr.turn, fr.meta["event"], fr.meta["audio_ms"]) for _, p, fr in events if p == "speech"]
+    events = [e for e in events if e[1] != "speech"]
     assert [(p, fr.turn) for _, p, fr in events] == [("utterance", 0), (CONTROL, 1), ("utterance", 1)]
+    # speech events: started when confirmed (after the turn's announcement), stopped at the utterance
+    assert [(turn, event) for turn, event, _ in speech] == [(0, "started"), (0, "stopped"), (1, "started"),
+                                                            (1, "stopped")]
+    for (_, _, start_ms), (_, _, end_ms), (start, end) in zip(speech[::2], speech[1::2], truth):
+        assert start_ms / 1000 == pytest.approx(start, abs=TOLERANCE_S)
+        assert end_ms / 1000 == pytest.approx(end, abs=TOLERANCE_S)
     (t_control, _, control), (t_utt, _, _) = events[1], events[2]
     assert control.meta["op"] == "turn" and control.kind == "control"
     second_start, second_end = truth[1]
