@@ -49,8 +49,6 @@ def register_kind(name: str, doc: str) -> str:
 register_kind("any", "accepts every kind")
 register_kind("pcm", "mono audio chunk; int16 or float32 (N,), meta['rate'] in Hz")
 register_kind("utterance", "one whole utterance of mono float32 audio (N,), meta['rate'] in Hz")
-register_kind("speech", "voice activity of a session's input: meta['event'] 'started' | 'stopped', "
-                        "meta['audio_ms']")
 register_kind("text", "UTF-8 text in meta['text'] (a prompt, a transcript, a streamed answer piece)")
 register_kind("control", "control-channel message: meta['op'] in {'turn', 'stop'}")
 register_kind("eos", "end of stream on this edge: the producer will send nothing more")

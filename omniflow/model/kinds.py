@@ -10,3 +10,5 @@ EMBEDS = register_kind("embeds", "adapter output float32 (T, n_embd), ready to r
                                  "embeddings")
 TOKENS = register_kind("tokens", "one decode step: int64 (8,) = 7 raw audio ids + 1 text id; meta['step']")
 CODES = register_kind("codes", "whole SNAC frames, undelayed: int64 (F, 7) raw codes 0..4095")
+SPEECH = register_kind("speech", "voice activity of a session's input (the VAD's): meta['event'] "
+                                 "'started' | 'stopped', meta['audio_ms']")
