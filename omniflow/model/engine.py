@@ -121,8 +121,12 @@ class Engine:
         self.feed = torch.zeros(self.max_rows, tk.N_STREAMS, dtype=torch.long, device=self.device)  # (rows, 8)
         self._row_index = torch.arange(self.max_rows, device=self.device)
         self._slots = torch.arange(cfg.block_size, device=self.device)
+        # oneDNN runs bf16 GEMMs only on CPUs with bf16-capable instructions (avx512bw/vl/dq or
+        # avx_ne_convert); on others (AVX2-only) mkldnn_linear refuses bf16 at the first call
+        onednn_dtypes = (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() \
+            else (torch.float32,)
         self.pack_heads = (pack_heads and self.device.type == "cpu" and torch.backends.mkldnn.is_available()
-                           and self.dtype in (torch.float32, torch.bfloat16))
+                           and self.dtype in onednn_dtypes)
         prepare_for_decode(model)
         self.w_text, self.w_audio = model.head_weights()  # (152000, C), (29120, C)
         self._text_logits = torch.empty(self.max_sessions, self.w_text.size(0), dtype=self.dtype, device=self.device)
