@@ -10,6 +10,7 @@ BENCHMARKS = {
     "graph": "speech-to-speech graph latency",
     "concurrency": "first-audio latency and decode step with 1, 2, 4 concurrent speakers",
     "train": "training step throughput",
+    "live": "a real-time conversation with the shipped graphs as processes: first audio, stalls, RTF, CPU per node",
 }
 
 

@@ -46,7 +46,7 @@ DEFAULT_ANSWER_STEPS = 24          # decode steps per answer (24 x 85.3 ms = 2 s
 
 def original_answer(encoder, dims, model, snac, audio: np.ndarray, steps: int) -> dict:
     """One request through the reference's path, start to end: seconds to the first sample, to
-    the end of the answer, and the median decode step."""
+    the end of the answer, the median decode step, and each chunk's (seconds, samples)."""
     import torch
 
     from nodes.scheduler import SnacScheduler
@@ -56,7 +56,7 @@ def original_answer(encoder, dims, model, snac, audio: np.ndarray, steps: int) -
     t0 = time.perf_counter()
     feats = g.whisper_features(encoder, dims, audio)                                 # (T, 768)
     sched = SnacScheduler({"first_chunk_frames": 4, "chunk_frames": 4})              # the original's stride
-    first, step_times = None, []
+    first, step_times, chunks = None, [], []
     with torch.inference_mode():
         embeds = model.adapt(torch.from_numpy(feats))                                # (T, 896)
         ids = build_input_ids("A1A2", len(embeds))                                   # (2, 8, S)
@@ -74,13 +74,14 @@ def original_answer(encoder, dims, model, snac, audio: np.ndarray, steps: int) -
                           meta={"step": step}, last=step == steps - 1)
             for _, chunk in sched.process("tokens", frame):
                 if len(chunk.data):
-                    snac.decode(chunk.data)                  # each chunk alone, as the original
+                    pcm = snac.decode(chunk.data)            # each chunk alone, as the original
+                    chunks.append((time.perf_counter() - t0, len(pcm)))
                     if first is None:
-                        first = time.perf_counter() - t0
+                        first = chunks[-1][0]
     if first is None:
         raise RuntimeError(f"no audio in {steps} steps (random tokens were specials); raise --max-new-tokens")
     return {"first_audio": first, "answer": time.perf_counter() - t0,
-            "step_ms": 1000 * statistics.median(step_times)}
+            "step_ms": 1000 * statistics.median(step_times), "chunks": chunks}
 
 
 def omniflow_speakers(n: int, dims, omniflow: g.Omniflow, snac, audio: np.ndarray, steps: int) -> dict:

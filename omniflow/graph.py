@@ -327,6 +327,13 @@ class _Parser:
             elif name not in specs:
                 self.errors.append(f"--set {item}: no node '{name}'. "
                                    f"Fix: use {_closest(name, specs)}")
+            elif param == "threads":                # the node key, not a param: --set vocoder.threads=1
+                threads = yaml.safe_load(value) if value else None
+                if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+                    self.errors.append(f"--set {item}: threads must be a whole number >= 1. "
+                                       f"Fix: write e.g. --set {name}.threads=1")
+                else:
+                    specs[name].threads = threads
             else:
                 target = specs[name].params
                 *parents, leaf = param.split(".")

@@ -17,7 +17,7 @@ MODEL_INSTALL = ("on a CPU machine pip install -e '.[cpu]' --extra-index-url htt
 # command -> (module, one-line help); the module has add_arguments(parser) and main(args)
 COMMANDS: dict[str, tuple[str, str]] = {
     "fetch": ("omniflow.model.weights.fetch", "download official weights (or write --demo weights)"),
-    "bench": ("benchmarks.cli", "run a benchmark: transport | decode | graph | train"),
+    "bench": ("benchmarks.cli", "run a benchmark: live | decode | graph | concurrency | transport | train"),
     "train": ("train.cli", "train a Mini-Omni stage: stage1 | stage2 | stage3 | final"),
 }
 

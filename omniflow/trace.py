@@ -43,6 +43,7 @@ class TraceRecord(msgspec.Struct, kw_only=True):
     last: bool
     t: int                           # receive time, time.monotonic_ns()
     stamps: list[tuple[str, int]]    # (node, send time) per hop so far
+    shape: tuple[int, ...] = ()      # the payload's shape (e.g. samples of a pcm frame); () if none
 
 
 _encoder = msgspec.json.Encoder()
@@ -83,7 +84,8 @@ class TraceTap:
             self.turns.discard(turn)            # the turn ended on this edge: keep the set small
         record = TraceRecord(node=self.node, port=link.port, edge=link.id, kind=frame.kind,
                              session=frame.session, turn=frame.turn, seq=frame.seq,
-                             last=frame.last, t=now_ns, stamps=frame.stamps)
+                             last=frame.last, t=now_ns, stamps=frame.stamps,
+                             shape=tuple(getattr(frame.data, "shape", ())))
         os.write(self.fd, _encoder.encode(record) + b"\n")   # one write: lines never interleave
 
     def close(self) -> None:

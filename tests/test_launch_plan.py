@@ -53,3 +53,15 @@ nodes:
 """)
     plan = cpu_plan(graph, cores=2)
     assert plan.threads == {"a": 3, "b": 1} and len(plan.warnings) == 1
+
+
+def test_set_node_threads_on_the_command_line():
+    from omniflow.graph import GraphError
+    graph = load_graph("graphs/serve.yaml", ["backbone.threads=2"])
+    assert graph.nodes["backbone"].threads == 2 and "threads" not in graph.nodes["backbone"].params
+    try:
+        load_graph("graphs/serve.yaml", ["backbone.threads=0"])
+    except GraphError as e:
+        assert "threads must be a whole number >= 1" in str(e)
+    else:
+        raise AssertionError("threads=0 was accepted")

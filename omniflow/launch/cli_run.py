@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in-process", action="store_true",
                         help="run every node as a thread of this process (debugging)")
     parser.add_argument("--set", action="append", default=[], metavar="NODE.PARAM=VALUE",
-                        help="override a node parameter, e.g. --set src.path=other.wav (repeatable)")
+                        help="override a node parameter, e.g. --set src.path=other.wav, or its math "
+                             "threads: --set backbone.threads=2 (repeatable)")
     parser.add_argument("--run-dir", help="keep node configs and metrics here (default: a temp dir, removed)")
     parser.add_argument("--endpoints", help="YAML map of edge id ('a/out->b/in', or '$control.pub' / "
                                            "'$control.in') to address, e.g. tcp://10.0.0.2:5555")
