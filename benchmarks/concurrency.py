@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import graph as g
+from omniflow.model.units import WHISPER_RATE
 
 DEFAULT_SPEAKERS = "1,2,4"
 DEFAULT_ANSWER_STEPS = 24          # decode steps per answer (24 x 85.3 ms = 2 s of speech)
@@ -228,7 +229,7 @@ def run(args: argparse.Namespace) -> dict:
     return {"original": original, "rows": rows,
             "meta": {"load_average": os.getloadavg()[0], "threads": torch.get_num_threads(),
                      "answer_steps": args.max_new_tokens, "audio": args.audio, "repeats": args.repeats,
-                     "question_s": len(audio) / 16000, "graph": args.graph,
+                     "question_s": len(audio) / WHISPER_RATE, "graph": args.graph,
                      "omniflow_settings": g.settings(omniflow.defaults), "overridden": g.overridden(args)}}
 
 

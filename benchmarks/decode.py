@@ -20,15 +20,16 @@ import torch
 import torch.nn.functional as F
 
 from omniflow.model.config import Config
+from omniflow.model.dtypes import torch_dtype
 from omniflow.model.engine import Engine
 from omniflow.model.gpt import MiniOmni, apply_rope, rope_tables
 from omniflow.model.prompts import build_input_ids
 from omniflow.model.sampling import Sampling
+from omniflow.model.units import STEPS_PER_SECOND
 
-REAL_TIME_STEPS_PER_S = 24000 / 2048   # 11.72 model steps (SNAC frames) per second of speech
+REAL_TIME_STEPS_PER_S = STEPS_PER_SECOND   # model steps (SNAC frames) per second of speech
 PROMPT_FRAMES = 151                    # whisper frames -> A1A2 prompt of 154 positions
 BATCH_PROMPT_FRAMES = 20               # shorter prompts for the many-session step timings
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def random_model(cfg: Config, dtype: torch.dtype, device: str, seed: int = 0) -> MiniOmni:
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
           f"real time = {REAL_TIME_STEPS_PER_S:.2f} steps/s per session")
     base = None
     for dname in args.dtypes.split(","):
-        dtype = DTYPES[dname]
+        dtype = torch_dtype(dname)
         t0 = time.perf_counter()
         model = random_model(cfg, dtype, args.device)
         print(f"\n== {dname} (random weights built in {time.perf_counter() - t0:.1f} s)")

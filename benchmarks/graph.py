@@ -44,10 +44,12 @@ from pathlib import Path
 
 import numpy as np
 
+from omniflow.model.units import SNAC_FRAME_MS, WHISPER_RATE
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_AUDIO = REPO / "examples" / "question.wav"
 DEFAULT_GRAPH = REPO / "graphs" / "speech_to_speech.yaml"
-MS_PER_STEP_OF_AUDIO = 2048 / 24_000 * 1000          # 85.33 ms of speech per decode step
+MS_PER_STEP_OF_AUDIO = SNAC_FRAME_MS                 # ms of speech per decode step
 STAGES = ("whisper", "adapter", "prefill", "steps", "vocoder")
 
 
@@ -317,8 +319,8 @@ def warm_up(encoder, dims, models: dict, snac, omniflow: Omniflow) -> None:
 
     from omniflow.model.prompts import build_input_ids
 
-    whisper_features(encoder, dims, np.zeros(16000, np.float32))
-    omniflow.features(dims, np.zeros(16000, np.float32))
+    whisper_features(encoder, dims, np.zeros(WHISPER_RATE, np.float32))
+    omniflow.features(dims, np.zeros(WHISPER_RATE, np.float32))
     with torch.inference_mode():
         embeds = omniflow.adapt(np.zeros((10, dims.n_audio_state), np.float32))    # (10, 896)
         omniflow.engine.start("w", "A1A2", embeds=embeds)
@@ -383,8 +385,8 @@ def load_audio(path: str) -> np.ndarray:
 
     audio, rate = sf.read(path, dtype="float32", always_2d=True)
     audio = audio.mean(axis=1)
-    if rate != 16000:
-        audio = soxr.resample(audio, rate, 16000).astype(np.float32)
+    if rate != WHISPER_RATE:
+        audio = soxr.resample(audio, rate, WHISPER_RATE).astype(np.float32)
     return audio
 
 
@@ -438,7 +440,7 @@ def run(args: argparse.Namespace) -> dict:
             print(f"  {path} run {i + 1}: {runs[path][-1]['first_audio']:.2f} s", file=sys.stderr)
     results = {path: best_of(r) for path, r in runs.items()}
     results["meta"] = {"load_average": os.getloadavg()[0], "audio": args.audio,
-                       "seconds": len(audio) / 16000, "threads": torch.get_num_threads(),
+                       "seconds": len(audio) / WHISPER_RATE, "threads": torch.get_num_threads(),
                        "repeats": args.repeats, "weights": "random, real size (demo)",
                        "graph": args.graph, "omniflow_settings": settings(omniflow.defaults),
                        "whisper_feature_rel_l2": feature_error, "compile_s": omniflow.compile_s,

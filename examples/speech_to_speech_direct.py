@@ -23,6 +23,7 @@ from omniflow.frame import Frame
 from omniflow.model.checkpoint import load_model
 from omniflow.model.engine import Engine
 from omniflow.model.tokenizer import Tokenizer
+from omniflow.model.units import WHISPER_RATE
 
 question = sys.argv[1] if len(sys.argv) > 1 else "examples/question.wav"
 answer = Path(sys.argv[2] if len(sys.argv) > 2 else "out/answer.wav")
@@ -30,7 +31,7 @@ answer.parent.mkdir(parents=True, exist_ok=True)
 
 # 1. 16 kHz mono audio -> whisper features: the 30 s window, one row per 20 ms kept
 audio, rate = sf.read(question, dtype="float32", always_2d=True)
-audio = soxr.resample(audio.mean(axis=1), rate, 16000).astype(np.float32)          # (N,)
+audio = soxr.resample(audio.mean(axis=1), rate, WHISPER_RATE).astype(np.float32)          # (N,)
 encoder, dims = load_encoder(weights.resolve("whisper-small"))
 mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(audio)), n_mels=dims.n_mels)
 with torch.inference_mode():

@@ -16,6 +16,7 @@ import msgspec
 import numpy as np
 
 from omniflow.model import weights
+from omniflow.model.dtypes import torch_dtype
 from omniflow.frame import Frame
 from omniflow.node import Node
 
@@ -41,7 +42,7 @@ def load_adapter(ckpt_dir: str | Path, device: str = "cpu", dtype: str = "float3
     n_out = adapter_state["proj.weight"].shape[0]                 # n_embd
     adapter = LLaMAMLP(n_in, n_hidden, n_out)
     adapter.load_state_dict(adapter_state, strict=True)
-    return adapter.to(device=device, dtype=getattr(torch, dtype)).eval()
+    return adapter.to(device=device, dtype=torch_dtype(dtype)).eval()
 
 
 class Adapter(Node):
@@ -62,7 +63,7 @@ class Adapter(Node):
         weights.warn_if_demo(self.path, self.log)
         self.adapter = load_adapter(self.path, p.device, p.dtype)
         self.in_dim = self.adapter.fc_1.in_features
-        self.in_dtype = getattr(torch, p.dtype)
+        self.in_dtype = torch_dtype(p.dtype)
         if p.runtime == "onnx":       # exported once next to the weights, re-exported if they change
             from omniflow.model.ort import OrtAdapter
 

@@ -14,6 +14,7 @@ import soundfile as sf
 
 from omniflow import Frame, Node
 from omniflow.audio import BadAudio, load_audio, to_int16
+from omniflow.model.units import WHISPER_RATE
 
 __all__ = ["FileSource", "WavSink", "to_int16"]      # to_int16: omniflow.audio's, kept importable here
 
@@ -29,7 +30,7 @@ class FileSource(Node):
 
     class Params(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         path: str
-        rate: int = 16000        # Hz of the emitted audio
+        rate: int = WHISPER_RATE  # Hz of the emitted audio
         chunk_ms: float = 20.0   # duration of one frame
         realtime: bool = False
         session: str = "default"

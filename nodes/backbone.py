@@ -40,12 +40,12 @@ import msgspec
 import numpy as np
 
 from omniflow.frame import Frame
+from omniflow.model.dtypes import DTYPES
+from omniflow.model.units import SNAC_FRAME_S
 from omniflow.node import Node
 
-DTYPES = ("float32", "bfloat16", "float16")
 SPEECH_TASKS = ("A1A2", "A1A2_SINGLE", "A1T2", "ASR")     # take embeds
 TEXT_TASKS = ("T1A2", "T1T2")                             # take a text prompt
-STEP_S = 2048 / 24000       # one decode step = one SNAC frame = 85.3 ms of speech
 PROMPT_EXTRA = 3            # positions a prompt adds around its T frames / L tokens (REFERENCE §3)
 
 
@@ -220,7 +220,7 @@ class Backbone(Node):
     def step(self):
         if self.params.max_speed > 0:
             time.sleep(max(0.0, self._next_step_at - time.monotonic()))
-            self._next_step_at = time.monotonic() + STEP_S / self.params.max_speed
+            self._next_step_at = time.monotonic() + SNAC_FRAME_S / self.params.max_speed
         for session, out in self.engine.step().items():
             yield self._emit(self.live[session], out)
         yield from self._admit()

@@ -25,12 +25,14 @@ from typing import Literal
 import msgspec
 import numpy as np
 
+from omniflow.audio import PCM_DTYPES
 from omniflow.frame import Frame
+from omniflow.model.units import WHISPER_RATE
 from omniflow.node import Node
 
 POLL_MS = 20                 # one step waits at most this long for a message
 MAX_MESSAGES_PER_STEP = 64   # then yield, so the runtime can read its control channel
-DTYPES = {"int16": np.dtype("<i2"), "float32": np.dtype("<f4")}
+DTYPES = PCM_DTYPES
 
 
 class PcmClientSource(Node):
@@ -39,7 +41,7 @@ class PcmClientSource(Node):
     class Params(msgspec.Struct, forbid_unknown_fields=True):
         endpoint: str = "tcp://127.0.0.1:5555"
         socket: Literal["pull", "router"] = "pull"
-        rate: int = 16000                  # Hz of the pushed audio
+        rate: int = WHISPER_RATE           # Hz of the pushed audio
         dtype: Literal["int16", "float32"] = "int16"
         session: str = "default"           # session of messages without a session part (PULL)
         idle_timeout_s: float | None = None   # stop after this long without a message; None: never

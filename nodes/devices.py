@@ -20,6 +20,7 @@ import numpy as np
 
 from omniflow.audio import to_float_mono
 from omniflow.frame import Frame
+from omniflow.model.units import SNAC_RATE, WHISPER_RATE
 from omniflow.node import Node
 
 INSTALL_HINT = "install it with: pip install 'omniflow[audio]' (Linux also needs: apt-get install libportaudio2)"
@@ -73,7 +74,7 @@ class Microphone(Node):
 
     class Params(msgspec.Struct, forbid_unknown_fields=True):
         device: int | str | None = None     # index or name; None: the system default input
-        rate: int = 16000                   # Hz of the emitted pcm
+        rate: int = WHISPER_RATE            # Hz of the emitted pcm
         chunk_ms: float = 20.0
         session: str = "default"
         duration_s: float | None = None     # stop after this long; None: until the graph stops
@@ -144,7 +145,7 @@ class Speaker(Node):
 
     class Params(msgspec.Struct, forbid_unknown_fields=True):
         device: int | str | None = None     # index or name; None: the system default output
-        rate: int = 24000                   # Hz the device is opened at (SNAC's rate)
+        rate: int = SNAC_RATE               # Hz the device is opened at (SNAC's rate)
         blocksize: int = 1024
 
     def setup(self) -> None:

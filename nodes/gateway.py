@@ -62,8 +62,9 @@ from urllib.parse import parse_qs, urlsplit
 import msgspec
 import numpy as np
 
-from omniflow.audio import as_float32, to_int16
+from omniflow.audio import PCM_DTYPES, as_float32, to_int16
 from omniflow.frame import Frame
+from omniflow.model.units import SNAC_RATE, WHISPER_RATE
 from omniflow.node import CONTROL, Node
 
 from . import realtime
@@ -74,7 +75,7 @@ SETUP_TIMEOUT_S = 10.0         # the server thread must be listening within this
 STOP_TIMEOUT_S = 5.0           # teardown waits this long for connections to close
 SESSION_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 FORMATS = {"s16": "int16", "int16": "int16", "f32": "float32", "float32": "float32"}
-DTYPES = {"int16": np.dtype("<i2"), "float32": np.dtype("<f4")}
+DTYPES = PCM_DTYPES
 SHORT = {"int16": "s16", "float32": "f32"}        # the names the protocol reports
 MAX_RATE = 384_000             # Hz: anything higher is a client bug, not audio
 
@@ -363,10 +364,10 @@ class Gateway(Node):
     class Params(msgspec.Struct, forbid_unknown_fields=True):
         host: str = "127.0.0.1"          # 0.0.0.0 to serve other machines
         port: int = 8765                 # 0: a free port (logged; `Gateway.port` after setup)
-        rate: int = 16000                # Hz of client audio, unless its "start" message says otherwise
+        rate: int = WHISPER_RATE         # Hz of client audio, unless its "start" message says otherwise
         dtype: Literal["int16", "float32"] = "int16"          # client audio sample format (default)
         output_dtype: Literal["int16", "float32"] = "float32"  # answer audio format (default)
-        output_rate: int = 24000         # Hz of the answer audio the graph sends back (SNAC 24 kHz)
+        output_rate: int = SNAC_RATE     # Hz of the answer audio the graph sends back (SNAC 24 kHz)
         # an answer ends ("end" message) once these inputs' last frames arrived: [pcm, text] in a
         # graph that streams text back too, so the client has everything when "end" comes
         end_after: list[Literal["pcm", "text"]] = msgspec.field(default_factory=lambda: ["pcm"])

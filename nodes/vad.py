@@ -31,9 +31,10 @@ import numpy as np
 
 from omniflow.audio import to_float_mono
 from omniflow.frame import Frame
+from omniflow.model.units import WHISPER_RATE
 from omniflow.node import CONTROL, Node
 
-RATE = 16000                 # Hz: silero VAD's and whisper's input rate
+RATE = WHISPER_RATE          # Hz: silero VAD's and whisper's input rate
 WINDOW = 512                 # samples per VAD decision at 16 kHz (32 ms), fixed by the model
 CONTEXT = 64                 # samples of the previous window the model sees with each window
 STATE_SHAPE = (2, 1, 128)    # the model's recurrent state

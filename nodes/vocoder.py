@@ -44,9 +44,8 @@ from omniflow.frame import Frame
 from omniflow.model.tokens import CODES_PER_FRAME, LAYER_TO_CODEBOOK, N_AUDIO_LAYERS
 from omniflow.node import Node
 
-SAMPLE_RATE = 24_000               # Hz, SNAC 24 kHz model
-HOP = 512                          # samples per finest SNAC step (encoder_rates 2·4·8·8)
-SAMPLES_PER_FRAME = HOP * 4        # 2048 samples = 85.33 ms per coarse frame (vq_strides [4, 2, 1])
+from omniflow.model.units import SNAC_RATE as SAMPLE_RATE
+from omniflow.model.units import SNAC_SAMPLES_PER_FRAME as SAMPLES_PER_FRAME
 NOISE_MODES = ("fixed", "off", "random")
 RUNTIMES = ("torch", "onnx")
 

@@ -41,11 +41,10 @@ from omniflow.audio import to_float_mono
 from omniflow.frame import Frame
 from omniflow.node import Node
 
-SAMPLE_RATE = 16000                    # Hz, whisper's input rate
-WINDOW_SECONDS = 30                    # whisper's fixed encoder window
-WINDOW_SAMPLES = WINDOW_SECONDS * SAMPLE_RATE      # 480000
-MS_PER_FRAME = 20                      # encoder frames: hop 160 samples x conv stride 2 = 320 samples
-DTYPES = ("float32", "bfloat16", "float16")
+from omniflow.model.dtypes import DTYPES
+from omniflow.model.units import WHISPER_FRAME_MS as MS_PER_FRAME
+from omniflow.model.units import WHISPER_RATE as SAMPLE_RATE
+from omniflow.model.units import WHISPER_WINDOW_S as WINDOW_SECONDS
 
 
 def frames_to_keep(n_samples: int, rate: int = SAMPLE_RATE) -> int:

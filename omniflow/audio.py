@@ -16,6 +16,10 @@ import numpy as np
 INT16_SCALE = 32768.0        # soundfile reads PCM_16 as int16 / 32768; writing inverts it exactly
 
 
+# the sample formats raw PCM travels in between clients and the graph: name -> little-endian dtype
+PCM_DTYPES = {"int16": np.dtype("<i2"), "float32": np.dtype("<f4")}
+
+
 def as_float32(x: np.ndarray) -> np.ndarray:
     """pcm payload (int16 or float) -> float32, int16 scaled to [-1, 1)."""
     x = np.asarray(x)

@@ -244,3 +244,16 @@ print("ok", len({core!r}))
                            capture_output=True, text=True, cwd=REPO, timeout=120)
     assert fetch.returncode == 1 and "pip install" in fetch.stderr, fetch.stderr
     assert "Traceback" not in fetch.stderr
+
+
+def test_the_audio_rates_are_written_once():
+    """16 kHz and 24 kHz appear as numbers only in omniflow/model/units.py; code imports them."""
+    units = REPO / "omniflow" / "model" / "units.py"
+    standalone = {REPO / "examples" / "ws_client.py"}     # a WebSocket client that needs no omniflow
+    rates = {16_000, 24_000}
+    bad = [f"{path.relative_to(REPO)}:{node.lineno}: {node.value}"
+           for pkg in (*PACKAGES, "examples") for path in sorted((REPO / pkg).rglob("*.py"))
+           if path != units and path not in standalone
+           for node in ast.walk(ast.parse(path.read_text()))
+           if isinstance(node, ast.Constant) and type(node.value) in (int, float) and node.value in rates]
+    assert not bad, "use omniflow.model.units (WHISPER_RATE, SNAC_RATE) instead of:\n" + "\n".join(bad)

@@ -20,13 +20,13 @@ import torch
 
 from . import tokens as tk
 from .checkpoint import load_model
+from .dtypes import DTYPES, torch_dtype
 from .engine import Engine
 from .generate import answer
 from .gpt import MiniOmni
 from .prompts import TASKS, build_input_ids
 
 LOGIT_TOLERANCE = 1e-4   # |ours - original| at the probe indices, fp32
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TASK_OF_FUNCTION = {t.original: name for name, t in TASKS.items()}
 
 
@@ -134,11 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m omniflow.model.parity", description=__doc__.split("\n\n")[0])
     parser.add_argument("dir", help="golden directory (checkpoint/, cases.json, features_*.npy)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
                         help="exact parity is an fp32 property; other dtypes show how far they drift")
     parser.add_argument("--compile", action="store_true", help="torch.compile the engine's decode step")
     args = parser.parse_args(argv)
-    results = run(args.dir, args.device, DTYPES[args.dtype], compile=args.compile)
+    results = run(args.dir, args.device, torch_dtype(args.dtype), compile=args.compile)
     for r in results:
         print(r.line)
     failed = [r.name for r in results if not r.ok]

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from omniflow.audio import BadAudio, load_audio
-
-WHISPER_SAMPLE_RATE = 16_000     # Hz, what whisper's log-mel front end expects
-SNAC_SAMPLE_RATE = 24_000        # Hz, the snac_24khz codec
+from omniflow.model.units import SNAC_RATE as SNAC_SAMPLE_RATE
+from omniflow.model.units import WHISPER_RATE as WHISPER_SAMPLE_RATE
 
 __all__ = ["BadAudio", "load_audio", "WHISPER_SAMPLE_RATE", "SNAC_SAMPLE_RATE"]

@@ -12,8 +12,7 @@ import torch
 from .audio import SNAC_SAMPLE_RATE, WHISPER_SAMPLE_RATE
 from .snac_codes import frames_from_codebooks
 
-WHISPER_FRAME_MS = 20            # one encoder frame per 20 ms (hop 10 ms, conv stride 2)
-WHISPER_WINDOW_S = 30            # the encoder always sees a 30 s window
+from omniflow.model.units import WHISPER_FRAME_MS, WHISPER_WINDOW_S
 SNAC_DEFAULT = "hubertsiuzdak/snac_24khz"
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .. import tokens
+from ..units import SNAC_RATE
 from .components import DEMO_MARKER, WHISPER_PREFIX, component_dirs
 from .demo_tokenizer import write_demo_tokenizer
 from .resolve import is_demo
@@ -33,10 +34,10 @@ WHISPER_DIMS = {   # openai-whisper ModelDimensions; n_vocab 51865 = the multili
                  n_vocab=51865, n_text_ctx=448, n_text_state=768, n_text_head=12, n_text_layer=12),
 }
 SNAC_CONFIG = {
-    "tiny": dict(sampling_rate=24000, encoder_dim=8, encoder_rates=[2, 4, 8, 8], latent_dim=None,
+    "tiny": dict(sampling_rate=SNAC_RATE, encoder_dim=8, encoder_rates=[2, 4, 8, 8], latent_dim=None,
                  decoder_dim=64, decoder_rates=[8, 8, 4, 2], attn_window_size=None, codebook_size=4096,
                  codebook_dim=8, vq_strides=[4, 2, 1], noise=True, depthwise=True),
-    "real": dict(sampling_rate=24000, encoder_dim=48, encoder_rates=[2, 4, 8, 8], latent_dim=768,
+    "real": dict(sampling_rate=SNAC_RATE, encoder_dim=48, encoder_rates=[2, 4, 8, 8], latent_dim=768,
                  decoder_dim=1024, decoder_rates=[8, 8, 4, 2], attn_window_size=None, codebook_size=4096,
                  codebook_dim=8, vq_strides=[4, 2, 1], noise=True, depthwise=True),
 }
