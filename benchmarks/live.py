@@ -60,13 +60,15 @@ from pathlib import Path
 
 import numpy as np
 
+from omniflow.model.units import SNAC_FRAME_S, SNAC_RATE, WHISPER_RATE
+
 REPO = Path(__file__).resolve().parent.parent
 GRAPHS = {"serve": REPO / "graphs" / "serve.yaml", "speech": REPO / "graphs" / "speech_to_speech.yaml"}
 DEFAULT_AUDIO = REPO / "examples" / "question.wav"
-RATE_IN = 16_000              # Hz: what clients send (the VAD's and whisper's rate)
-RATE_OUT = 24_000             # Hz: SNAC's answer audio
+RATE_IN = WHISPER_RATE        # Hz: what clients send (the VAD's and whisper's rate)
+RATE_OUT = SNAC_RATE          # Hz: SNAC's answer audio
 CHUNK_MS = 20                 # audio per client message, as a microphone delivers it
-STEP_S = 2048 / RATE_OUT      # one decode step = one SNAC frame = 85.3 ms of answer
+STEP_S = SNAC_FRAME_S         # one decode step = one SNAC frame of answer
 DELAY_STEPS = 7               # the last audio layer of frame f comes out at step f + 7
 VOICED_WINDOW_MS = 10         # last_voiced_sample looks at the signal in windows of this length
 VOICED_BELOW_PEAK_DB = 35.0   # a window is voiced when its RMS is within this of the loudest

@@ -57,10 +57,11 @@ from typing import Any, Callable
 import numpy as np
 
 from omniflow.audio import to_int16
+from omniflow.model.units import SNAC_RATE
 
 PATH = "/v1/realtime"
-OUTPUT_RATE = 24000                  # Hz: the Realtime API's pcm16 rate, and SNAC's
-DEFAULT_INPUT_RATE = 24000           # Hz: the Realtime API's default input rate
+OUTPUT_RATE = SNAC_RATE              # Hz: the Realtime API's pcm16 rate, and SNAC's
+DEFAULT_INPUT_RATE = OUTPUT_RATE     # Hz: the Realtime API's default input rate (its pcm16 rate)
 MIN_RATE, MAX_RATE = 8000, 48000     # Hz: input rates accepted (the VAD resamples to 16 kHz)
 MAX_BUFFER_S = 60.0                  # turn_detection none: longest audio held before a commit
 MODEL = "mini-omni"
