@@ -67,7 +67,7 @@ from omniflow.frame import Frame
 from omniflow.model.units import SNAC_RATE, WHISPER_RATE
 from omniflow.node import CONTROL, Node
 
-from . import realtime
+from . import realtime, web
 
 POLL_S = 0.02                  # an idle step waits at most this long for a client message
 MAX_EVENTS_PER_STEP = 64       # then return, so the runtime can read its inputs and control channel
@@ -122,6 +122,7 @@ class _Server:
         self.open_count = 0                               # read by the node thread (an int: atomic)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.port: int | None = None                      # the bound port (params.port 0: a free one)
+        self.routes: dict = {}                            # HTTP path -> () -> (status, content type, body)
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="gateway-ws", daemon=True)
@@ -168,19 +169,25 @@ class _Server:
         self._stop = asyncio.Event()
         p = self.p
         try:
-            server = await serve(self._handle, p.host, p.port, max_size=p.max_message_bytes)
+            server = await serve(self._handle, p.host, p.port, max_size=p.max_message_bytes,
+                                 process_request=self._http)
         except OSError as e:
             self._error = RuntimeError(f"the gateway cannot listen on {p.host}:{p.port}: {e.strerror}. Fix: "
                                        "choose a free port (params.port, 0 picks one) or another host")
             self._ready.set()
             return
         self.port = server.sockets[0].getsockname()[1]
-        self.log.info("gateway listening on ws://%s:%d (input %s at %d Hz, answers as %s)",
-                      p.host, self.port, p.dtype, p.rate, p.output_dtype)
+        self.log.info("gateway listening on ws://%s:%d (input %s at %d Hz, answers as %s; the talk page: "
+                      "http://%s:%d/, the Realtime API: ws://%s:%d/v1/realtime)",
+                      p.host, self.port, p.dtype, p.rate, p.output_dtype, p.host, self.port, p.host, self.port)
         self._ready.set()
         await self._stop.wait()
         server.close()                            # closes every connection (1001 going away)
         await server.wait_closed()
+
+    def _http(self, connection, request):
+        """Plain HTTP on the same port (the page, /healthz, /metrics); None: a WebSocket upgrade."""
+        return web.respond(connection, request, self.routes)
 
     def _session_name(self, ws) -> tuple[str | None, str | None]:
         """(session, None) or (None, why it is refused)."""
