@@ -162,6 +162,9 @@ class RealtimeSession:
             handler(self, event)
         except ClientError as e:
             self.error(str(e), e.code, e.param, event_id)
+        except (TypeError, AttributeError, KeyError, ValueError) as e:     # a field of the wrong shape
+            self.error(f"malformed {event['type']} event ({type(e).__name__}: {e}): see the OpenAI Realtime "
+                       "API reference for its fields", code="invalid_event", event_id=event_id)
 
     def _session_update(self, event: dict) -> None:
         s = event.get("session")

@@ -180,6 +180,32 @@ def test_turn_detection_none_buffers_until_commit_and_response_create():
     assert w.node(json.dumps({"type": "end", "turn": 0}))[-1]["response"]["status"] == "completed"
 
 
+def test_random_client_events_get_replies_or_errors_never_a_crash():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    from nodes.realtime import RealtimeSession as R
+
+    leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=8))
+    value = st.recursive(leaf, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                       st.dictionaries(st.sampled_from(FIELDS), inner, max_size=4)),
+                         max_leaves=12)
+    event = st.fixed_dictionaries({"type": st.sampled_from(sorted(R.HANDLERS))},
+                                  optional={k: value for k in ("session", "audio", "item", "event_id")})
+
+    @hypothesis.settings(max_examples=150, deadline=None)
+    @hypothesis.given(st.lists(event, max_size=6))
+    def run(events):
+        w = Wire()
+        for e in events:
+            w.rt.receive(json.dumps(e))              # raises nothing: a reply or an error event
+        assert all(isinstance(e.get("type"), str) for e in w.sent)
+    run()
+
+
+FIELDS = ["type", "audio", "input", "output", "format", "rate", "turn_detection", "create_response",
+          "output_modalities", "instructions", "role", "content", "text", "id"]
+
+
 # --- the official SDK against graphs/serve.yaml ------------------------------------------------
 
 def _question_24k() -> np.ndarray:
