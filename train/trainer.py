@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from omniflow.model.checkpoint import WEIGHTS_FILE, load_model, save_checkpoint
 from omniflow.model.config import CONFIG_FILE
+from omniflow.model.weights.components import TOKENIZER_FILES
 
 from .config import StageConfig
 from .data.cache import SampleCache
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 LATEST_FILE = "latest"
 LOG_FILE = "log.jsonl"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 # ------------------------------------------------------------------------- schedule ---------

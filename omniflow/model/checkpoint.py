@@ -12,8 +12,8 @@ import torch
 
 from .config import CONFIG_FILE, Config
 from .gpt import MiniOmni, rope_tables
+from .weights.components import MINIOMNI_WEIGHTS_FILE as WEIGHTS_FILE
 
-WEIGHTS_FILE = "lit_model.pth"
 TIED_HEAD_KEY = "lm_head.weight"
 EMBEDDING_KEY = "transformer.wte.weight"
 

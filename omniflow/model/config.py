@@ -16,8 +16,7 @@ from typing import Any
 import yaml
 
 from . import tokens
-
-CONFIG_FILE = "model_config.yaml"
+from .weights.components import MINIOMNI_CONFIG_FILE as CONFIG_FILE
 
 
 @dataclass

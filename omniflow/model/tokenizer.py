@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Protocol
 
 from .tokens import EOT, TEXT_BASE_VOCAB
+from .weights.components import TOKENIZER_FILE
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILE = "tokenizer.json"
 # Qwen2's special tokens (tokenizer.json "added_tokens"): the same ids as Qwen's first three specials.
 QWEN2_SPECIAL_TOKENS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
 REPLACEMENT_CHAR = "\ufffd"      # what a byte-level decode yields for an incomplete UTF-8 sequence

@@ -27,6 +27,15 @@ FETCH_HINT = ("fetch them with `omniflow fetch` (needs internet), or write rando
               "`omniflow fetch --demo` (output is not speech)")
 
 
+# the official file names, for the loaders and writers to share
+MINIOMNI_WEIGHTS_FILE = "lit_model.pth"          # flat {name: tensor} state dict (REFERENCE.md §6.2)
+MINIOMNI_CONFIG_FILE = "model_config.yaml"       # litgpt field names
+TOKENIZER_FILE = "tokenizer.json"                # Hugging Face tokenizers, Qwen2's byte-level BPE
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # BOS/EOS flags only (Qwen2 uses neither)
+SNAC_CONFIG_FILE = "config.json"                 # snac.SNAC(**config)
+SNAC_WEIGHTS_FILE = "pytorch_model.bin"          # snac.SNAC state dict
+
+
 class Component(NamedTuple):
     repo: str                              # Hugging Face repository of the official files
     load: tuple[str, ...]
@@ -46,9 +55,9 @@ class Component(NamedTuple):
 
 # Directory components (whisper-<size> is a single file and lives in openai-whisper's URL table).
 COMPONENTS: dict[str, Component] = {
-    "miniomni": Component("gpt-omni/mini-omni", load=("lit_model.pth", "model_config.yaml"),
-                          fallback=("tokenizer.json",), optional=("tokenizer_config.json",)),
-    "snac": Component("hubertsiuzdak/snac_24khz", load=("config.json", "pytorch_model.bin")),
+    "miniomni": Component("gpt-omni/mini-omni", load=(MINIOMNI_WEIGHTS_FILE, MINIOMNI_CONFIG_FILE),
+                          fallback=(TOKENIZER_FILE,), optional=(TOKENIZER_CONFIG_FILE,)),
+    "snac": Component("hubertsiuzdak/snac_24khz", load=(SNAC_CONFIG_FILE, SNAC_WEIGHTS_FILE)),
 }
 
 
@@ -79,6 +88,10 @@ def describe(component: str) -> str:
     """What a component's weights look like on disk, for error messages."""
     size = whisper_size(component)
     return f"a {size}.pt file" if size else " + ".join(COMPONENTS[component].load)
+
+
+# the tokenizer files a Mini-Omni checkpoint directory carries along (training copies them forward)
+TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)
 
 
 def component_dirs(root: Path, whisper: Iterable[str]) -> dict[str, Path]:

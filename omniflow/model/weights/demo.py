@@ -11,7 +11,8 @@ from typing import Iterable
 
 from .. import tokens
 from ..units import SNAC_RATE
-from .components import DEMO_MARKER, WHISPER_PREFIX, component_dirs
+from .components import (DEMO_MARKER, MINIOMNI_CONFIG_FILE, MINIOMNI_WEIGHTS_FILE, SNAC_CONFIG_FILE,
+                         SNAC_WEIGHTS_FILE, WHISPER_PREFIX, component_dirs)
 from .demo_tokenizer import write_demo_tokenizer
 from .resolve import is_demo
 
@@ -103,8 +104,8 @@ def write_demo_miniomni(dest: Path, size: str = "tiny", whisper_adapter_dim: int
     sd["transformer.ln_f.weight"] = torch.ones(E)
 
     dest.mkdir(parents=True, exist_ok=True)
-    torch.save(sd, dest / "lit_model.pth")
-    (dest / "model_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=True))
+    torch.save(sd, dest / MINIOMNI_WEIGHTS_FILE)
+    (dest / MINIOMNI_CONFIG_FILE).write_text(yaml.safe_dump(cfg, sort_keys=True))
     write_demo_tokenizer(dest)
     _marker(dest, f"Mini-Omni ({size} trunk: {cfg['n_layer']} layers, n_embd {E})")
     return dest
@@ -142,8 +143,8 @@ def write_demo_snac(dest: Path, size: str = "tiny", seed: int = DEMO_SEED) -> Pa
     torch.manual_seed(seed)
     model = SNAC(**config)
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "config.json").write_text(json.dumps(config, indent=2))
-    torch.save(model.state_dict(), dest / "pytorch_model.bin")
+    (dest / SNAC_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    torch.save(model.state_dict(), dest / SNAC_WEIGHTS_FILE)
     _marker(dest, f"SNAC 24 kHz codec ({size} config)")
     return dest
 

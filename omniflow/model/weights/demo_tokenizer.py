@@ -6,6 +6,8 @@ import json
 import string
 from pathlib import Path
 
+from .components import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+
 # A few sentences to learn merges from, so common words become single tokens.
 _TOKENIZER_CORPUS = """\
 What is the capital of France? The capital of France is Paris.
@@ -46,10 +48,10 @@ def write_demo_tokenizer(dest: Path) -> Path:
     final.decoder = decoders.ByteLevel()
     final.add_special_tokens([AddedToken(s, special=True) for s in QWEN_SPECIALS])
     dest.mkdir(parents=True, exist_ok=True)
-    final.save(str(dest / "tokenizer.json"))
-    (dest / "tokenizer_config.json").write_text(json.dumps(
+    final.save(str(dest / TOKENIZER_FILE))
+    (dest / TOKENIZER_CONFIG_FILE).write_text(json.dumps(
         {"add_bos_token": False, "add_eos_token": False, "bos_token": None,
          "eos_token": "<|endoftext|>", "model_max_length": 32768}, indent=2))
-    return dest / "tokenizer.json"
+    return dest / TOKENIZER_FILE
 
 
