@@ -123,6 +123,9 @@ class _Server:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.port: int | None = None                      # the bound port (params.port 0: a free one)
         self.routes: dict = {}                            # HTTP path -> () -> (status, content type, body)
+        self.access = web.Access(params.api_keys, params.allowed_origins, log)   # who gets in
+        self.tls = web.tls_context(params.tls_cert, params.tls_key)
+        web.warn_exposure(params.host, self.access, self.tls, log)
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="gateway-ws", daemon=True)
@@ -170,16 +173,18 @@ class _Server:
         p = self.p
         try:
             server = await serve(self._handle, p.host, p.port, max_size=p.max_message_bytes,
-                                 process_request=self._http)
+                                 process_request=self._http, ssl=self.tls)
         except OSError as e:
             self._error = RuntimeError(f"the gateway cannot listen on {p.host}:{p.port}: {e.strerror}. Fix: "
                                        "choose a free port (params.port, 0 picks one) or another host")
             self._ready.set()
             return
         self.port = server.sockets[0].getsockname()[1]
-        self.log.info("gateway listening on ws://%s:%d (input %s at %d Hz, answers as %s; the talk page: "
-                      "http://%s:%d/, the Realtime API: ws://%s:%d/v1/realtime)",
-                      p.host, self.port, p.dtype, p.rate, p.output_dtype, p.host, self.port, p.host, self.port)
+        ws, http = ("wss", "https") if self.tls else ("ws", "http")
+        self.log.info("gateway listening on %s://%s:%d (input %s at %d Hz, answers as %s; the talk page: "
+                      "%s://%s:%d/, the Realtime API: %s://%s:%d/v1/realtime; %s)", ws, p.host, self.port,
+                      p.dtype, p.rate, p.output_dtype, http, p.host, self.port, ws, p.host, self.port,
+                      "API keys required" if self.access.keys else "no API keys")
         self._ready.set()
         await self._stop.wait()
         server.close()                            # closes every connection (1001 going away)
@@ -187,7 +192,7 @@ class _Server:
 
     def _http(self, connection, request):
         """Plain HTTP on the same port (the page, /healthz, /metrics); None: a WebSocket upgrade."""
-        return web.respond(connection, request, self.routes)
+        return web.respond(connection, request, self.routes, self.access)
 
     def _session_name(self, ws) -> tuple[str | None, str | None]:
         """(session, None) or (None, why it is refused)."""
@@ -382,6 +387,12 @@ class Gateway(Node):
         max_message_bytes: int = 1 << 20  # largest client message (1 MiB = 32 s of 16 kHz int16)
         max_backlog: int = 1024          # messages queued for a slow client before it is disconnected
         idle_timeout_s: float | None = None   # stop serving after this long with no client; None: never
+        # who gets in (nodes/web.py): an API keys file (omniflow keys api create NAME --file FILE); web
+        # pages of these origins besides the gateway's own ("*": any); TLS (wss:// and https://)
+        api_keys: str | None = None
+        allowed_origins: list[str] = msgspec.field(default_factory=list)
+        tls_cert: str | None = None      # PEM certificate (chain) file
+        tls_key: str | None = None       # PEM private key file (default: in tls_cert)
 
     def setup(self) -> None:
         p = self.params

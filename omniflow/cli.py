@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("omniflow.launch.cli_run", "run a graph (one process per node by default)"),
     "validate": ("omniflow.graph_cli", "check a graph file without starting anything"),
     "graph": ("omniflow.graph_cli", "print a graph as Mermaid text"),
-    "keys": ("omniflow.security", "CURVE keys for secured tcp edges: keys generate DIR | keys show DIR"),
+    "keys": ("omniflow.security", "CURVE keys for secured tcp edges (keys generate DIR | show DIR); API keys for gateway clients (keys api create|list|revoke)"),
     "export": ("omniflow.launch.k8s", "export a graph for another platform: export k8s GRAPH --out DIR"),
     "trace": ("omniflow.trace", "per-hop latency of a run traced with 'run --trace FILE.jsonl'"),
     "record": ("omniflow.record_cli", "run a graph recording the frames of an edge: record GRAPH --edge E --out F"),

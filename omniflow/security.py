@@ -207,9 +207,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("dir", help="directory for omniflow.key (public) and omniflow.key_secret")
     show = sub.add_parser("show", help="print the public key and the allowed client keys of DIR")
     show.add_argument("dir")
+    api = sub.add_parser("api", help="API keys for the gateway's clients (see omniflow/apikeys.py)",
+                         description="API keys: only clients holding one may open a gateway session "
+                                     "(params.api_keys: the file)")
+    api_sub = api.add_subparsers(dest="api_action", metavar="ACTION", required=True)
+    for action, what in (("create", "a new key for NAME, printed once"), ("revoke", "remove NAME's key"),
+                         ("list", "the names of the keys")):
+        cmd = api_sub.add_parser(action, help=what)
+        if action != "list":
+            cmd.add_argument("name")
+        cmd.add_argument("--file", default="keys/api.json", help="the keys file (default: keys/api.json)")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.action == "api":
+        from .apikeys import main as api_main
+        return api_main(args)
     try:
         if args.action == "generate":
             public, secret = generate_keys(args.dir)
