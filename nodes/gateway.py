@@ -373,6 +373,8 @@ class Gateway(Node):
               "speech": "speech"}                    # the VAD's speech started/stopped (Realtime clients)
     outputs = {"audio": "pcm", "text": "text"}       # client audio (to the VAD), typed prompts
 
+    listen = ("host", "port")        # a server: its address, for the Kubernetes export
+
     class Params(msgspec.Struct, forbid_unknown_fields=True):
         host: str = "127.0.0.1"          # 0.0.0.0 to serve other machines
         port: int = 8765                 # 0: a free port (logged; `Gateway.port` after setup)

@@ -43,6 +43,11 @@ class Node:
     # `threads:`. 0: light (I/O, bookkeeping), 1 thread. A node whose math is heavy (an encoder, a
     # decoder, a vocoder) declares a weight; the launcher splits the cores among those nodes.
     cpu_weight: ClassVar[int] = 0
+    # A node that serves clients over the network names the params that hold its listening address,
+    # (host param, port param). `omniflow export k8s` then exposes that port on a Service, binds the
+    # host to 0.0.0.0 inside the pod, probes readiness at GET /healthz on it, and runs every node of
+    # the graph as a Deployment (a server's graph runs until it is stopped).
+    listen: ClassVar[tuple[str, str] | None] = None
 
     def __init__(self, params: Any = None, name: str | None = None):
         if params is None:

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Protocol
 import msgspec
 import zmq
 
+from . import heartbeat_file
 from .frame import KINDS, Frame, FrameError, decode, encode, register_kind
 from .node import CONTROL, Node, Output, drain
 from .security import Curve, is_tcp, secure_connect, start_authenticator, stop_authenticator
@@ -88,6 +89,7 @@ class NodeRuntime:
         self._taps = tuple(taps or ())            # observers of received frames (trace, record)
         self.threads = threads                    # torch/OpenMP/MKL threads (graph key `threads`)
         self._held = False                        # a source waiting for "graph_ready"
+        self._beat_file = heartbeat_file.path_from_env()   # touched per heartbeat (k8s probes)
 
     def stop(self) -> None:
         """Ask the loop to end soon (safe from another thread or a signal handler)."""
@@ -325,6 +327,7 @@ class NodeRuntime:
         return self._stopping
 
     def _heartbeat(self) -> None:
+        heartbeat_file.beat(self._beat_file)
         if self._allow is not None:
             self.metrics.refused = self._allow.refused
         if self.parent_pid is not None and os.getppid() != self.parent_pid:

@@ -1,22 +1,26 @@
-"""`omniflow export k8s`: the manifests parse, have the shapes Kubernetes expects, wire edges through
-Service DNS names, map restart policies and GPUs, ship keys as a Secret; and the exported node
-configs run as a container would run them."""
+"""`omniflow export k8s`: the manifests are valid Kubernetes objects (the official client's models),
+wire edges through Service DNS names, run a server's graph as Deployments with probes, expose the
+gateway, mount the weights volume, request CPU/memory from threads: and GPUs for cuda nodes only,
+ship keys as a Secret; and the exported node configs run as a container would run them, heartbeat
+file and probe included."""
 from __future__ import annotations
 
 import base64
 import json
+import os
 import stat
 import subprocess
 import sys
 
 import msgspec
 import numpy as np
+import pytest
 import soundfile as sf
 import yaml
 
 from omniflow import cli
 from omniflow.graph import load_graph, parse_graph
-from omniflow.launch.k8s import KEYS_DIR, manifests
+from omniflow.launch.k8s import HEARTBEAT_PATH, KEYS_DIR, WEIGHTS_DIR, export_warnings, manifests
 from omniflow.runtime import NodeConfig
 from omniflow.security import generate_keys
 from omniflow.transport import free_tcp_port
@@ -42,41 +46,42 @@ def configs(files) -> dict[str, NodeConfig]:
 
 def test_demo_export_has_one_workload_per_node_and_services_for_producers(tmp_path):
     files = export(tmp_path, "graphs/demo.yaml", "--namespace", "voice", "--image", "reg/omniflow:1")
-    assert set(files) == {"namespace.yaml", "config.yaml", "control.yaml", "src.yaml", "gain.yaml",
-                          "sink.yaml"}
+    assert set(files) == {"namespace.yaml", "config.yaml", "control.yaml", "weights.yaml", "src.yaml",
+                          "gain.yaml", "sink.yaml"}
     jobs, services = by_kind(files, "Job"), by_kind(files, "Service")
-    assert set(jobs) == {"src", "gain", "sink"}                # demo: restart never/on-failure
-    assert set(services) == {"src", "gain", "demo-control"}    # sink produces nothing
+    assert set(jobs) == {"demo-src", "demo-gain", "demo-sink", "demo-fetch-weights"}  # a batch graph
+    assert set(services) == {"demo-src", "demo-gain", "demo-control"}    # sink produces nothing
     bus = by_kind(files, "Deployment")["demo-control"]["spec"]["template"]["spec"]["containers"][0]
     assert bus["command"][:3] == ["python", "-m", "omniflow.launch.bus"]
-    gain = jobs["gain"]
+    gain = jobs["demo-gain"]
     assert gain["metadata"]["namespace"] == "voice"
     assert gain["spec"]["backoffLimit"] == 3                   # on-failure, max_restarts 3
     pod = gain["spec"]["template"]["spec"]
     assert pod["restartPolicy"] == "OnFailure"
-    assert jobs["src"]["spec"]["backoffLimit"] == 0
-    assert jobs["src"]["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    assert jobs["demo-src"]["spec"]["backoffLimit"] == 0
+    assert jobs["demo-src"]["spec"]["template"]["spec"]["restartPolicy"] == "Never"
     (container,) = pod["containers"]
     assert container["image"] == "reg/omniflow:1"
     assert container["command"] == ["python", "-m", "omniflow.runtime", "/etc/omniflow/config/gain.json"]
-    assert "resources" not in container                        # asks for nothing it does not need
+    assert container["resources"] == {"requests": {"cpu": "250m", "memory": "256Mi"}}   # a light node
+    assert "limits" not in container["resources"]              # no GPU for a CPU node
     # the Service selects exactly the pod's labels
     labels = gain["spec"]["template"]["metadata"]["labels"]
-    assert services["gain"]["spec"]["selector"] == labels
+    assert services["demo-gain"]["spec"]["selector"] == labels
 
     cfg = configs(files)
     (edge_in,) = cfg["gain"].wiring.inputs
     (edge_out,) = cfg["gain"].wiring.outputs
-    port = services["src"]["spec"]["ports"][0]["port"]
-    assert edge_in.address == f"tcp://src.voice.svc:{port}"     # dials the producer's Service
-    assert edge_out.address == f"tcp://*:{services['gain']['spec']['ports'][0]['targetPort']}"
+    port = services["demo-src"]["spec"]["ports"][0]["port"]
+    assert edge_in.address == f"tcp://demo-src.voice.svc:{port}"     # dials the producer's Service
+    assert edge_out.address == f"tcp://*:{services['demo-gain']['spec']['ports'][0]['targetPort']}"
     assert cfg["gain"].keys_dir is None
     assert cfg["gain"].wiring.control_pub == "tcp://demo-control.voice.svc:5590"
     assert cfg["gain"].wiring.control_in == "tcp://demo-control.voice.svc:5591"
     assert [p["port"] for p in services["demo-control"]["spec"]["ports"]] == [5590, 5591]
 
 
-def test_restart_always_is_a_deployment_and_cuda_nodes_request_a_gpu(tmp_path):
+def test_restart_always_is_a_deployment_and_only_cuda_nodes_request_a_gpu(tmp_path):
     graph = parse_graph("""
 nodes:
   src: {use: "nodes.audio:FileSource", params: {path: x.wav}, restart: always}
@@ -84,18 +89,139 @@ nodes:
 """, "my_graph.yaml")
     files = manifests(graph)
     (deploy,) = [o for o in files["src.yaml"] if o["kind"] == "Deployment"]
+    assert deploy["metadata"]["name"] == "my-graph-src"
     assert deploy["spec"]["replicas"] == 1
     assert deploy["spec"]["selector"]["matchLabels"] == deploy["spec"]["template"]["metadata"]["labels"]
     assert deploy["spec"]["template"]["spec"]["restartPolicy"] == "Always"
     (big,) = files["big.yaml"]
     res = big["spec"]["template"]["spec"]["containers"][0]["resources"]
-    assert res == {"requests": {"cpu": "1500m", "memory": "2000000000"}, "limits": {"nvidia.com/gpu": 2}}
+    assert res == {"requests": {"cpu": "1500m", "memory": "2000000000"}}   # num_gpus, but device: cpu
     assert files["config.yaml"][0]["metadata"]["name"] == "my-graph-config"     # a DNS name
+    assert any("num_gpus" in w and "'big'" in w for w in export_warnings(graph))
 
     speech = load_graph("graphs/speech_to_speech.yaml", ["backbone.device=cuda"])
-    backbone = manifests(speech)["backbone.yaml"][0]
-    assert backbone["spec"]["template"]["spec"]["containers"][0]["resources"] == \
-        {"limits": {"nvidia.com/gpu": 1}}
+    files = manifests(speech, image="reg/omniflow:cpu", cuda_image="reg/omniflow:cuda")
+    for name in speech.nodes:
+        (pod,) = [o["spec"]["template"]["spec"] for o in files[f"{name}.yaml"] if o["kind"] != "Service"]
+        (container,) = pod["containers"]
+        gpus = container["resources"].get("limits", {}).get("nvidia.com/gpu")
+        assert gpus == ("1" if name == "backbone" else None), name
+        assert container["image"] == ("reg/omniflow:cuda" if name == "backbone" else "reg/omniflow:cpu")
+    split = load_graph("graphs/split_across_machines.yaml")    # num_gpus: 1 on a device: cpu backbone
+    assert "limits" not in manifests(split)["backbone.yaml"][0]["spec"]["template"]["spec"][
+        "containers"][0]["resources"]
+
+
+def test_threads_set_cpu_memory_requests_and_cap_the_math_threads():
+    graph = load_graph("graphs/speech_to_speech.yaml")
+    files = manifests(graph)
+    cfg = configs(files)
+
+    def container(node):
+        return files[f"{node}.yaml"][0]["spec"]["template"]["spec"]["containers"][0]
+
+    backbone = container("backbone")
+    threads = graph.nodes["backbone"].threads or 2     # the graph's threads:, else its cpu_weight (2)
+    assert backbone["resources"]["requests"] == {"cpu": str(threads), "memory": f"{2 * threads}Gi"}
+    assert cfg["backbone"].threads == threads
+    assert {"name": "OMP_NUM_THREADS", "value": str(threads)} in backbone["env"]
+    assert container("text")["resources"]["requests"] == {"cpu": "250m", "memory": "256Mi"}
+    explicit = load_graph("graphs/speech_to_speech.yaml")
+    explicit.nodes["whisper"].threads = 3
+    whisper = manifests(explicit)["whisper.yaml"][0]["spec"]["template"]["spec"]["containers"][0]
+    assert whisper["resources"]["requests"] == {"cpu": "3", "memory": "6Gi"}
+
+
+def test_a_server_graph_runs_as_deployments_with_probes_and_a_public_gateway(tmp_path):
+    files = export(tmp_path, "graphs/serve.yaml", "--namespace", "voice", "--service-type",
+                   "LoadBalancer", "--demo-weights")
+    graph = load_graph("graphs/serve.yaml")
+    deployments = by_kind(files, "Deployment")
+    assert set(deployments) == {f"serve-{n}" for n in graph.nodes} | {"serve-control"}
+    assert set(by_kind(files, "Job")) == {"serve-fetch-weights"}       # only the weights filler
+    cfg = configs(files)
+    assert cfg["gateway"].params["host"] == "0.0.0.0"                    # reachable in the cluster
+    public = by_kind(files, "Service")["serve-gateway-public"]
+    assert public["spec"]["type"] == "LoadBalancer"
+    assert public["spec"]["ports"] == [{"name": "clients", "port": 8765, "targetPort": 8765,
+                                        "protocol": "TCP"}]
+    gateway = deployments["serve-gateway"]
+    assert public["spec"]["selector"] == gateway["spec"]["template"]["metadata"]["labels"]
+    for name, deploy in deployments.items():
+        pod = deploy["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        assert pod["restartPolicy"] == "Always"
+        assert c["startupProbe"]["exec"]["command"][-2] == HEARTBEAT_PATH
+        assert c["livenessProbe"]["exec"]["command"][-2] == HEARTBEAT_PATH
+        assert {"name": "OMNIFLOW_HEARTBEAT_FILE", "value": HEARTBEAT_PATH} in c["env"]
+        if name == "serve-gateway":
+            assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 8765, "scheme": "HTTP"}
+        else:
+            assert c["readinessProbe"]["exec"]["command"][-2] == HEARTBEAT_PATH
+        if name != "serve-control":                          # every node pod: the weights volume
+            assert {"name": "OMNIFLOW_HOME", "value": WEIGHTS_DIR} in c["env"]
+            assert {"name": "weights", "mountPath": WEIGHTS_DIR} in c["volumeMounts"]
+            assert {"name": "weights", "persistentVolumeClaim": {"claimName": "serve-weights"}} \
+                in pod["volumes"]
+    (claim,) = by_kind(files, "PersistentVolumeClaim").values()
+    assert claim["metadata"]["name"] == "serve-weights"
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    fetch = by_kind(files, "Job")["serve-fetch-weights"]["spec"]["template"]["spec"]["containers"][0]
+    assert fetch["command"] == ["omniflow", "fetch", "--home", WEIGHTS_DIR, "--demo"]
+
+    mine = export(tmp_path / "own", "graphs/serve.yaml", "--weights-claim", "my-weights")
+    assert "weights.yaml" not in mine and not by_kind(mine, "PersistentVolumeClaim")
+    pod = by_kind(mine, "Deployment")["serve-backbone"]["spec"]["template"]["spec"]
+    assert {"name": "weights", "persistentVolumeClaim": {"claimName": "my-weights"}} in pod["volumes"]
+
+
+MODELS = {"Deployment": "V1Deployment", "Job": "V1Job", "Service": "V1Service",
+          "ConfigMap": "V1ConfigMap", "Secret": "V1Secret", "Namespace": "V1Namespace",
+          "PersistentVolumeClaim": "V1PersistentVolumeClaim"}
+
+
+def k8s_model(obj: dict):
+    """`obj` as the official client's model (which refuses missing required fields and wrong
+    types), and the dict that model writes back: equal to `obj` unless a field was unknown."""
+    from kubernetes.client import ApiClient
+    api = ApiClient()
+    model = api._ApiClient__deserialize(obj, MODELS[obj["kind"]])
+    return model, api.sanitize_for_serialization(model)
+
+
+@pytest.mark.parametrize("graph", ["graphs/serve.yaml", "graphs/speech_to_speech.yaml", "graphs/demo.yaml",
+                                   "graphs/split_across_machines.yaml"])
+def test_every_object_is_a_valid_kubernetes_object(tmp_path, graph):
+    pytest.importorskip("kubernetes", reason="validation needs the kubernetes client: pip install -e '.[dev]'")
+    generate_keys(tmp_path / "keys")
+    files = export(tmp_path, graph, "--namespace", "voice", "--keys", str(tmp_path / "keys"),
+                   "--set", "backbone.device=cuda" if "demo" not in graph else "gain.db=1")
+    kinds = set()
+    for name, objects in files.items():
+        for obj in objects:
+            model, back = k8s_model(obj)
+            assert back == obj, f"{name}: {obj['kind']} has fields the Kubernetes API does not know"
+            assert model.metadata.name and len(model.metadata.name) <= 63
+            kinds.add(obj["kind"])
+            if obj["kind"] in ("Deployment", "Job"):
+                for c in model.spec.template.spec.containers:
+                    assert c.name and c.image and c.command
+                    if c.command[:3] != ["omniflow", "fetch", "--home"]:     # nodes and the bus
+                        assert c.liveness_probe and c.startup_probe and c.readiness_probe
+    assert {"Deployment", "Service", "ConfigMap", "Secret", "Namespace"} <= kinds
+
+
+def test_the_validator_catches_a_misspelled_or_missing_field():
+    pytest.importorskip("kubernetes", reason="validation needs the kubernetes client: pip install -e '.[dev]'")
+    deploy = manifests(load_graph("graphs/demo.yaml"))["control.yaml"][0]
+    assert k8s_model(deploy)[1] == deploy
+    typo = json.loads(json.dumps(deploy))
+    typo["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
+    assert k8s_model(typo)[1] != typo
+    missing = json.loads(json.dumps(deploy))
+    del missing["spec"]["template"]["spec"]["containers"][0]["name"]
+    with pytest.raises(Exception):
+        k8s_model(missing)
 
 
 def test_keys_become_a_private_secret_mounted_into_every_pod(tmp_path):
@@ -106,6 +232,8 @@ def test_keys_become_a_private_secret_mounted_into_every_pod(tmp_path):
     assert base64.b64decode(sec["data"]["omniflow.key_secret"]) == secret.read_bytes()
     assert base64.b64decode(sec["data"]["omniflow.key"]) == public.read_bytes()
     for job in [*by_kind(files, "Job").values(), *by_kind(files, "Deployment").values()]:
+        if job["metadata"]["name"] == "demo-fetch-weights":      # writes weights; needs no keys
+            continue
         pod = job["spec"]["template"]["spec"]
         assert {"name": "curve-keys", "mountPath": KEYS_DIR, "readOnly": True} \
             in pod["containers"][0]["volumeMounts"]
@@ -143,8 +271,13 @@ def test_exported_node_configs_run_as_containers_would(tone_wav, tmp_path):
     control = {"--pub": here("bus", "x:5590"), "--in": here("bus", "x:5591")}
     command = [f"{a.partition('=')[0]}={control[a.partition('=')[0]]}" if a.startswith(("--pub", "--in"))
                else a.replace(KEYS_DIR, str(tmp_path / "keys")) for a in command]
+    beats = {n: tmp_path / f"{n}.beat" for n in ("bus", "src", "gain", "sink")}   # each pod's file
+
+    def env(pod: str) -> dict[str, str]:
+        return {**os.environ, "OMNIFLOW_HEARTBEAT_FILE": str(beats[pod])}
+
     bus_proc = subprocess.Popen([sys.executable, *command[1:]], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+                                stderr=subprocess.STDOUT, text=True, env=env("bus"))
     procs = []
     for name, cfg in configs(files).items():
         cfg.wiring.control_pub, cfg.wiring.control_in = control["--pub"], control["--in"]
@@ -153,17 +286,29 @@ def test_exported_node_configs_run_as_containers_would(tone_wav, tmp_path):
             link.address = here(name, link.address)
         for link in cfg.wiring.inputs:
             producer = link.id.partition("/")[0]
-            assert link.address.startswith(f"tcp://{producer}.voice.svc:")
+            assert link.address.startswith(f"tcp://demo-{producer}.voice.svc:")
             link.address = here(producer, link.address)
         assert cfg.keys_dir == KEYS_DIR
         cfg.keys_dir = str(tmp_path / "keys")
         path = tmp_path / f"{name}.json"
         path.write_bytes(msgspec.json.encode(cfg))
         procs.append(subprocess.Popen([sys.executable, "-m", "omniflow.runtime", str(path)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      env=env(name)))
     for proc in procs:
         output, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, output
+    # the pods' probes, as the manifests write them, on each process's heartbeat file
+    probes = {n: by_kind(files, "Job")[f"demo-{n}"]["spec"]["template"]["spec"]["containers"][0]
+              for n in ("src", "gain", "sink")}
+    probes["bus"] = bus["spec"]["template"]["spec"]["containers"][0]
+    for pod, container in probes.items():
+        live = [a.replace(HEARTBEAT_PATH, str(beats[pod])) for a in container["livenessProbe"]["exec"]["command"]]
+        assert subprocess.run(live).returncode == 0, pod             # beat within the last minute
+        assert subprocess.run([*live[:-1], "0"]).returncode == 1, pod   # older than 0 s: fails
+    missing = [a.replace(HEARTBEAT_PATH, str(tmp_path / "never.beat"))
+               for a in probes["bus"]["startupProbe"]["exec"]["command"]]
+    assert subprocess.run(missing, capture_output=True).returncode == 1   # no file yet: not started
     bus_proc.terminate()
     output, _ = bus_proc.communicate(timeout=10)
     assert bus_proc.returncode == 0 and "control bus on" in output, output

@@ -57,3 +57,25 @@ def test_readme_quick_start_installs_cpu_without_dev_and_ci_runs_its_test_comman
     ci = [line for line in (REPO / ".ci/run").read_text().splitlines() if line and not line.startswith("#")]
     assert ci[-1] == test                                                 # exactly the README's command
     assert re.search(r"pip install .*--no-deps openai-whisper", "\n".join(ci))
+
+
+def dockerfile(name: str) -> str:
+    return (REPO / name).read_text().replace("\\\n", " ")        # continuation lines joined
+
+
+def test_dockerfiles_install_the_readme_builds_and_match_the_k8s_export():
+    from omniflow.launch import k8s
+    cpu, cuda = dockerfile("Dockerfile"), dockerfile("Dockerfile.cuda")
+    for text in (cpu, cuda):
+        for line in text.splitlines():
+            if line.startswith("COPY "):
+                *sources, _ = line.split()[1:]
+                assert all((REPO / s).exists() for s in sources), line
+        assert f"USER {k8s.POD_USER}" in text and f"--uid {k8s.POD_USER}" in text
+        assert f"OMNIFLOW_HOME={k8s.WEIGHTS_DIR}" in text
+    assert re.search(r"pip install '\.\[cpu,web\]' --extra-index-url https://download\.pytorch\.org/whl/cpu", cpu)
+    assert "pip install --no-deps openai-whisper" in cpu and ".[gpu" not in cpu
+    assert "pip install '.[gpu,web]'" in cuda and ".[cpu" not in cuda
+    assert "! pip show onnxruntime " in cuda                 # the build fails on both onnxruntimes
+    assert f"docker build -t {k8s.DEFAULT_IMAGE} ." in cpu
+    assert f"docker build -f Dockerfile.cuda -t {k8s.DEFAULT_CUDA_IMAGE} ." in cuda

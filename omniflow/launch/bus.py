@@ -19,13 +19,15 @@ import argparse
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Collection
 
 import zmq
 
+from .. import heartbeat_file
 from ..frame import Frame, FrameError, decode, encode
-from ..runtime import LOG_FORMAT
+from ..runtime import HEARTBEAT_S, LOG_FORMAT
 from ..security import Curve, is_tcp, secure_bind, start_authenticator, stop_authenticator
 
 log = logging.getLogger("omniflow.launch")
@@ -146,9 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     poller = zmq.Poller()
     bus.register(poller)
     log.info("control bus on %s (pub) and %s (in)", args.pub, args.inbox)
+    beat_file, next_beat = heartbeat_file.path_from_env(), 0.0
     try:
         while not stopping:
             bus.handle(dict(poller.poll(100)))
+            if time.monotonic() >= next_beat:         # the loop turns: a probe sees the file age
+                heartbeat_file.beat(beat_file)
+                next_beat = time.monotonic() + HEARTBEAT_S
     except KeyboardInterrupt:
         pass
     finally:
