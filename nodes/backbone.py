@@ -22,12 +22,10 @@ dropped. A new turn of a session that is still answering replaces the old one (b
 request (wrong embedding width, empty prompt, a task the input cannot take) is logged as an error
 and dropped: it must not end the other sessions.
 
-Speed (`omniflow bench decode`, `omniflow bench graph`; real size, 2-core avx512_bf16 CPU, one
-session): `dtype: float32` is the original's arithmetic (token-for-token golden parity), ~140 ms
-per decode step and ~1.35 s for a 154-position prefill; `dtype: bfloat16` ~90 ms per step (about
-real time: one step = 85.3 ms of speech) and ~0.5 s prefill. `compile: true` runs the decode step
-through `torch.compile` (fp32 ~86 ms/step); it is compiled in `setup()` on a throw-away session,
-10-60 s, so the first user does not pay for it.
+Speed: `dtype: float32` is the original's arithmetic (token-for-token golden parity); `dtype:
+bfloat16` is faster where the hardware has bf16 instructions. `compile: true` runs the decode step
+through `torch.compile`, compiled in `setup()` on a throw-away session so that the first user does
+not pay for it. `omniflow bench decode` / `bench graph` measure them (README, Performance).
 """
 from __future__ import annotations
 
@@ -81,7 +79,7 @@ class Backbone(Node):
         top_p: float = 1.0
         seed: int | None = None
         max_speed: float = 0.0             # decode at most this many times faster than real time
-                                           # (1 step = 85.3 ms of speech); 0: as fast as possible.
+                                           # (1 step = one SNAC frame of speech); 0: as fast as possible.
                                            # Answers a listener hears in real time gain nothing from
                                            # racing ahead, and a paced answer leaves the CPU to others
 

@@ -12,10 +12,10 @@ the completed frames into chunks:
 
 The original (`run_AT_batch_stream`, stride 4) emits its first 4-frame chunk after 10 decode steps;
 with `first_chunk_frames=1` the first chunk leaves after 7 steps (frame 0 completes at step 7).
-Why 1 and not 2: measured on the 24 kHz SNAC config (random weights, 10 frames, SnacVocoder with
-2 frames of context and a 10 ms cross-fade), the streamed audio of the first two frames is within
-6.5 % RMS of a whole-utterance decode with a 1-frame first chunk and 6.8 % with a 2-frame one, so
-waiting for a second frame buys no quality and costs one decode step (85-360 ms) of latency.
+Why 1 and not 2: the vocoder decodes every chunk with frames of left context and cross-fades it
+into the next, so a 1-frame first chunk streams audio as close to a whole-utterance decode as a
+2-frame one (README, Performance), and waiting for a second frame would cost one decode step of
+latency.
 
 A frame with any special id (>= 4096: pad, eoa, ...) is not a SNAC frame: it is dropped here and
 counted (`meta["dropped"]` on the turn's last chunk), so specials never reach the vocoder.

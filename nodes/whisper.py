@@ -7,16 +7,14 @@ Feature semantics are the original's, exactly (REFERENCE.md §1.4):
       -> keep the first int(duration_ms / 20) + 1 frames (one frame per 20 ms)
 
 What it costs: the encoder always runs on the whole 30 s window (1500 frames), whatever the
-utterance length, because the model was trained on features of padded windows. With whisper-small
-that is ~2.1 s per utterance on a 2-core CPU (REFERENCE: the original's first-audio path) and a few
-tens of ms on a GPU; a shorter window would be faster but changes the features.
+utterance length, because the model was trained on features of padded windows; a shorter window
+would be faster but changes the features.
 
 `dtype: bfloat16` runs the encoder's GEMMs and convolutions in bf16 (LayerNorms stay fp32, as in
-openai-whisper): ~1.6x faster on a 2-core avx512_bf16 CPU, features within ~1 % (relative L2)
-of float32 on whisper-small (`omniflow bench graph` measures both). float32, the default, is the
-original's arithmetic exactly. Also measured there (whisper-small, 30 s window): float32 2.40 s,
-bfloat16 1.43 s, bfloat16 + torch.compile 1.39 s after a 22 s compile (not worth it), `runtime:
-onnx` (onnxruntime CPU, float32) 1.9 s vs torch float32 1.97 s in the same run (no gain on CPU).
+openai-whisper): faster where the hardware has bf16 instructions, with features close to, not
+equal to, float32's. float32, the default, is the original's arithmetic exactly. `runtime: onnx`
+runs an onnxruntime export of the float32 encoder. `omniflow bench graph` measures them; the
+figures are in the README (Performance).
 
 Inputs longer than `max_seconds` (at most 30) are never silently truncated: with
 `over_limit: split` they are cut into consecutive windows that are encoded one by one (each with
@@ -98,7 +96,7 @@ class WhisperEncoder(Node):
         checkpoint: str = "small"                 # whisper size name, or path to a .pt file
         device: str = "cpu"
         runtime: Literal["torch", "onnx"] = "torch"   # onnx: onnxruntime (pip install 'omniflow[onnx]')
-        dtype: str = "float32"                   # float32 (the original) | bfloat16 (~1.6x faster on CPU) | float16
+        dtype: str = "float32"                   # float32 (the original) | bfloat16 (faster with bf16 hardware) | float16
         max_seconds: float = WINDOW_SECONDS      # longest utterance encoded in one window (<= 30)
         over_limit: Literal["split", "refuse"] = "split"
 

@@ -125,7 +125,7 @@ def _array(dtype: str, shape: tuple[int, ...], payload) -> np.ndarray:
             or dt.itemsize == 0 or len(shape) > MAX_DIMS or any(s < 0 for s in shape):
         raise FrameError(f"refusing dtype {dtype!r} / shape {shape}: payloads are plain numbers "
                          f"(numpy kinds {PLAIN_KINDS!r}) of at most {MAX_DIMS} dimensions")
-    expected = dt.itemsize * math.prod(shape)   # exact ints; np.prod costs ~3 µs
+    expected = dt.itemsize * math.prod(shape)   # exact ints, and cheaper than np.prod
     if expected != len(payload):
         raise FrameError(f"payload is {len(payload)} bytes but {dtype}{list(shape)} needs {expected}")
     try:

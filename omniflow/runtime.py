@@ -216,8 +216,8 @@ class NodeRuntime:
     def _read_input(self, sock: zmq.Socket) -> bool:
         """Read what is ready on one edge; True when the edge reached end of stream.
 
-        A lossless edge yields one frame per poll: polling again (~3 µs) is cheaper than
-        reading until zmq.Again (an exception, ~9 µs), and keeps the edges fair."""
+        A lossless edge yields one frame per poll: polling again is cheaper than reading until
+        zmq.Again (an exception per edge per poll), and keeps the edges fair."""
         link = self._ins[sock]
         if link.policy == "drop-oldest":
             return self._read_lossy(sock, link)

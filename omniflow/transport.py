@@ -33,8 +33,8 @@ IPC_PATH_MAX = 100                # sun_path holds 107 bytes on Linux; keep a ma
 IPC_NAME_ROOM = 24                # bytes kept for "/<index>.sock" after the socket directory
 LOSSY_QUEUE_CAP = 1000           # frames a drop-oldest edge's sockets hold before the producer drops
 COPY_BELOW_BYTES = 512 * 1024    # copying a payload this small beats zero-copy send bookkeeping
-# Flags as plain ints: pyzmq's are enum.Flag members, and `NOBLOCK | SNDMORE` on those costs
-# ~0.5 µs (enum.__or__) against ~0.03 µs for ints, on every frame sent.
+# Flags as plain ints: pyzmq's are enum.Flag members, and `NOBLOCK | SNDMORE` on those goes
+# through enum.__or__, an order of magnitude dearer than an int `|`, on every frame sent.
 NOBLOCK, SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 
 
@@ -188,7 +188,7 @@ def connect_input(ctx: zmq.Context, link: Link, curve: Curve | None = None) -> z
 
 def send_parts(sock: zmq.Socket, parts: list, flags: int = 0) -> None:
     """`sock.send_multipart(parts, flags, copy=False)` without its per-call argument checks
-    (~1 µs a frame). ZeroMQ queues a multipart message whole or not at all, so only the first
+    (a measurable share of a hop: `omniflow bench transport`). ZeroMQ queues a multipart message whole or not at all, so only the first
     part can raise zmq.Again."""
     *head, tail = parts
     for part in head:
@@ -198,7 +198,7 @@ def send_parts(sock: zmq.Socket, parts: list, flags: int = 0) -> None:
 
 def recv_parts(sock: zmq.Socket, flags: int = NOBLOCK) -> list[zmq.Frame]:
     """`sock.recv_multipart(flags, copy=False)`, asking each part whether more follow instead of
-    the socket (a getsockopt per part): ~1.5 vs ~3.4 µs a frame. Raises zmq.Again if none is
+    the socket (a getsockopt per part, which costs more than the check). Raises zmq.Again if none is
     ready; the rest of a message is always ready once its first part is."""
     part = sock.recv(flags, copy=False)
     parts = [part]

@@ -132,9 +132,8 @@ class Engine:
         self._text_logits = torch.empty(self.max_sessions, self.w_text.size(0), dtype=self.dtype, device=self.device)
         self._audio_logits = torch.empty(self.max_sessions, self.w_audio.size(0), dtype=self.dtype, device=self.device)
         if self.pack_heads:
-            # oneDNN copies of the two heads (+ head-size memory): its GEMM streams them about
-            # twice as fast as MKL for a few rows (dev box, 2 threads: fp32 text head 45 -> 20
-            # ms for 1 row; bf16 39 -> 22 ms for 2 rows).
+            # oneDNN copies of the two heads (+ head-size memory): for the few rows of a decode
+            # step its GEMM streams them faster than MKL does (README, Performance)
             try:
                 self._packed_text = self.w_text.contiguous().to_mkldnn()
                 self._packed_audio = self.w_audio.contiguous().to_mkldnn()

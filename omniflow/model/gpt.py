@@ -24,9 +24,8 @@ from .config import Config
 def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear` for the few rows of a decode step, x (M, in) -> (M, out).
 
-    fp32 on CPU with 2-4 rows: MKL streams a row-major weight several times faster as
-    `weight @ x.T` than as `x @ weight.T` (dev box, 2 threads, 2 rows: the fused 9728 x 896 MLP
-    weight 6.9 -> 1.2 ms, the 152000 x 896 text head 119 -> 19 ms). Elsewhere: plain `F.linear`.
+    fp32 on CPU with 2-4 rows: MKL streams a row-major weight much faster as `weight @ x.T` than as
+    `x @ weight.T` (README, Performance). Elsewhere: plain `F.linear`.
     """
     if (x.dim() == 2 and 2 <= x.size(0) <= 4 and x.dtype == torch.float32 and x.device.type == "cpu"
             and weight.is_contiguous()):
