@@ -128,15 +128,7 @@ class WhisperEncoder(Node):
 
     @staticmethod
     def _resolve(checkpoint: str) -> Path:
-        looks_like_path = checkpoint.endswith(".pt") or "/" in checkpoint or Path(checkpoint).is_file()
-        if looks_like_path:
-            path = Path(checkpoint).expanduser()
-            if not path.is_file():
-                raise weights.WeightsNotFound(
-                    f"whisper checkpoint {path} does not exist: give a size name (e.g. small) to use the "
-                    f"cache, or a path to an openai-whisper .pt file; {weights.FETCH_HINT}")
-            return path
-        return weights.resolve(f"{weights.WHISPER_PREFIX}{checkpoint}")
+        return weights.resolve_whisper(checkpoint)
 
     # --- features -----------------------------------------------------------------------------
     def encode(self, audio: np.ndarray) -> np.ndarray:

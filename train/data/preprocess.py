@@ -1,7 +1,12 @@
 """Preprocessing: samples -> a cache of tensors, so training never touches audio or text.
 
+    omniflow train preprocess --source data/train.jsonl --out cache/       # encoders from $OMNIFLOW_HOME
     omniflow train preprocess --source data/train.jsonl --out cache/ --tokenizer ckpt/ \
-        --whisper small --snac hubertsiuzdak/snac_24khz
+        --whisper /data/small.pt --snac /data/snac
+
+Whisper and SNAC are found as the whisper and vocoder nodes find them (omniflow.model.weights:
+explicit path -> $OMNIFLOW_HOME -> an error naming `omniflow fetch`), so training and serving read
+the same files.
 
 Per sample it stores the prompt and answer token ids, the whisper features of spoken input and the
 SNAC frames of spoken output. The run is resumable (samples already in the cache, or already
@@ -9,7 +14,9 @@ reported bad, are skipped), shows a progress bar, and never stops on one bad inp
 or empty audio file, or a malformed entry, is written to `bad.jsonl` and counted in the summary.
 
 Cache layout (`SampleCache` reads it):
-    meta.json      encoders and tokenizer used (a resume with different ones is refused)
+    meta.json      encoders and tokenizer used (a resume with different ones is refused); written
+                   with the first cached sample or at the end of a run, so a run that fails before
+                   caching anything (no weights, say) leaves nothing that blocks the retry
     index.jsonl    one line per cached sample: key, file, task, lengths
     bad.jsonl      one line per skipped input: key, error
     samples/*.pt   {"task", "id", "prompt_text", "answer_text", "features", "codes"}
@@ -98,28 +105,34 @@ def _read_keys(path: Path) -> set[str]:
     return keys
 
 
-def _check_meta(out: Path, meta: dict) -> None:
+def _check_meta(out: Path, meta: dict) -> bool:
+    """Refuse a cache written with other encoders; True when `out` already has its meta.json."""
     path = out / META_FILE
     if path.exists():
         old = json.loads(path.read_text())
         if old != meta:
             raise ValueError(f"{out} was preprocessed with {old}, this run uses {meta}; "
                              f"use another --out directory (or delete {out}) to start over")
-    else:
-        path.write_text(json.dumps(meta, indent=1))
+        return True
+    return False
 
 
 def preprocess(samples: Iterable[Sample | Invalid], out_dir: str | Path, tokenizer, *,
-               whisper: str = "small", snac: str = "hubertsiuzdak/snac_24khz", device: str = "cpu",
+               whisper: str = "small", snac: str | None = None, device: str = "cpu",
                batch_size: int = 8, retry_bad: bool = False, progress: bool = True,
                features_fp16: bool = False) -> PreprocessReport:
-    """Cache `samples` under `out_dir`. `tokenizer` has `encode(str) -> list[int]`."""
+    """Cache `samples` under `out_dir`. `tokenizer` has `encode(str) -> list[int]`.
+
+    whisper: a size ("small": $OMNIFLOW_HOME/whisper-small/small.pt) or a .pt path; snac: a
+    directory or a Hugging Face repo id, None for $OMNIFLOW_HOME/snac. Both load on first use.
+    """
     from tqdm import tqdm
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _check_meta(out, {"version": CACHE_VERSION, "whisper": str(whisper), "snac": str(snac),
-                      "tokenizer": repr(tokenizer), "features_fp16": features_fp16})
+    meta = {"version": CACHE_VERSION, "whisper": str(whisper), "snac": str(snac or "cache"),
+            "tokenizer": repr(tokenizer), "features_fp16": features_fp16}
+    has_meta = _check_meta(out, meta)
     done = _read_keys(out / INDEX_FILE)
     if not retry_bad:
         done |= _read_keys(out / BAD_FILE)
@@ -153,11 +166,16 @@ def preprocess(samples: Iterable[Sample | Invalid], out_dir: str | Path, tokeniz
                 if error is not None:
                     bad(sample.id, error)
                     continue
+                if not has_meta:          # the cache now holds data made with these encoders
+                    (out / META_FILE).write_text(json.dumps(meta, indent=1))
+                    has_meta = True
                 writer.add(record)
                 report.written += 1
             bar.update(len(chunk))
             bar.set_postfix(ok=report.written, done=report.skipped_done, bad=report.bad)
         bar.close()
+    if not has_meta:
+        (out / META_FILE).write_text(json.dumps(meta, indent=1))
     log.info("preprocess %s: %s", out, report)
     return report
 
@@ -182,7 +200,7 @@ class _LazyEncoders:
 
     MEMO = 64     # recent per-file results: one audio file often serves several tasks (ASR, A1T2, A1A2)
 
-    def __init__(self, whisper: str, snac: str, device: str):
+    def __init__(self, whisper: str, snac: str | None, device: str):
         self.whisper_name, self.snac_name, self.device = whisper, snac, device
         self._whisper = self._snac = None
         self.features_memo: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -197,15 +215,23 @@ class _LazyEncoders:
     @property
     def whisper(self):
         if self._whisper is None:
+            from omniflow.model import weights
+
             from .encoders import WhisperFeatures
-            self._whisper = WhisperFeatures(self.whisper_name, self.device)
+            path = weights.resolve_whisper(self.whisper_name)
+            weights.warn_if_demo(path, log)
+            self._whisper = WhisperFeatures(str(path), self.device)
         return self._whisper
 
     @property
     def snac(self):
         if self._snac is None:
+            from omniflow.model import weights
+
             from .encoders import SnacCodes
-            self._snac = SnacCodes(self.snac_name, self.device)
+            path = weights.resolve("snac", self.snac_name)
+            weights.warn_if_demo(path, log)
+            self._snac = SnacCodes(str(path), self.device)
         return self._snac
 
 

@@ -14,8 +14,8 @@ import os
 import re
 from pathlib import Path
 
-from .components import (COMPONENTS, DEFAULT_HOME, DEMO_MARKER, FETCH_HINT, HOME_ENV, check_component,
-                         describe, home, missing_files, whisper_size)
+from .components import (COMPONENTS, DEFAULT_HOME, DEMO_MARKER, FETCH_HINT, HOME_ENV, WHISPER_PREFIX,
+                         check_component, describe, home, missing_files, whisper_size)
 
 log = logging.getLogger("omniflow.weights")
 
@@ -64,6 +64,20 @@ def resolve(component: str, explicit: str | os.PathLike | None = None) -> Path:
             f"{DEFAULT_HOME}): expected {describe(component)}. Fix: {FETCH_HINT}"
             + (f" (add `--whisper {size}` for this size)." if size else "."))
     return found
+
+
+def resolve_whisper(checkpoint: str | os.PathLike) -> Path:
+    """An openai-whisper checkpoint as the whisper node and `train preprocess` name it: a size
+    ("small") -> $OMNIFLOW_HOME/whisper-<size>/<size>.pt; a path to a `.pt` file -> that file."""
+    text = str(checkpoint)
+    if text.endswith(".pt") or "/" in text or Path(text).is_file():
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise WeightsNotFound(
+                f"whisper checkpoint {path} does not exist: give a size name (e.g. small) to use the "
+                f"cache, or a path to an openai-whisper .pt file; {FETCH_HINT}")
+        return path
+    return resolve(f"{WHISPER_PREFIX}{text}")
 
 
 def _is_repo_id(component: str, text: str) -> bool:
