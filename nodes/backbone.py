@@ -32,7 +32,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import numpy as np
@@ -44,6 +44,7 @@ from omniflow.node import Node
 
 SPEECH_TASKS = ("A1A2", "A1A2_SINGLE", "A1T2", "ASR")     # take embeds
 TEXT_TASKS = ("T1A2", "T1T2")                             # take a text prompt
+QuantMode = Literal["none", "fp16", "int8", "int8dyn", "int4", "auto"]  # = omniflow.model.quant.MODES
 PROMPT_EXTRA = 3            # positions a prompt adds around its T frames / L tokens (REFERENCE §3)
 
 
@@ -69,6 +70,9 @@ class Backbone(Node):
         task: str = "A1A2"                 # speech input: A1A2 (batch-parallel) | A1A2_SINGLE | A1T2 | ASR
         text_task: str = "T1A2"            # text input: T1A2 | T1T2
         dtype: str = "float32"             # float32 (the original) | bfloat16 | float16
+        quant: QuantMode = "none"          # weights of the decode/prefill GEMMs: none (exact) |
+                                           # fp16 | int8 | int8dyn | int4 | auto (this device's
+                                           # fastest; none on CUDA). See omniflow.model.quant
         device: str = "cpu"
         compile: bool = False              # torch.compile the decode step (compiled during setup)
         max_sessions: int = 8              # sessions decoded together; more wait in a queue
@@ -116,7 +120,9 @@ class Backbone(Node):
         model, self.cfg = load_model(self.ckpt_dir, device=self.params.device,
                                      dtype=getattr(torch, self.params.dtype))
         p = self.params
-        self.engine = Engine(model, max_sessions=p.max_sessions, compile=p.compile)
+        self.engine = Engine(model, max_sessions=p.max_sessions, compile=p.compile, quant=p.quant)
+        if p.quant != "none":
+            self.log.info("backbone weights: quant %s (%s requested)", self.engine.quant, p.quant)
         self.sampling = Sampling(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed)
         if p.compile:
             self._compile_now()

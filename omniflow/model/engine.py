@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import quant as q
 from . import tokens as tk
 from .gpt import MiniOmni, few_rows_linear
 from .prompts import Task, build_input_ids, decode_feedback, get_task
@@ -96,7 +97,9 @@ class Engine:
     all-A1A2 traffic); static_shapes: attend over all `block_size` slots of all rows every step,
     so the decode step has one shape (for CUDA graphs / `torch.compile`); default on CUDA only;
     pack_heads: on CPU keep oneDNN copies of the heads (+ head-size memory; faster head GEMMs
-    above 4 rows). `prepare_for_decode` fuses the model's MLP gate/up weights (values unchanged).
+    above 4 rows); quant: `omniflow.model.quant` mode for the trunk projections and the heads
+    (none: the exact weights; the mode in effect is `self.quant`). `prepare_for_decode` fuses the
+    model's MLP gate/up weights (values unchanged).
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class Engine:
         static_shapes: bool | None = None,
         compile: bool = False,
         pack_heads: bool = True,
+        quant: str = "none",
     ) -> None:
         self.model = model.eval()
         cfg = self.cfg = model.config
@@ -128,7 +132,12 @@ class Engine:
         self.pack_heads = (pack_heads and self.device.type == "cpu" and torch.backends.mkldnn.is_available()
                            and self.dtype in onednn_dtypes)
         prepare_for_decode(model)
+        self.quant = q.quantize_model_(model, quant)
         self.w_text, self.w_audio = model.head_weights()  # (152000, C), (29120, C)
+        self._q_text = self._q_audio = None
+        if self.quant != "none":
+            self._q_text, self._q_audio = q.pack(self.w_text, self.quant), q.pack(self.w_audio, self.quant)
+            self.pack_heads = False
         self._text_logits = torch.empty(self.max_sessions, self.w_text.size(0), dtype=self.dtype, device=self.device)
         self._audio_logits = torch.empty(self.max_sessions, self.w_audio.size(0), dtype=self.dtype, device=self.device)
         if self.pack_heads:
@@ -137,6 +146,10 @@ class Engine:
             try:
                 self._packed_text = self.w_text.contiguous().to_mkldnn()
                 self._packed_audio = self.w_audio.contiguous().to_mkldnn()
+                # Some CPUs pack bf16 but cannot multiply it (oneDNN's bf16 GEMM needs avx512 or
+                # avx_ne_convert): find out now, not at the first step.
+                probe = torch.zeros(1, self.cfg.n_embd, dtype=self.dtype).to_mkldnn()
+                torch._C._nn.mkldnn_linear(probe, self._packed_audio, None)
             except RuntimeError as err:  # a CPU build whose oneDNN lacks this dtype
                 warnings.warn(f"Engine: oneDNN head packing unavailable ({err}); using plain GEMMs")
                 self.pack_heads = False
@@ -388,8 +401,10 @@ class Engine:
         return outs
 
     # --- heads -------------------------------------------------------------------------------
-    def _head(self, x: torch.Tensor, weight: torch.Tensor, packed, out: torch.Tensor) -> torch.Tensor:
+    def _head(self, x: torch.Tensor, weight: torch.Tensor, packed, out: torch.Tensor, quant=None) -> torch.Tensor:
         """x (n, C) -> logits (n, rows of weight)."""
+        if quant is not None:
+            return quant(x)
         if self.pack_heads and not (self.dtype == torch.float32 and 2 <= x.size(0) <= 4):
             return torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), packed, None).to_dense()
         if self.dtype == torch.float32 and self.device.type == "cpu":
@@ -398,11 +413,13 @@ class Engine:
 
     def _text_head(self, x: torch.Tensor) -> torch.Tensor:
         """x (n, C) -> text logits (n, text_vocab)."""
-        return self._head(x, self.w_text, getattr(self, "_packed_text", None), self._text_logits)
+        return self._head(x, self.w_text, getattr(self, "_packed_text", None), self._text_logits,
+                          self._q_text)
 
     def _audio_head(self, x: torch.Tensor) -> torch.Tensor:
         """x (n, C) -> the 7 audio layers' logits, flat (n, 7 * audio_vocab)."""
-        return self._head(x, self.w_audio, getattr(self, "_packed_audio", None), self._audio_logits)
+        return self._head(x, self.w_audio, getattr(self, "_packed_audio", None), self._audio_logits,
+                          self._q_audio)
 
     # --- per-session rules -------------------------------------------------------------------
     def _sample_one(self, s: _Session, text_logits, audio_logits) -> tuple[int, list[int] | None]:

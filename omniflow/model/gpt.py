@@ -34,6 +34,15 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return F.linear(x, weight, bias)
 
 
+def project(lin: nn.Linear, x: torch.Tensor, few_rows: bool = False) -> torch.Tensor:
+    """lin(x) through its quantized kernel when `quant.quantize_model_` packed one (`lin.packed`),
+    else the exact dense GEMM (`few_rows_linear` for a decode step's x (M, in))."""
+    packed = lin.__dict__.get("packed")
+    if packed is not None:
+        return packed(x)
+    return few_rows_linear(x, lin.weight, lin.bias) if few_rows else lin(x)
+
+
 class RMSNorm(nn.Module):
     """litgpt RMSNorm: normalise in fp32, cast back, then scale (no unit offset)."""
 
@@ -59,6 +68,10 @@ class LLaMAMLP(nn.Module):
         self.proj = nn.Linear(n_hidden, n_out, bias=False)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self.__dict__.get("_gate_up_packed")
+        if packed is not None:
+            gate, up = packed(x).chunk(2, dim=-1)  # (..., hidden) each
+            return project(self.proj, F.silu(gate) * up)
         return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
 
     def fuse_gate_up_(self) -> None:
@@ -76,6 +89,10 @@ class LLaMAMLP(nn.Module):
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         """Decode-step forward for x (M, in): one fused gate/up GEMM when the fused weight still
         aliases fc_1 (it does not after the module was moved or re-loaded with new tensors)."""
+        packed = self.__dict__.get("_gate_up_packed")
+        if packed is not None:
+            gate, up = packed(x).chunk(2, dim=-1)  # (M, hidden) each
+            return project(self.proj, F.silu(gate) * up, few_rows=True)
         fused = getattr(self, "_gate_up", None)
         if fused is None or fused.data_ptr() != self.fc_1.weight.data_ptr() or fused.device != x.device:
             gate, up = few_rows_linear(x, self.fc_1.weight), few_rows_linear(x, self.fc_2.weight)
@@ -115,7 +132,7 @@ class CausalSelfAttention(nn.Module):
         """x (B, T, C) -> roped q (B, G, q_per_kv, T, hs), roped k (B, G, T, hs), v (B, G, T, hs)."""
         c = self.cfg
         B, T, _ = x.shape
-        qkv = self.attn(x)  # (B, T, (nh + 2G) * hs)
+        qkv = project(self.attn, x)  # (B, T, (nh + 2G) * hs)
         qkv = qkv.view(B, T, c.n_query_groups, c.q_per_kv + 2, c.head_size)
         qkv = qkv.permute(0, 2, 3, 1, 4)  # (B, G, q_per_kv + 2, T, hs)
         q = qkv[:, :, : c.q_per_kv]  # (B, G, q_per_kv, T, hs)
@@ -136,7 +153,7 @@ class CausalSelfAttention(nn.Module):
         v_heads = v.repeat_interleave(c.q_per_kv, dim=1)  # (B, nh, T, hs)
         y = F.scaled_dot_product_attention(q, k_heads, v_heads, is_causal=True, scale=self.scale)
         y = y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size)  # (B, T, nh * hs)
-        return self.proj(y), k, v
+        return project(self.proj, y), k, v
 
     def decode(self, x, cos, sin, k_cache, v_cache, rows, pos, mask):
         """One new position per row, attending over that row's filled cache prefix.
@@ -147,7 +164,7 @@ class CausalSelfAttention(nn.Module):
         """
         c = self.cfg
         R = x.size(0)
-        qkv = few_rows_linear(x, self.attn.weight, self.attn.bias)  # (R, (nh + 2G) * hs)
+        qkv = project(self.attn, x, few_rows=True)  # (R, (nh + 2G) * hs)
         qkv = qkv.reshape(R, c.n_query_groups, c.q_per_kv + 2, c.head_size)  # (R, G, qpk+2, hs)
         q = apply_rope(qkv[:, :, : c.q_per_kv], cos[:, None, None], sin[:, None, None])  # (R, G, qpk, hs)
         k = apply_rope(qkv[:, :, c.q_per_kv], cos[:, None], sin[:, None])  # (R, G, hs)
@@ -156,7 +173,7 @@ class CausalSelfAttention(nn.Module):
         # The q_per_kv query heads of a group take the "query length" axis: one key/value head per
         # group serves them all, so the cache is never expanded to n_head heads.
         y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=self.scale)
-        return few_rows_linear(y.reshape(R, c.n_head * c.head_size), self.proj.weight, self.proj.bias)  # (R, C)
+        return project(self.proj, y.reshape(R, c.n_head * c.head_size), few_rows=True)  # (R, C)
 
 
 class Block(nn.Module):

@@ -1,0 +1,262 @@
+"""Quantized weights for the backbone's decode and prefill GEMMs, made at load from the fp32 file.
+
+A decode step reads every weight of the backbone once for a few rows, so on a CPU its time is
+set by how many bytes the weights take and how well a kernel streams them. `quantize_model_`
+packs each trunk projection (QKV, attention output, fused MLP gate/up, MLP down) into one of the
+kernels below, and `QuantLinear` packs the engine's text and audio heads. The fp32 weights stay
+in the model (the embedding lookup and `state_dict` use them); `none` is the exact fp32 path.
+
+Modes (each one `QuantLinear` subclass; `omniflow bench decode` times them against fp32 and the
+original, `omniflow bench quality` measures their error):
+
+* `fp16`    fp16 weights, fp32 activations and accumulation (fbgemm's packed fp16 GEMM, x86 CPU).
+* `int8`    weight-only int8, one scale per output channel; activations cast to bf16 for the
+            kernel (`torch.ops.aten._weight_int8pack_mm`). Rows stay independent.
+* `int8dyn` int8 weights (per channel) AND 7-bit activations, quantized per call with one scale
+            for the whole (rows, in) input (fbgemm dynamic quantized linear, x86 CPU). Because that
+            activation scale is shared, a session's logits can depend on which rows share its step.
+* `int4`    weight-only int4, asymmetric, one scale/zero per INT4_GROUP inputs of a channel
+            (`torch.ops.aten._weight_int4pack_mm_for_cpu`, CPU).
+* `auto`    `resolve`: the mode chosen for this device (see AUTO_CPU; `none` on CUDA, where the
+            dense bf16 GEMMs are already bandwidth-bound and these CPU kernels do not exist).
+
+A mode whose kernel this torch build or device lacks falls back to `none` with a warning that
+names the reason, so one graph file runs unchanged on CPU and CUDA.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+
+MODES = ("none", "fp16", "int8", "int8dyn", "int4", "auto")
+AUTO_CPU = "int8dyn"      # measured fastest on x86 CPUs (`omniflow bench decode`); quality: bench quality
+AUTO_CPU_FALLBACK = "int8"  # where fbgemm is missing (e.g. ARM builds)
+INT4_GROUP = 32           # inputs per int4 scale/zero (896 and 4864 are multiples)
+INT8_MAX = 127
+INT4_LEVELS = 15
+
+
+class QuantUnavailable(RuntimeError):
+    """This torch build or device has no kernel for the mode."""
+
+
+def _fbgemm_ready() -> str | None:
+    """None when fbgemm's quantized CPU ops can be used, else why not."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return "this torch build has no fbgemm engine (x86 CPU builds have it)"
+    if not hasattr(torch.ops.quantized, "linear_dynamic"):
+        return "this torch build has no quantized::linear_dynamic"
+    return None
+
+
+class QuantLinear:
+    """y = x @ W.T (+ b) with W (N, K) held in a packed low-precision form.
+
+    `__call__(x (..., K)) -> (..., N)` in x's dtype; `dequantized()` -> the (N, K) fp32 weight the
+    kernel effectively multiplies by (what the tests compare against the fp32 weight).
+    """
+
+    mode = "none"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        if weight.dim() != 2:
+            raise ValueError(f"QuantLinear needs a 2-D (out, in) weight, got {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.device = weight.device
+        self.bias = None if bias is None else bias.detach().float()
+        with torch.no_grad():
+            self._pack(weight.detach().float().contiguous())
+            probe = torch.zeros(1, self.in_features, device=self.device)
+            try:
+                self._mm(probe)  # a kernel the build lacks fails here, at load, not mid-answer
+            except (RuntimeError, NotImplementedError) as err:
+                raise QuantUnavailable(f"{self.mode} kernel failed on {self.device}: {err}") from err
+
+    def _pack(self, w: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _mm(self, x2d: torch.Tensor) -> torch.Tensor:
+        """x2d (M, K) -> (M, N), any float dtype."""
+        raise NotImplementedError
+
+    def dequantized(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of packed weight a GEMM streams."""
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = self._mm(x.reshape(-1, self.in_features))  # (M, N)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*lead, self.out_features)
+
+
+def _int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) fp32 -> symmetric int8 (N, K) and fp32 scales (N,)."""
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / INT8_MAX  # (N,)
+    q = torch.round(w / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)  # (N, K)
+    return q, scale
+
+
+class Int8WeightOnly(QuantLinear):
+    mode = "int8"
+
+    def _pack(self, w):
+        self.q, scale = _int8_per_channel(w)        # (N, K) int8
+        self.scale = scale.to(torch.bfloat16)        # (N,) the kernel wants the activation dtype
+
+    def _mm(self, x2d):
+        # The kernel's fp32-activation path is several times slower on CPU: feed it bf16.
+        return torch.ops.aten._weight_int8pack_mm(x2d.to(torch.bfloat16), self.q, self.scale)
+
+    def dequantized(self):
+        return self.q.float() * self.scale.float()[:, None]
+
+    @property
+    def nbytes(self):
+        return self.q.numel() + 2 * self.scale.numel()
+
+
+class Int4WeightOnly(QuantLinear):
+    mode = "int4"
+
+    def _pack(self, w):
+        N, K = w.shape
+        if self.device.type != "cpu":
+            raise QuantUnavailable("int4 uses the CPU int4pack kernel")
+        if K % INT4_GROUP:
+            raise QuantUnavailable(f"int4 needs in_features divisible by {INT4_GROUP}, got {K}")
+        g = w.view(N, K // INT4_GROUP, INT4_GROUP)   # (N, groups, group)
+        lo, hi = g.amin(-1), g.amax(-1)              # (N, groups)
+        scale = (hi - lo).clamp(min=1e-12) / INT4_LEVELS
+        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, INT4_LEVELS).to(torch.int32)
+        # The kernel computes (q - 8) * scale + zero, so zero = lo + 8 * scale.
+        zero = lo + (INT4_LEVELS + 1) // 2 * scale
+        self.scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (groups, N, 2)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(N, K), 1)
+        self._q = q.to(torch.uint8).view(N, K)      # kept for dequantized() only (tests, quality)
+
+    def _mm(self, x2d):
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d.to(torch.bfloat16), self.packed, INT4_GROUP,
+                                                          self.scale_zero)
+
+    def dequantized(self):
+        sz = self.scale_zero.float().transpose(0, 1)  # (N, groups, 2)
+        N, K = self._q.shape
+        g = self._q.view(N, K // INT4_GROUP, INT4_GROUP).float()
+        w = (g - (INT4_LEVELS + 1) // 2) * sz[..., :1] + sz[..., 1:]
+        return w.view(N, K)
+
+    @property
+    def nbytes(self):
+        return self.packed.numel() * self.packed.element_size() + 2 * self.scale_zero.numel()
+
+
+class Fp16Fbgemm(QuantLinear):
+    mode = "fp16"
+
+    def _pack(self, w):
+        reason = _fbgemm_ready()
+        if reason or self.device.type != "cpu":
+            raise QuantUnavailable(reason or "fp16 uses fbgemm, a CPU kernel")
+        self._w16 = w.half()                          # for dequantized()
+        self.packed = torch.ops.quantized.linear_prepack_fp16(w, None)
+
+    def _mm(self, x2d):
+        return torch.ops.quantized.linear_dynamic_fp16(x2d.float(), self.packed)
+
+    def dequantized(self):
+        return self._w16.float()
+
+    @property
+    def nbytes(self):
+        return 2 * self._w16.numel()
+
+
+class Int8Dynamic(QuantLinear):
+    mode = "int8dyn"
+
+    def _pack(self, w):
+        reason = _fbgemm_ready()
+        if reason or self.device.type != "cpu":
+            raise QuantUnavailable(reason or "int8dyn uses fbgemm, a CPU kernel")
+        q, scale = _int8_per_channel(w)
+        self._q, self._scale = q, scale
+        with warnings.catch_warnings():               # quantized tensors are marked deprecated
+            warnings.simplefilter("ignore")
+            qw = torch._make_per_channel_quantized_tensor(q, scale.double(),
+                                                          torch.zeros_like(scale, dtype=torch.long), 0)
+            self.packed = torch.ops.quantized.linear_prepack(qw, None)
+
+    def _mm(self, x2d):
+        # reduce_range: 7-bit activations. Without it, AVX2's u8 x s8 pair sums (vpmaddubsw)
+        # saturate int16 and the error grows several-fold.
+        return torch.ops.quantized.linear_dynamic(x2d.float().contiguous(), self.packed, True)
+
+    def dequantized(self):
+        return self._q.float() * self._scale[:, None]
+
+    @property
+    def nbytes(self):
+        return self._q.numel() + 4 * self._scale.numel()
+
+
+KERNELS: dict[str, type[QuantLinear]] = {
+    "fp16": Fp16Fbgemm, "int8": Int8WeightOnly, "int8dyn": Int8Dynamic, "int4": Int4WeightOnly,
+}
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"quant {mode!r} must be one of {MODES} (none: the exact fp32/bf16 weights)")
+    return mode
+
+
+def resolve(mode: str, device: torch.device | str) -> str:
+    """`auto` -> the mode for this device; other modes are returned as given."""
+    check_mode(mode)
+    if mode != "auto":
+        return mode
+    if torch.device(device).type != "cpu":
+        return "none"
+    return AUTO_CPU if _fbgemm_ready() is None else AUTO_CPU_FALLBACK
+
+
+def pack(weight: torch.Tensor, mode: str, bias: torch.Tensor | None = None) -> QuantLinear:
+    """One (N, K) weight packed for `mode` (not none/auto); raises QuantUnavailable."""
+    return KERNELS[mode](weight, bias)
+
+
+def quantize_model_(model: nn.Module, mode: str) -> str:
+    """Pack every block's projections for `mode` (in place); returns the mode in effect.
+
+    Sets `packed` on attn.attn, attn.proj and mlp.proj and `_gate_up_packed` on the MLP (the
+    fused gate/up weight), which `gpt.project` and `LLaMAMLP` use. A mode this device lacks
+    warns and leaves the model on `none`.
+    """
+    mode = resolve(mode, model.device)
+    if mode == "none":
+        return mode
+    blocks = list(model.transformer.h)
+    try:
+        packed = []
+        for block in blocks:
+            mlp = block.mlp
+            gate_up = torch.cat([mlp.fc_1.weight, mlp.fc_2.weight], dim=0)  # (2 * hidden, C)
+            packed.append((pack(block.attn.attn.weight, mode, block.attn.attn.bias),
+                           pack(block.attn.proj.weight, mode, block.attn.proj.bias),
+                           pack(gate_up, mode), pack(mlp.proj.weight, mode)))
+    except QuantUnavailable as err:
+        warnings.warn(f"quant {mode!r} unavailable ({err}); the backbone runs unquantized")
+        return "none"
+    for block, (qkv, proj, gate_up, down) in zip(blocks, packed):
+        block.attn.attn.packed, block.attn.proj.packed = qkv, proj
+        block.mlp._gate_up_packed, block.mlp.proj.packed = gate_up, down
+    return mode

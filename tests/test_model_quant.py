@@ -1,0 +1,154 @@
+"""Quantized backbone weights: packing, kernel math, model plumbing and the node parameter.
+
+Random weights cannot show that quantized tokens are "good" (their logits are near-ties); these
+tests check what must hold whatever the weights: each kernel multiplies by the weight it
+dequantizes to, that weight is within the mode's rounding error of fp32, logits stay within a
+bounded error, and every path (prefill, decode, heads, node) runs with the right shapes.
+`omniflow bench quality` measures the error on real-size and trained weights.
+"""
+import typing
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from nodes.backbone import Backbone
+from omniflow import weights
+from omniflow.frame import Frame
+from omniflow.model import quant
+from omniflow.model.config import Config
+from omniflow.model.engine import Engine
+from omniflow.model.gpt import MiniOmni
+from omniflow.testing import run_node
+
+MODES = [m for m in quant.KERNELS]
+# Relative Frobenius error of the dequantized weight vs fp32 for N(0, 1) weights: fp16 rounds at
+# 2^-11; int8 per channel ~ amax / 127 / sqrt(12) per entry; int4 over groups of 32 ~ range / 15.
+WEIGHT_ERR = {"fp16": 1e-3, "int8": 0.015, "int8dyn": 0.015, "int4": 0.12}
+# Kernel output vs x @ dequantized.T: the bf16 activation cast (int8, int4) or the int8 activation
+# quantization (int8dyn) is all that may differ.
+KERNEL_ERR = {"fp16": 1e-4, "int8": 0.01, "int8dyn": 0.03, "int4": 0.01}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def available(mode: str) -> bool:
+    try:
+        quant.pack(torch.randn(32, 64), mode)
+        return True
+    except quant.QuantUnavailable:
+        return False
+
+
+@pytest.fixture(params=MODES)
+def mode(request):
+    if not available(request.param):
+        pytest.skip(f"{request.param} kernel unavailable in this torch build/CPU")
+    return request.param
+
+
+def test_packed_weight_dequantizes_close_to_fp32_and_the_kernel_multiplies_by_it(mode):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 128, generator=g)                     # (N, K)
+    bias = torch.randn(96, generator=g)
+    x = torch.randn(2, 3, 128, generator=g)                   # (..., K)
+    lin = quant.pack(w, mode, bias)
+    deq = lin.dequantized()
+    assert deq.shape == w.shape
+    assert rel(deq, w) < WEIGHT_ERR[mode]
+    y = lin(x)
+    assert y.shape == (2, 3, 96) and y.dtype == x.dtype
+    assert rel(y, x @ deq.T + bias) < KERNEL_ERR[mode]
+    assert rel(y, x @ w.T + bias) < WEIGHT_ERR[mode] + KERNEL_ERR[mode]
+    assert 0 < lin.nbytes <= 2 * w.numel()                    # never more than bf16 bytes
+
+
+def test_int8_scales_are_per_output_channel():
+    w = torch.randn(4, 64)
+    w[2] *= 1000.0                                            # one huge channel must not flatten the others
+    if not available("int8"):
+        pytest.skip("int8 kernel unavailable")
+    deq = quant.pack(w, "int8").dequantized()
+    for row in (0, 1, 3):
+        assert rel(deq[row], w[row]) < WEIGHT_ERR["int8"]
+
+
+def tiny_model() -> MiniOmni:
+    torch.manual_seed(0)
+    cfg = Config(block_size=64, n_layer=2, n_embd=64, n_head=4, n_query_groups=2, head_size=16,
+                 intermediate_size=96)
+    return MiniOmni(cfg).eval()
+
+
+def test_quantized_model_logits_stay_within_a_bounded_error_of_fp32(mode):
+    ref = tiny_model()
+    model = tiny_model()
+    ids = torch.randint(0, 4000, (1, 8, 12))                  # (B, 8, S)
+    with torch.inference_mode():
+        want = ref(ids)                                       # (1, S, vocab)
+        from omniflow.model.engine import prepare_for_decode
+        prepare_for_decode(model)
+        assert quant.quantize_model_(model, mode) == mode
+        for block in model.transformer.h:
+            assert block.attn.attn.packed.mode == mode and block.mlp._gate_up_packed.mode == mode
+        got = model(ids)
+    assert got.shape == want.shape
+    assert rel(got, want) < 2 * (WEIGHT_ERR[mode] + KERNEL_ERR[mode])
+
+
+def test_engine_decodes_with_quantized_trunk_and_heads(mode):
+    ref, model = tiny_model(), tiny_model()
+    embeds = torch.randn(5, 64)
+    e_ref = Engine(ref, max_sessions=2)
+    eng = Engine(model, max_sessions=2, quant=mode)
+    assert eng.quant == mode and eng._q_text.mode == mode
+    with torch.inference_mode():
+        h = torch.randn(3, 64)
+        assert rel(eng._text_head(h), e_ref._text_head(h)) < WEIGHT_ERR[mode] + KERNEL_ERR[mode]
+        assert rel(eng._audio_head(h), e_ref._audio_head(h)) < WEIGHT_ERR[mode] + KERNEL_ERR[mode]
+    first = eng.start("a", "A1A2", embeds=embeds, max_new_tokens=6)
+    eng.start("b", "T1A2", text_ids=[5, 6, 7], max_new_tokens=6)
+    outs = [first]
+    while "a" in eng:
+        outs.append(eng.step()["a"])
+    assert len(outs) <= 6 and all(len(o.tokens) == 8 for o in outs)
+    audio_vocab = model.config.audio_vocab_size
+    assert all(0 <= t < audio_vocab for o in outs for t in o.audio)
+
+
+def test_auto_resolves_per_device_and_unavailable_kernels_fall_back_with_a_warning(monkeypatch):
+    assert quant.resolve("auto", "cuda") == "none"
+    assert quant.resolve("auto", "cpu") in quant.KERNELS
+    assert quant.resolve("int4", "cpu") == "int4"
+    with pytest.raises(ValueError, match="must be one of"):
+        quant.resolve("int3", "cpu")
+    monkeypatch.setattr(quant, "_fbgemm_ready", lambda: "no fbgemm here")
+    assert quant.resolve("auto", "cpu") == quant.AUTO_CPU_FALLBACK
+    model = tiny_model()
+    with pytest.warns(UserWarning, match="no fbgemm here"):
+        assert quant.quantize_model_(model, "int8dyn") == "none"
+    assert all("packed" not in block.attn.attn.__dict__ for block in model.transformer.h)
+
+
+def test_node_quant_param_lists_the_modes_and_runs(tmp_path):
+    hint = typing.get_type_hints(Backbone.Params)["quant"]
+    assert typing.get_args(hint) == quant.MODES
+    with pytest.raises(Exception, match="int9"):
+        Backbone({"quant": "int9"})
+    mode = "int8" if available("int8") else "auto"
+    ckpt = weights.write_demo_miniomni(tmp_path / "miniomni", size="tiny")
+    node = Backbone({"checkpoint": str(ckpt), "max_new_tokens": 5, "quant": mode})
+    node.setup()
+    n_embd = node.cfg.n_embd
+    data = np.random.default_rng(0).standard_normal((10, n_embd)).astype(np.float32)
+    frame = Frame(kind="embeds", session="s", turn=0, data=data, last=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                        # no fallback warning on this CPU
+        out = run_node(node, [("embeds", frame)], setup=False)
+    assert node.engine.quant == quant.resolve(mode, "cpu")
+    frames = out.on("tokens")
+    assert frames and frames[-1].last
+    assert all(f.data.shape == (8,) for f in frames if f.data is not None)
