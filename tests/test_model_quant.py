@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from nodes.backbone import Backbone
-from omniflow import weights
+from omniflow.model import weights
 from omniflow.frame import Frame
 from omniflow.model import quant
 from omniflow.model.config import Config
