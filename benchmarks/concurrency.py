@@ -89,7 +89,7 @@ def omniflow_speakers(n: int, dims, omniflow: g.Omniflow, snac, audio: np.ndarra
     """n speakers through the graph's nodes (whisper -> backbone -> scheduler/vocoder threads)."""
     from nodes.backbone import Backbone
     from nodes.scheduler import SnacScheduler
-    from nodes.vocoder import SnacVocoder, StreamingSnac
+    from nodes.vocoder import SnacVocoder
     from omniflow.frame import Frame
     from omniflow.model.sampling import Sampling
 
@@ -113,9 +113,8 @@ def omniflow_speakers(n: int, dims, omniflow: g.Omniflow, snac, audio: np.ndarra
         try:
             sched = SnacScheduler({"first_chunk_frames": d["scheduler"].first_chunk_frames,
                                    "chunk_frames": d["scheduler"].chunk_frames})
-            vocoder = SnacVocoder({"context_frames": d["vocoder"].context_frames,
-                                   "crossfade_ms": d["vocoder"].crossfade_ms})
-            vocoder.stream = StreamingSnac(snac, d["vocoder"].context_frames, d["vocoder"].crossfade_ms)
+            vocoder = SnacVocoder({"crossfade_ms": d["vocoder"].crossfade_ms, "speculate": d["vocoder"].speculate})
+            vocoder.stream = omniflow.vocoder(snac)
             vocoder.states = {}                  # what setup() builds, on the in-memory SNAC
             while (frame := to_vocoder.get()) is not None:
                 for _, codes in sched.process("tokens", frame):

@@ -59,7 +59,7 @@ def build_models(seed: int = 0):
     from snac import SNAC
     from whisper.model import AudioEncoder, ModelDimensions
 
-    from nodes.vocoder import SnacDecoder
+    from omniflow.model.snac_stream import SnacDecoder
     from omniflow.model.config import Config
     from omniflow.model.gpt import MiniOmni
     from omniflow.model.weights import INIT_STD, SNAC_CONFIG, WHISPER_DIMS
@@ -155,6 +155,15 @@ class Omniflow:
     def features(self, dims, audio: np.ndarray) -> np.ndarray:
         return whisper_features(self.encoder, dims, audio, self.whisper_dtype)
 
+    def vocoder(self, snac):
+        """The vocoder node's stream (its params from the graph) on the in-memory SNAC, built once."""
+        if getattr(self, "_vocoder", None) is None:
+            from omniflow.model.snac_stream import make_stream
+            v = self.defaults["vocoder"]
+            self._vocoder = make_stream(snac.model, runtime=v.runtime, noise=v.noise, seed=v.seed,
+                                        crossfade_ms=v.crossfade_ms, speculate=v.speculate)
+        return self._vocoder
+
 
 def whisper_features(encoder, dims, audio: np.ndarray, dtype=None) -> np.ndarray:
     """What the WhisperEncoder node computes (and the original): 30 s window, int(ms/20)+1 frames."""
@@ -230,7 +239,7 @@ def first_audio(path: str, encoder, dims, models: dict, snac, audio: np.ndarray,
     import torch
 
     from nodes.scheduler import SnacScheduler
-    from nodes.vocoder import StreamingSnac, StreamState
+    from omniflow.model.snac_stream import TurnStream
     from omniflow.frame import Frame
     from omniflow.model.prompts import build_input_ids, decode_feedback, get_task
 
@@ -295,8 +304,7 @@ def first_audio(path: str, encoder, dims, models: dict, snac, audio: np.ndarray,
     if original:
         pcm = snac.decode(chunk)                      # the chunk alone, no context
     else:
-        v = d["vocoder"]
-        pcm = StreamingSnac(snac, v.context_frames, v.crossfade_ms).push(StreamState(turn=0), chunk, last=False)
+        pcm = omniflow.vocoder(snac).push_frames(TurnStream(turn=0), chunk, last=False)
     t["vocoder"] = time.perf_counter() - t0
     assert len(pcm) > 0
 
@@ -406,7 +414,7 @@ def settings(defaults: dict) -> str:
     d = defaults
     return (f"whisper {d['whisper'].dtype} ({d['whisper'].runtime}), adapter {d['adapter'].dtype}, "
             f"backbone {d['backbone'].dtype}{' compiled' if d['backbone'].compile else ''}, first chunk "
-            f"{d['scheduler'].first_chunk_frames} frame(s), vocoder context {d['vocoder'].context_frames}")
+            f"{d['scheduler'].first_chunk_frames} frame(s), vocoder speculate {d['vocoder'].speculate}")
 
 
 def setup(args: argparse.Namespace):

@@ -16,12 +16,12 @@ import torch
 import whisper
 
 from nodes.scheduler import SnacScheduler
-from nodes.vocoder import SAMPLE_RATE, SnacDecoder, StreamingSnac, StreamState
 from nodes.whisper import frames_to_keep, load_encoder
 from omniflow.model import weights
 from omniflow.frame import Frame
 from omniflow.model.checkpoint import load_model
 from omniflow.model.engine import Engine
+from omniflow.model.snac_stream import SAMPLE_RATE, TurnStream, build_stream
 from omniflow.model.tokenizer import Tokenizer
 from omniflow.model.units import WHISPER_RATE
 
@@ -50,13 +50,13 @@ while not steps[-1].done:
 
 # 3. tokens -> SNAC frames in chunks -> 24 kHz audio; text stream -> text
 scheduler = SnacScheduler()                        # first chunk 1 frame, then 4
-vocoder = StreamingSnac(SnacDecoder.from_dir(weights.resolve("snac")))
-state, pcm = StreamState(turn=0), []
+vocoder = build_stream(weights.resolve("snac"))   # each frame decoded once, seamless across chunks
+state, pcm = TurnStream(turn=0), []
 for out in steps:
     data = np.asarray(out.tokens, np.int64) if out.kept else None
     frame = Frame(kind="tokens", data=data, meta={"step": out.step}, last=out.done)
     for _, chunk in scheduler.process("tokens", frame):
-        pcm.append(vocoder.push(state, chunk.data, last=chunk.last))
+        pcm.append(vocoder.push_frames(state, chunk.data, last=chunk.last))
 sf.write(answer, np.concatenate(pcm), SAMPLE_RATE)
 text = Tokenizer.from_dir(ckpt).decode([o.tokens[7] for o in steps if o.kept])
 print(f"{len(steps)} steps -> {answer} ({sum(map(len, pcm)) / SAMPLE_RATE:.2f} s); text: {text!r}")

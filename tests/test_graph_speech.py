@@ -226,7 +226,7 @@ def test_the_latency_benchmarks_measure_this_graphs_settings():
     assert d["whisper"].dtype == graph_params("whisper").get("dtype", "float32")
     assert d["backbone"].dtype == graph_params("backbone").get("dtype", "float32")
     assert d["scheduler"].first_chunk_frames == graph_params("scheduler")["first_chunk_frames"]
-    assert d["vocoder"].context_frames == graph_params("vocoder")["context_frames"]
+    assert d["vocoder"].crossfade_ms == graph_params("vocoder")["crossfade_ms"]
     assert graph_defaults(GRAPH, {"backbone": {"dtype": "float32"}})["backbone"].dtype == "float32"
     with pytest.raises(ValueError, match="no nodes.whisper:WhisperEncoder node"):
         graph_defaults(REPO / "graphs" / "tts.yaml")

@@ -11,6 +11,7 @@ a file next to the weights only while the weights are unchanged:
 | whisper   | mel float32 (B, n_mels, 3000)                           | features (B, 1500, n_audio_state) |
 | adapter   | features float32 (B, T, whisper_adapter_dim)            | embeds (B, T, n_embd)           |
 | snac      | codes_0 / codes_1 / codes_2 int64 (B, F), (B, 2F), (B, 4F) | audio (B, 1, F·2048)         |
+| snac_stream | z (1, 768, m), t0, end, noise_i, state_i (snac_stream.py) | audio (1, 1, 512·m), new_state_i |
 
 SNAC noise: every SNAC `DecoderBlock` has a `NoiseBlock` that adds `randn · conv1x1(x)` (REFERENCE
 §5.1), so torch decoding is stochastic. The export **disables it** (the block becomes the identity):
@@ -40,7 +41,8 @@ HASH_KEY = "omniflow.source_sha256"      # ONNX metadata key holding the source 
 EXPORT_VERSION = "1"                      # bump when an export's graph changes for the same weights
 WHISPER_FRAMES = 3000                     # mel frames in whisper's 30 s window (openai-whisper asserts it)
 # kind -> default file name (next to the weights)
-FILE_NAMES = {"whisper": "whisper_encoder.onnx", "adapter": "whisper_adapter.onnx", "snac": "snac_decoder.onnx"}
+FILE_NAMES = {"whisper": "whisper_encoder.onnx", "adapter": "whisper_adapter.onnx", "snac": "snac_decoder.onnx",
+              "snac_stream": "snac_stream.onnx"}
 
 
 def _need_onnxscript() -> None:
@@ -140,7 +142,31 @@ def export_snac_decoder(snac: nn.Module, path, *, source_hash: str | None = None
                    source_hash or weights_hash(snac, "snac"))
 
 
-EXPORTERS = {"whisper": export_whisper_encoder, "adapter": export_adapter, "snac": export_snac_decoder}
+def export_snac_stream(decoder: nn.Module, path, *, source_hash: str | None = None) -> Path:
+    """`omniflow.model.snac_stream.StreamingDecoder` -> ONNX, dynamic number of latent steps.
+
+    Inputs z (1, latent_dim, m), t0 and end (int64 scalars), noise_i (1, 1, rate_i·m) when built
+    with noise, state_i (fixed shapes); outputs audio (1, 1, 512·m) and new_state_i.
+    """
+    _need_onnxscript()
+    dec = copy.deepcopy(decoder).float().cpu().eval()
+    m = 8
+    steps = torch.export.Dim("steps", min=1, max=65536)
+    z = torch.zeros(1, dec.state_shapes[0][0], m)
+    noise = [torch.zeros(1, 1, m * r) for r in dec.noise_rates]
+    state = dec.initial_state()
+    args = (z, torch.tensor(0), torch.tensor(1 << 40), *noise, *state)
+    rest = tuple([{2: r * steps} for r in dec.noise_rates] + [None] * len(state))
+    names = (["z", "t0", "end"] + [f"noise_{i}" for i in range(len(noise))]
+             + [f"state_{i}" for i in range(len(state))])
+    with torch.no_grad():          # *args forward: torch.export takes the nested dynamic shapes
+        program = torch.export.export(dec, args, dynamic_shapes=({2: steps}, None, None, rest))
+    return _export(program, args, Path(path), names, ["audio"] + [f"new_state_{i}" for i in range(len(state))],
+                   None, source_hash or weights_hash(decoder, "snac_stream"))
+
+
+EXPORTERS = {"whisper": export_whisper_encoder, "adapter": export_adapter, "snac": export_snac_decoder,
+             "snac_stream": export_snac_stream}
 
 
 # --- cache --------------------------------------------------------------------------------------
@@ -159,7 +185,7 @@ def source_hash_of(path) -> str | None:
 def cached_export(kind: str, module: nn.Module, cache_dir, name: str | None = None) -> Path:
     """`cache_dir/<name>` exported from `module`, re-exported only when its weights changed.
 
-    kind: "whisper" | "adapter" | "snac"; name defaults to FILE_NAMES[kind]. `cache_dir` is the
+    kind: "whisper" | "adapter" | "snac" | "snac_stream"; name defaults to FILE_NAMES[kind]. `cache_dir` is the
     weights' directory; where it cannot be written the file goes to $OMNIFLOW_HOME/onnx/<hash>/.
     """
     if kind not in EXPORTERS:

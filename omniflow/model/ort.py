@@ -17,6 +17,7 @@ CPUExecutionProvider; `device="cpu"` or `"cuda[:N]"` forces one.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -54,12 +55,30 @@ def providers(device: str = "auto") -> list:
     raise ValueError(f"unknown ONNX device {device!r}; use auto, cpu, cuda or cuda:N")
 
 
-def session(path, device: str = "auto"):
-    """An onnxruntime InferenceSession for the file at `path`."""
+def threads_default() -> int | None:
+    """The node's thread cap (the graph's `threads:`, which the launcher exports as OMP_NUM_THREADS)."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def session(path, device: str = "auto", threads: int | None = None):
+    """An onnxruntime InferenceSession for the file at `path`.
+
+    threads: intra-op threads (None: the node's cap from `threads_default`, else onnxruntime's
+    default of one per core). Worker threads never spin-wait: on a CPU shared by a graph of nodes a
+    spinning pool takes cores from the others.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ONNX file not found: {path} (export it with omniflow.model.onnx_export)")
-    sess = _ort().InferenceSession(str(path), providers=providers(device))
+    ort = _ort()
+    options = ort.SessionOptions()
+    threads = threads or threads_default()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(str(path), options, providers=providers(device))
     log.info("onnxruntime %s on %s", path.name, sess.get_providers()[0])
     return sess
 
