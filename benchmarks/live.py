@@ -489,7 +489,7 @@ def run_original(question: np.ndarray, speech_end: int, steps: int) -> dict:
     import torch
 
     from benchmarks.concurrency import original_answer
-    from nodes.vocoder import SnacDecoder
+    from omniflow.model.snac_stream import SnacDecoder
     from nodes.whisper import load_encoder
     from omniflow.model import weights
     from omniflow.model.checkpoint import load_model
