@@ -110,6 +110,8 @@ class Backbone(Node):
     def setup(self):
         import torch
 
+        self.decode_steps, self.decode_s = 0, 0.0          # batched steps and their seconds (stats())
+
         from omniflow.model import weights
         from omniflow.model.checkpoint import load_model
         from omniflow.model.engine import Engine
@@ -225,9 +227,17 @@ class Backbone(Node):
         if self.params.max_speed > 0:
             time.sleep(max(0.0, self._next_step_at - time.monotonic()))
             self._next_step_at = time.monotonic() + SNAC_FRAME_S / self.params.max_speed
-        for session, out in self.engine.step().items():
+        t0 = time.perf_counter()
+        outs = self.engine.step()
+        self.decode_s += time.perf_counter() - t0
+        self.decode_steps += 1
+        for session, out in outs.items():
             yield self._emit(self.live[session], out)
         yield from self._admit()
+
+    def stats(self) -> dict[str, float]:
+        """Batched decode steps so far and their total time (the gateway's /metrics: mean step time)."""
+        return {"decode_steps": self.decode_steps, "decode_seconds": self.decode_s}
 
     def _emit(self, req: _Request, out) -> tuple[str, Frame]:
         meta: dict[str, Any] = {"step": out.step, "task": req.task}

@@ -67,7 +67,7 @@ from omniflow.frame import Frame
 from omniflow.model.units import SNAC_RATE, WHISPER_RATE
 from omniflow.node import CONTROL, Node
 
-from . import realtime, web
+from . import ops, realtime, web
 
 POLL_S = 0.02                  # an idle step waits at most this long for a client message
 MAX_EVENTS_PER_STEP = 64       # then return, so the runtime can read its inputs and control channel
@@ -126,6 +126,8 @@ class _Server:
         self.access = web.Access(params.api_keys, params.allowed_origins, log)   # who gets in
         self.tls = web.tls_context(params.tls_cert, params.tls_key)
         web.warn_exposure(params.host, self.access, self.tls, log)
+        self.ops = ops.Ops(lambda: self.open_count, self.access.refused)       # /healthz, /metrics
+        self.routes.update({"/healthz": self.ops.healthz, "/metrics": self.ops.metrics})
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="gateway-ws", daemon=True)
@@ -225,6 +227,7 @@ class _Server:
                 session, lambda kind, *args: self.events.put((kind, session, *args)), conn.outbox.put_nowait,
                 self.log)
         self.connections[session] = conn
+        self.ops.connected("omniflow" if conn.realtime is None else "realtime")
         self.open_count = len(self.connections)
         self.events.put(("open", session))
         self.log.info("session %s connected from %s", session, getattr(ws, "remote_address", "?"))
@@ -461,9 +464,11 @@ class Gateway(Node):
             yield "audio", self._pcm(session, s, audio, rate, t_ns)
         elif kind == "flush":
             _, _, rate, t_ns = event
+            self.server.ops.turn_asked(session)
             yield "audio", self._pcm(session, s, np.zeros(0, np.float32), rate, t_ns, last=True)
         elif kind == "text":
             _, _, text, t_ns = event
+            self.server.ops.turn_asked(session)
             if s.used:                                 # a typed prompt starts a turn of its own
                 yield from self._bump(session, s)
                 self.server.send(session, json.dumps({"type": "turn", "turn": s.turn}))
@@ -481,6 +486,7 @@ class Gateway(Node):
                 yield from self._bump(session, s)
             del self.sessions[session]
             self.own_bumps.pop(session, None)
+            self.server.ops.forget(session)
             if not self.sessions:
                 self.idle_since = time.monotonic()
 
@@ -513,6 +519,8 @@ class Gateway(Node):
         if port == "pcm":
             self._send_audio(frame)
         elif port == "speech":
+            if frame.meta.get("event") == "stopped":
+                self.server.ops.turn_asked(frame.session)
             self.server.send(frame.session, {"type": "speech", "turn": frame.turn, **frame.meta})
             return ()
         else:
@@ -524,6 +532,7 @@ class Gateway(Node):
             s.ended.add(port)
             if s.ended.issuperset(self.params.end_after):
                 self.server.send(frame.session, json.dumps({"type": "end", "turn": frame.turn}))
+                self.server.ops.turn_ended(frame.session)
                 s.ended = set()
         return ()
 
@@ -539,6 +548,7 @@ class Gateway(Node):
                 self.rate_warned = True
             return
         self.server.send(frame.session, np.asarray(frame.data), frame.turn)
+        self.server.ops.audio_sent(frame.session, frame.turn, np.asarray(frame.data).size / rate)
 
     def reset(self, session: str):
         """A new turn of `session` began (the control channel): count along, tell the client."""
@@ -552,6 +562,9 @@ class Gateway(Node):
         s.used, s.ended = True, set()                  # the VAD's utterance is this turn's input
         self.server.send(session, json.dumps({"type": "turn", "turn": s.turn}))
         return ()
+
+    def run_status(self, health) -> None:
+        self.server.ops.run_status(health)             # the control bus's health: /healthz, /metrics
 
     def finish(self):
         self.serving = False                           # end of stream: take no new clients

@@ -78,6 +78,15 @@ class Node:
         """Forget `session`'s state: it started a new turn (barge-in) or ended."""
         return ()
 
+    def stats(self) -> dict[str, float]:
+        """Numbers this node reports with each heartbeat (e.g. the backbone's decode steps and their
+        time); they reach /metrics through the control bus's health frames."""
+        return {}
+
+    def run_status(self, health: dict[str, Any]) -> None:
+        """The run's health, about once a second (omniflow.launch.bus: every node's up/age/restarts/
+        metrics/stats). Most nodes ignore it; the gateway serves it as /healthz and /metrics."""
+
     def finish(self) -> Iterable[Output]:
         """All inputs reached end of stream: flush what is buffered."""
         return ()

@@ -310,6 +310,9 @@ class NodeRuntime:
             elif frame.meta.get("op") == "graph_ready":
                 self._held = False
                 continue
+            elif frame.meta.get("op") == "health":
+                self.node.run_status(frame.meta)
+                continue
             self._control.append(frame)
 
     def _apply_control(self) -> None:
@@ -336,7 +339,8 @@ class NodeRuntime:
         if self._push is not None:
             beat = Frame(kind="control", meta={"op": "heartbeat", "node": self.name,
                                                "pid": os.getpid(),
-                                               "metrics": msgspec.structs.asdict(self.metrics)})
+                                               "metrics": msgspec.structs.asdict(self.metrics),
+                                               "stats": self.node.stats()})
             send_or_drop(self._push, encode(beat))
 
     # --- output ----------------------------------------------------------------------------

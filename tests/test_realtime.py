@@ -247,6 +247,44 @@ def wait_listening(port: int, timeout_s: float = 120) -> None:
         time.sleep(0.05)
 
 
+def http_get(port: int, path: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def check_health_and_metrics(ops: dict, graph) -> None:
+    """/healthz and /metrics of the gateway after the four exchanges (one of them cancelled)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = ops["/healthz"]
+    health = json.loads(body)
+    assert status == 200 and health["ok"] and health["ready"], health
+    assert set(health["nodes"]) == set(graph.nodes) and all(n["up"] for n in health["nodes"].values())
+    assert health["sessions"] == 1
+    status, text = ops["/metrics"]
+    assert status == 200
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("omniflow_sessions_connected", ())] == 1
+    assert samples[("omniflow_sessions_total", (("protocol", "realtime"),))] == 1
+    assert samples[("omniflow_turns_total", ())] == 3                         # the cancelled one is not a turn
+    assert samples[("omniflow_first_audio_seconds_count", ())] == 4           # each question's answer began
+    assert samples[("omniflow_first_audio_seconds_sum", ())] > 0
+    assert ("omniflow_playback_stalls_total", ()) in samples
+    assert samples[("omniflow_decode_steps_total", (("node", "backbone"),))] > 0
+    assert samples[("omniflow_decode_seconds_total", (("node", "backbone"),))] > 0
+    for node in graph.nodes:
+        assert samples[("omniflow_node_up", (("node", node),))] == 1
+        assert samples[("omniflow_node_restarts_total", (("node", node),))] == 0
+        assert ("omniflow_refused_peers_total", (("node", node),)) in samples
+    assert samples[("omniflow_node_frames_in_total", (("node", "whisper"),))] >= 3
+
+
 def test_openai_sdk_spoken_barge_in_and_typed_exchanges(demo_home, tmp_path):
     openai = pytest.importorskip("openai", reason="the test drives the official SDK: pip install 'openai[realtime]'")
     from test_gateway import free_port, run_server, serve_graph
@@ -280,9 +318,11 @@ def test_openai_sdk_spoken_barge_in_and_typed_exchanges(demo_home, tmp_path):
                                                 "content": [{"type": "input_text", "text": "What is the capital of France?"}]})
             conn.response.create()                                      # 4: typed
             _until(conn, log, lambda e: e.type == "response.done")
-        return log, spoken, barge
+            ops = {path: http_get(port, path) for path in ("/healthz", "/metrics")}   # while the run goes on
+        return log, spoken, barge, ops
 
-    log, spoken, barge = run_server(graph, converse, in_process=True)
+    log, spoken, barge, ops = run_server(graph, converse, in_process=True)
+    check_health_and_metrics(ops, graph)
 
     def response(events):
         kinds = [e.type for e in events]

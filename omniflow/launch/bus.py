@@ -9,6 +9,11 @@ joins later) and calls `on_ready` once; sources (nodes without inputs of their o
 first step until they see it, so the first question never waits behind a weight load. A bus
 given no `nodes` announces the graph ready at once (nothing is held).
 
+Health: about once a second the bus publishes {"op": "health", "nodes": {name: {"up", "age_s",
+"restarts", "metrics", "stats"}}}: every node in `nodes` (and any other that beats), up while its
+last heartbeat is younger than STALE_S, with the runtime metrics and node stats (`Node.stats`) of
+that heartbeat and the restarts `restarts()` reports. The gateway serves it as /healthz and /metrics.
+
 The local and Ray launchers host one in their supervision loop; on Kubernetes it runs alone:
 
     python -m omniflow.launch.bus --pub tcp://*:5590 --in tcp://*:5591 [--keys /etc/omniflow/keys]
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import time
 import sys
 import time
 from pathlib import Path
@@ -32,6 +38,8 @@ from ..security import Curve, is_tcp, secure_bind, start_authenticator, stop_aut
 
 log = logging.getLogger("omniflow.launch")
 GRAPH_READY = encode(Frame(kind="control", meta={"op": "graph_ready"}))   # sources may start
+HEALTH_S = 1.0               # the run's health is published this often
+STALE_S = 3.5                # a node whose last heartbeat is older is not up (heartbeats: every 1 s)
 
 
 class ControlBus:
@@ -39,11 +47,15 @@ class ControlBus:
                  curve: Curve | None = None, *,
                  on_heartbeat: Callable[[dict[str, Any]], None] = lambda meta: None,
                  on_stop: Callable[[str], None] = lambda reason: None,
-                 nodes: Collection[str] | None = None, on_ready: Callable[[], None] = lambda: None):
+                 nodes: Collection[str] | None = None, on_ready: Callable[[], None] = lambda: None,
+                 restarts: Callable[[], dict[str, int]] = dict):
         self.context, self.on_heartbeat, self.on_stop = context, on_heartbeat, on_stop
         self.on_ready = on_ready
         self.waiting = set(nodes or ())           # nodes whose setup() has not finished yet
         self.ready = not self.waiting             # graph_ready announced
+        self.nodes, self.restarts = list(nodes or ()), restarts
+        self.beats: dict[str, tuple[float, dict]] = {}    # node -> (monotonic time, its last heartbeat)
+        self._next_health = 0.0
         self.pub = context.socket(zmq.XPUB)     # XPUB: hears each node subscribe (see _replay_turns)
         self.pub.setsockopt(zmq.XPUB_VERBOSE, 1)
         self.pull = context.socket(zmq.PULL)
@@ -66,6 +78,23 @@ class ControlBus:
             self._forward()
         if self.pub in ready:
             self._replay_turns()
+        now = time.monotonic()
+        if now >= self._next_health:
+            self._next_health = now + HEALTH_S
+            self.pub.send_multipart(encode(Frame(kind="control", meta=self.health(now))))
+
+    def health(self, now: float | None = None) -> dict[str, Any]:
+        """The run's health (see the module doc)."""
+        now = time.monotonic() if now is None else now
+        restarts = self.restarts()
+        nodes = {}
+        for name in dict.fromkeys([*self.nodes, *self.beats]):
+            when, beat = self.beats.get(name, (None, {}))
+            age = None if when is None else round(now - when, 3)
+            nodes[name] = {"up": age is not None and age < STALE_S, "age_s": age,
+                           "restarts": restarts.get(name, 0), "metrics": beat.get("metrics", {}),
+                           "stats": beat.get("stats", {})}
+        return {"op": "health", "ready": self.ready, "nodes": nodes}
 
     def close(self) -> None:
         self.pub.close(linger=0)
@@ -88,6 +117,7 @@ class ControlBus:
             if op == "heartbeat":
                 if not self.ready:
                     self._node_ready(str(frame.meta.get("node")))
+                self.beats[str(frame.meta.get("node"))] = (time.monotonic(), frame.meta)
                 self.on_heartbeat(frame.meta)
                 continue
             self.pub.send_multipart(parts)

@@ -232,7 +232,7 @@ class LocalLauncher:
         self._started_at = time.monotonic()
         bus = ControlBus(self.context, self.endpoints[CONTROL_PUB], self.endpoints[CONTROL_IN],
                          self.curve, on_heartbeat=self._on_heartbeat, on_stop=self.stop,
-                         nodes=self.here, on_ready=self._on_ready)
+                         nodes=self.here, on_ready=self._on_ready, restarts=lambda: self.restarts)
         log.info("%s", self.plan.line())
         for warning in self.plan.warnings:
             log.warning("%s", warning)
