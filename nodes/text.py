@@ -81,7 +81,7 @@ class _Detok:
 
         # an explicit directory only needs tokenizer.json (Tokenizer.from_dir falls back to Qwen's
         # vocabulary without it); the cache must hold a whole Mini-Omni checkpoint
-        path = Path(checkpoint).expanduser() if checkpoint else weights.resolve("miniomni")
+        path = weights.checkpoint_dir(checkpoint) if checkpoint else weights.resolve("miniomni")
         if not path.is_dir():
             raise weights.WeightsNotFound(f"tokenizer directory {path} does not exist: give the Mini-Omni "
                                           f"checkpoint directory, or leave checkpoint unset to use the cache")

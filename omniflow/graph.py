@@ -33,6 +33,19 @@ OPENBLAS_NUM_THREADS for a node process the local launcher starts (read when tor
 In an in-process run (`--in-process`, nodes on threads) the setting is process-wide: the last
 node to start wins.
 
+Graph variables set one value in several nodes: a top-level `vars:` mapping declares them with
+their defaults, a param value `${name}` takes the variable (its type too), and `--set name=value`
+(no dot) overrides it — `--set checkpoint=runs/final` gives every node that reads `${checkpoint}`
+the same checkpoint. `--set node.param=value` still sets one node's param, after the variables.
+
+    vars:
+      checkpoint: null                         # Mini-Omni weights; null: the cache
+    nodes:
+      backbone: {use: nodes.backbone:Backbone, params: {checkpoint: ${checkpoint}}}
+
+`use:` modules are imported from sys.path, then from the graph file's own directory, so a node
+class written next to the graph needs no PYTHONPATH (node processes get the same directories).
+
 Every problem is reported as `file:line: what is wrong. Fix: what to do`,
 all of them at once, in a `GraphError`.
 """
@@ -41,6 +54,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import re
+import sys
 import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -54,7 +68,11 @@ from .frame import KINDS
 NODE_KEYS = {"use", "params", "inputs", "restart", "max_restarts", "backoff_s", "host", "resources",
              "threads"}
 EDGE_KEYS = {"from", "policy", "depth", "feedback"}
-TOP_KEYS = {"nodes", "description"}
+TOP_KEYS = {"nodes", "description", "vars"}
+VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")   # ${name} in a param value
+# directories of the graph files loaded in this process, appended to sys.path so their `use:`
+# modules import; the launcher hands them to node processes (runtime.NodeConfig.sys_path)
+GRAPH_DIRS: list[str] = []
 RESTART_POLICIES = ("never", "on-failure", "always")
 QUEUE_POLICIES = ("lossless", "drop-oldest")
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
@@ -120,14 +138,25 @@ def import_class(use: str) -> type:
 
 # --- loading ---------------------------------------------------------------------------------
 
+def add_import_dir(folder: str | Path) -> None:
+    """Let `use:` modules (and node processes) import from `folder`, after everything on sys.path."""
+    folder = str(Path(folder).resolve())
+    if folder not in sys.path:
+        sys.path.append(folder)
+    if folder not in GRAPH_DIRS:
+        GRAPH_DIRS.append(folder)
+
+
 def load_graph(path: str | Path, overrides: list[str] | None = None) -> Graph:
-    """Read and validate a graph file. `overrides` are `node.param=value` strings (CLI --set)."""
+    """Read and validate a graph file. `overrides` are `node.param=value` (or `var=value`)
+    strings (CLI --set)."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as e:
         raise GraphError([f"{path}: cannot read graph file ({e.strerror}). "
                           "Fix: check the path"]) from None
+    add_import_dir(path.parent)
     return parse_graph(text, str(path), overrides or [])
 
 
@@ -173,6 +202,7 @@ class _Parser:
     def __init__(self, path: str):
         self.path = path
         self.errors: list[str] = []
+        self.vars: dict[str, Any] = {}       # the graph's variables, once parse() has read them
 
     def error(self, node: yaml.Node | int | None, msg: str, fix: str) -> None:
         if isinstance(node, int):
@@ -200,6 +230,8 @@ class _Parser:
                 self.error(root, "no 'nodes:' section", "add 'nodes:' with one entry per node")
             raise GraphError(self.errors)
         self.check_keys(top, TOP_KEYS, "the graph file")
+        self.vars = self.variables(top.get("vars", (None, None))[1], overrides)
+        overrides = [o for o in overrides if "." in o.partition("=")[0] or "=" not in o]
         nodes_items = self.mapping(top["nodes"][1], "'nodes'") or {}
 
         specs: dict[str, NodeSpec] = {}
@@ -239,7 +271,8 @@ class _Parser:
             self.error(use_node, str(e), "write 'use: package.module:ClassName'")
         except ImportError as e:
             self.error(use_node, f"node '{name}': cannot import '{use}' ({e})",
-                       "check the module path, or install the package that provides it")
+                       "check the module path (modules are found on sys.path and next to the graph "
+                       "file), or install the package that provides it")
         except AttributeError:
             self.error(use_node, f"node '{name}': module '{use.partition(':')[0]}' has no "
                        f"'{use.partition(':')[2]}'", "check the class name")
@@ -250,7 +283,7 @@ class _Parser:
         if "params" in items:
             pnode = items["params"][1]
             if self.mapping(pnode, f"params of '{name}'") is not None:
-                spec.params = _plain(pnode)
+                spec.params = self.substitute(_plain(pnode), self.vars, pnode, name)
             param_nodes[name] = pnode
         else:
             param_nodes[name] = None
@@ -316,6 +349,47 @@ class _Parser:
                            "libraries' default of one thread per core)")
             else:
                 spec.threads = value
+
+    def variables(self, vnode: yaml.Node | None, overrides: list[str]) -> dict[str, Any]:
+        """The graph's `vars:` with the `--set name=value` (dotless) overrides applied."""
+        variables: dict[str, Any] = {}
+        if vnode is not None:
+            items = self.mapping(vnode, "'vars'") or {}
+            for name, (knode, value) in items.items():
+                if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                    self.error(knode, f"variable name '{name}' is not a plain name",
+                               "use letters, digits and '_'")
+                variables[name] = _plain(value)
+        for item in overrides:
+            key, eq, value = item.partition("=")
+            if not eq or "." in key:
+                continue
+            if key not in variables:
+                self.errors.append(f"--set {item}: the graph has no variable '{key}' "
+                                   f"(variables: {', '.join(variables) or 'none'}). Fix: write "
+                                   f"--set NODE.{key}=... for one node, or declare it under 'vars:'")
+            else:
+                variables[key] = yaml.safe_load(value) if value else ""
+        return variables
+
+    def substitute(self, value: Any, variables: dict[str, Any], pnode: yaml.Node, node: str) -> Any:
+        """`value` with each `${name}` replaced: a whole-value reference takes the variable as
+        it is (null, numbers), one inside a longer string is written into it."""
+        if isinstance(value, dict):
+            return {k: self.substitute(v, variables, pnode, node) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.substitute(v, variables, pnode, node) for v in value]
+        if not isinstance(value, str) or "${" not in value:
+            return value
+        for name in VAR.findall(value):
+            if name not in variables:
+                self.error(pnode, f"node '{node}': params use ${{{name}}}, which 'vars:' does not "
+                           "declare", f"add '{name}: DEFAULT' under a top-level 'vars:'")
+                return value
+        whole = VAR.fullmatch(value)
+        if whole:
+            return variables[whole.group(1)]
+        return VAR.sub(lambda m: str(variables[m.group(1)]), value)
 
     def apply_overrides(self, specs: dict[str, NodeSpec], overrides: list[str]) -> None:
         for item in overrides:

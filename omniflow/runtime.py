@@ -33,6 +33,7 @@ import zmq
 
 from . import heartbeat_file
 from .frame import KINDS, Frame, FrameError, decode, encode, register_kind
+from .graph import GRAPH_DIRS
 from .node import CONTROL, Node, Output, drain
 from .security import Curve, is_tcp, secure_connect, start_authenticator, stop_authenticator
 from .transport import (Link, Wiring, bind_output, connect_input, recv_parts, send_blocking,
@@ -389,6 +390,8 @@ class NodeConfig(msgspec.Struct):
     # every frame kind the launcher knew (its node classes registered theirs), so this process
     # decodes them whatever modules it imports itself
     kinds: dict[str, str] = msgspec.field(default_factory=lambda: dict(KINDS))
+    # directories the launcher's graphs import their `use:` modules from (graph.GRAPH_DIRS)
+    sys_path: list[str] = msgspec.field(default_factory=lambda: list(GRAPH_DIRS))
 
 
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -450,6 +453,9 @@ def run_config(cfg: NodeConfig, *, context: zmq.Context | None = None, curve: Cu
     try:
         for kind, doc in cfg.kinds.items():
             register_kind(kind, doc)
+        for folder in cfg.sys_path:
+            if folder not in sys.path:
+                sys.path.append(folder)
         if curve is None and cfg.keys_dir:
             curve = Curve.load(cfg.keys_dir)
         runtime = NodeRuntime(build_node(cfg.name, cfg.use, cfg.params), cfg.wiring, context=context,

@@ -152,3 +152,20 @@ def test_real_fetch_replaces_demo_weights_and_reports_download_errors(tmp_path, 
     assert cli_main(["fetch", "--home", str(tmp_path)]) == 1
     assert "could not download" in capsys.readouterr().err
     assert not (tmp_path / "snac").exists() and seen["demo_left"] is False
+
+
+def test_a_training_run_directory_resolves_to_its_latest_checkpoint(demo_home, tmp_path):
+    import shutil
+
+    run = tmp_path / "runs" / "final"
+    for step in ("step-000001", "step-000002"):
+        shutil.copytree(demo_home / "miniomni", run / step)
+    (run / weights.RUN_LATEST_FILE).write_text("step-000002\n")        # as the trainer writes it
+    assert weights.resolve("miniomni", run) == run / "step-000002"
+    assert weights.resolve("miniomni", run / "step-000001") == run / "step-000001"
+    from nodes.text import Detokenizer                                   # the text nodes take it too
+    node = Detokenizer(Detokenizer.Params(checkpoint=str(run)))
+    node.setup()
+    (run / weights.RUN_LATEST_FILE).write_text("step-000009\n")        # names a step that is gone
+    with pytest.raises(weights.WeightsNotFound, match="step-000009"):
+        weights.resolve("miniomni", run)

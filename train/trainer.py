@@ -33,7 +33,8 @@ import torch.distributed as dist
 
 from omniflow.model.checkpoint import WEIGHTS_FILE, load_model, save_checkpoint
 from omniflow.model.config import CONFIG_FILE
-from omniflow.model.weights.components import TOKENIZER_FILES
+from omniflow.model.weights import checkpoint_dir
+from omniflow.model.weights.components import RUN_LATEST_FILE, TOKENIZER_FILES
 
 from .config import StageConfig
 from .data.cache import SampleCache
@@ -45,7 +46,7 @@ from .stages import apply_trainable, param_groups
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
-LATEST_FILE = "latest"
+LATEST_FILE = RUN_LATEST_FILE
 LOG_FILE = "log.jsonl"
 
 
@@ -106,9 +107,7 @@ def setup_distributed(device: str | None) -> tuple[Dist, torch.device]:
 # ------------------------------------------------------------------------- checkpoints ------
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint dir, or a run dir (-> the checkpoint its `latest` file names)."""
-    path = Path(path)
-    if (path / LATEST_FILE).exists():
-        path = path / (path / LATEST_FILE).read_text().strip()
+    path = checkpoint_dir(path)
     if not (path / WEIGHTS_FILE).exists():
         raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE}; expected a Mini-Omni checkpoint directory "
                                 f"({WEIGHTS_FILE} + {CONFIG_FILE}) or a training run directory with "

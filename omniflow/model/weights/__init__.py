@@ -10,15 +10,17 @@
 The names nodes and tools use are re-exported here: `from omniflow.model import weights;
 weights.resolve("snac")`. Nothing here imports torch until a demo writer runs.
 """
-from .components import (COMPONENTS, DEFAULT_HOME, DEMO_MARKER, FETCH_HINT, HOME_ENV, WHISPER_PREFIX,
-                         Component, component_dirs, describe, home, missing_files, whisper_size)
+from .components import (COMPONENTS, DEFAULT_HOME, DEMO_MARKER, FETCH_HINT, HOME_ENV, RUN_LATEST_FILE,
+                         WHISPER_PREFIX, Component, component_dirs, describe, home, missing_files,
+                         whisper_size)
 from .demo import (DEMO_SEED, INIT_STD, MINIOMNI_TRUNK, SNAC_CONFIG, WHISPER_DIMS, miniomni_config,
                    write_demo, write_demo_miniomni, write_demo_snac, write_demo_whisper)
 from .demo_tokenizer import write_demo_tokenizer
-from .resolve import WeightsNotFound, is_demo, resolve, resolve_whisper, warn_if_demo
+from .resolve import WeightsNotFound, checkpoint_dir, is_demo, resolve, resolve_whisper, warn_if_demo
 
-__all__ = ["COMPONENTS", "DEFAULT_HOME", "DEMO_MARKER", "FETCH_HINT", "HOME_ENV", "WHISPER_PREFIX",
+__all__ = ["COMPONENTS", "DEFAULT_HOME", "DEMO_MARKER", "FETCH_HINT", "HOME_ENV", "RUN_LATEST_FILE",
+           "WHISPER_PREFIX",
            "Component", "component_dirs", "describe", "home", "missing_files", "whisper_size",
            "DEMO_SEED", "INIT_STD", "MINIOMNI_TRUNK", "SNAC_CONFIG", "WHISPER_DIMS", "miniomni_config",
            "write_demo", "write_demo_miniomni", "write_demo_snac", "write_demo_whisper",
-           "write_demo_tokenizer", "WeightsNotFound", "is_demo", "resolve", "resolve_whisper", "warn_if_demo"]
+           "write_demo_tokenizer", "WeightsNotFound", "checkpoint_dir", "is_demo", "resolve", "resolve_whisper", "warn_if_demo"]

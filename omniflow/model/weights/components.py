@@ -34,6 +34,7 @@ TOKENIZER_FILE = "tokenizer.json"                # Hugging Face tokenizers, Qwen
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # BOS/EOS flags only (Qwen2 uses neither)
 SNAC_CONFIG_FILE = "config.json"                 # snac.SNAC(**config)
 SNAC_WEIGHTS_FILE = "pytorch_model.bin"          # snac.SNAC state dict
+RUN_LATEST_FILE = "latest"      # in a training run directory: the name of its newest step-NNNNNN/
 
 
 class Component(NamedTuple):

@@ -14,8 +14,8 @@ import os
 import re
 from pathlib import Path
 
-from .components import (COMPONENTS, DEFAULT_HOME, DEMO_MARKER, FETCH_HINT, HOME_ENV, WHISPER_PREFIX,
-                         check_component, describe, home, missing_files, whisper_size)
+from .components import (COMPONENTS, DEFAULT_HOME, DEMO_MARKER, FETCH_HINT, HOME_ENV, RUN_LATEST_FILE,
+                         WHISPER_PREFIX, check_component, describe, home, missing_files, whisper_size)
 
 log = logging.getLogger("omniflow.weights")
 
@@ -37,17 +37,32 @@ def _locate(component: str, path: Path) -> Path | None:
     return None
 
 
+def checkpoint_dir(path: str | os.PathLike) -> Path:
+    """A training run directory -> the checkpoint its `latest` file names (its newest
+    step-NNNNNN/); any other path as it is. So a run directory works wherever a checkpoint does."""
+    path = Path(path).expanduser()
+    latest = path / RUN_LATEST_FILE
+    if latest.is_file():
+        step = path / latest.read_text().strip()
+        log.info("%s is a training run: using its latest checkpoint %s", path, step)
+        return step
+    return path
+
+
 def resolve(component: str, explicit: str | os.PathLike | None = None) -> Path:
     """Path of `component`'s weights: explicit path -> $OMNIFLOW_HOME/<component> -> error.
 
     Returns the directory for "miniomni" and "snac", and the `.pt` file for "whisper-<size>"
-    (an explicit whisper path may be the file or a directory holding `<size>.pt`).
+    (an explicit whisper path may be the file or a directory holding `<size>.pt`). An explicit
+    Mini-Omni path may be a training run directory: its latest checkpoint is used.
     """
     check_component(component)
     if explicit and _is_repo_id(component, str(explicit)):
         return _from_hub(component, str(explicit))
     if explicit:
         path = Path(explicit).expanduser()
+        if component == "miniomni":
+            path = checkpoint_dir(path)
         found = _locate(component, path)
         if found is None:
             raise WeightsNotFound(
