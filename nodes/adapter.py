@@ -18,7 +18,7 @@ import numpy as np
 from omniflow.model import weights
 from omniflow.model.dtypes import torch_dtype
 from omniflow.frame import Frame
-from omniflow.node import Node
+from omniflow.node import InputError, Node
 
 ADAPTER_PREFIX = "whisper_adapter."
 ADAPTER_KEYS = ("fc_1.weight", "fc_2.weight", "proj.weight")
@@ -81,8 +81,7 @@ class Adapter(Node):
     def process(self, port, frame: Frame):
         feats = np.asarray(frame.data, dtype=np.float32)
         if feats.ndim != 2 or feats.shape[1] != self.in_dim:
-            self.log.error("features of session %s have shape %s, expected (T, %d) (the whisper encoder's "
-                           "width this checkpoint was trained with): dropped; check the graph's whisper "
-                           "checkpoint", frame.session, feats.shape, self.in_dim)
-            return
+            raise InputError(f"features of shape {feats.shape}, expected (T, {self.in_dim}) (the whisper "
+                             "encoder's width this checkpoint was trained with): check the graph's whisper "
+                             "checkpoint")
         yield "embeds", frame.follow("embeds", self.adapt(feats), meta=dict(frame.meta), last=frame.last)

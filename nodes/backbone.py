@@ -18,9 +18,10 @@ emits its step 0, so a new utterance joins the running batch at the next `step()
 ONE batched decode step for every live session and emits one frame per session. A turn that
 finds no free cache slot waits in a FIFO queue and starts as soon as a session ends — never
 dropped. A new turn of a session that is still answering replaces the old one (barge-in);
-`reset(session)` (the runtime calls it on a control "turn") frees the session's slot. A bad
-request (wrong embedding width, empty prompt, a task the input cannot take) is logged as an error
-and dropped: it must not end the other sessions.
+`reset(session, turn)` (the bus announced a newer turn) frees the session's slot. A bad request
+(wrong embedding width, empty prompt, a prompt longer than the context, a task the input cannot
+take) raises `InputError`: that session's turn gets an error frame (the gateway tells its client)
+and every other session goes on.
 
 Speed: `dtype: float32` is the original's arithmetic (token-for-token golden parity); `dtype:
 bfloat16` is faster where the hardware has bf16 instructions. `compile: true` runs the decode step
@@ -39,12 +40,13 @@ import numpy as np
 
 from omniflow.frame import Frame
 from omniflow.model.dtypes import DTYPES
-from omniflow.model.units import SNAC_FRAME_S
-from omniflow.node import Node
+from omniflow.model.units import SNAC_FRAME_S, WHISPER_FRAME_MS
+from omniflow.node import InputError, Node
 
 SPEECH_TASKS = ("A1A2", "A1A2_SINGLE", "A1T2", "ASR")     # take embeds
 TEXT_TASKS = ("T1A2", "T1T2")                             # take a text prompt
 QuantMode = Literal["none", "fp16", "int8", "int8dyn", "int4", "auto"]  # = omniflow.model.quant.MODES
+FEATURE_S = WHISPER_FRAME_MS / 1000   # one whisper frame (embeds row) = 20 ms of speech
 PROMPT_EXTRA = 3            # positions a prompt adds around its T frames / L tokens (REFERENCE §3)
 
 
@@ -161,11 +163,7 @@ class Backbone(Node):
         running = self.live.get(frame.session)
         if running is not None and frame.turn < running.turn:
             return                                   # a late frame of an older turn
-        try:
-            request = self._request(port, frame)
-        except ValueError as e:                      # one bad request must not end every session
-            self.log.error("%s. The frame is dropped.", e)
-            return
+        request = self._request(port, frame)     # InputError: this turn fails, the others go on
         self._cancel(frame.session)                  # a new turn replaces whatever the session had
         self.queue.append(request)
         yield from self._admit()
@@ -176,26 +174,38 @@ class Backbone(Node):
         task = frame.meta.get("task") or (self.params.task if port == "embeds" else self.params.text_task)
         allowed = SPEECH_TASKS if port == "embeds" else TEXT_TASKS
         if task not in allowed:
-            raise ValueError(f"session {frame.session!r}: task {task!r} on the {port!r} input; "
+            raise InputError(f"session {frame.session!r}: task {task!r} on the {port!r} input; "
                              f"that input takes tasks {allowed}")
         req = _Request(frame.session, frame.turn, task, origin=frame)
         if port == "embeds":
             embeds = np.asarray(frame.data)
             if embeds.ndim != 2 or embeds.shape[1] != self.cfg.n_embd or len(embeds) == 0:
-                raise ValueError(f"session {frame.session!r}: embeds of shape {embeds.shape}; expected "
+                raise InputError(f"session {frame.session!r}: embeds of shape {embeds.shape}; expected "
                                  f"(T >= 1, {self.cfg.n_embd}): the adapter output of this checkpoint")
-            room = self.cfg.block_size - PROMPT_EXTRA - 1    # the prompt's extra positions + 1 step
+            room = self.prompt_room()
             if len(embeds) > room:
-                raise ValueError(f"session {frame.session!r}: {len(embeds)} whisper frames do not fit the "
-                                 f"model's context (block_size {self.cfg.block_size}): at most {room}")
+                raise InputError(f"the utterance is {len(embeds) * FEATURE_S:.1f} s ({len(embeds)} whisper "
+                                 f"frames) but the model's context (block_size {self.cfg.block_size}) "
+                                 f"takes at most {room} frames ({room * FEATURE_S:.1f} s): speak in "
+                                 "shorter turns")
             req.embeds = torch.from_numpy(np.array(embeds, dtype=np.float32)).to(self.params.device)  # (T, n_embd)
         else:
             text = frame.meta.get("text")
             if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"session {frame.session!r}: a text prompt needs a non-empty "
+                raise InputError(f"session {frame.session!r}: a text prompt needs a non-empty "
                                  f"meta['text'], got {text!r}")
             req.text_ids = self.tokenizer.encode(text)
+            room = self.prompt_room()
+            if len(req.text_ids) > room:
+                raise InputError(f"the typed prompt is {len(req.text_ids)} tokens but the model's "
+                                 f"context (block_size {self.cfg.block_size}) takes at most {room}: "
+                                 "send a shorter prompt")
         return req
+
+    def prompt_room(self) -> int:
+        """Most whisper frames / prompt tokens a turn may have: the context less the prompt's
+        extra positions and one answer step."""
+        return self.cfg.block_size - PROMPT_EXTRA - 1
 
     # --- scheduling --------------------------------------------------------------------------
     def _has_room(self, task: str) -> bool:
@@ -254,6 +264,6 @@ class Backbone(Node):
         if self.live.pop(session, None) is not None:
             self.engine.stop(session)
 
-    def reset(self, session: str):
-        self._cancel(session)
+    def reset(self, session: str, turn: int):
+        self._cancel(session)          # (the gate calls this only for a turn newer than any it saw)
         return ()

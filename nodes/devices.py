@@ -179,7 +179,7 @@ class Speaker(Node):
             self.pending.append((frame.session, audio))
         return ()
 
-    def reset(self, session: str):
+    def reset(self, session: str, turn: int):
         with self.lock:                      # barge-in: never play the rest of the old answer
             self.pending = collections.deque(x for x in self.pending if x[0] != session)
         return ()

@@ -66,7 +66,7 @@ class Resample(Node):
         yield "audio", frame.follow("pcm", out, meta={**frame.meta, "rate": self.params.rate},
                                     last=frame.last)
 
-    def reset(self, session):
+    def reset(self, session, turn):
         self.streams.pop(session, None)       # a new turn starts with a fresh filter
         self.last_frame.pop(session, None)
         return ()

@@ -29,17 +29,23 @@ Server -> client
     {"type": "text", "text": "...", "turn": N}      answer text pieces, streamed
     {"type": "end", "turn": N}                      turn N is complete: the last frame of every
                                                     port in `end_after` has been sent
-    {"type": "turn", "turn": N}                     turn N began (a barge-in, or a typed prompt):
-                                                    stop playing anything older
+    {"type": "turn", "turn": N}                     turn N began (a spoken or typed question,
+                                                    maybe over an answer): stop playing anything older
+    {"type": "error", "error": "...", "turn": N}    turn N failed (the error names the limit or the
+                                                    fault); it gets no "end"; the session goes on
     {"type": "error", "error": "..."}               a malformed message (the session goes on)
 
-Turns. The VAD starts spoken turns and announces barge-in on the control channel; the runtime then
-calls `reset(session)` here and drops answer frames of older turns, and this node drops any it
-still sees, so audio/text of an interrupted answer is never sent. `reset` does not say which turn
-began: the VAD counts turns one by one, so the gateway counts along (and takes the maximum of any
-turn it sees on an answer frame). A typed prompt starts the next turn itself; a client that
-disconnects ends its session with a turn bump on the control channel, so the backbone frees its
-slot and every node forgets the session's answer.
+Turns. Every question is a new turn numbered by the control bus (omniflow/turns.py): the VAD asks
+for one when it hears speech, this node asks for one when a typed prompt comes (the prompt goes
+out once the bus granted it). Every announced turn reaches `reset(session, turn)` here, which
+tells the client; the runtime drops answer frames of older turns and this node drops any it still
+sees, so audio/text of an interrupted answer is never sent. An "error" frame for a turn (some node
+failed on it, or its input broke a limit) becomes the client's error message for that turn. A
+client that disconnects ends its session on the bus (`end_session`), so the backbone frees its
+slot and every node forgets the session.
+
+Limits where input enters: a typed prompt longer than `max_prompt_chars`, audio that looks like
+float32 sent as s16 (or s16 as f32), and malformed fields get an error naming the limit at once.
 
 Threads. The WebSocket server is an asyncio loop on a background thread. Received messages go to
 the node through a thread-safe queue that `step()` drains (as `PcmClientSource` drains its ZeroMQ
@@ -65,7 +71,8 @@ import numpy as np
 from omniflow.audio import PCM_DTYPES, as_float32, to_int16
 from omniflow.frame import Frame
 from omniflow.model.units import SNAC_RATE, WHISPER_RATE
-from omniflow.node import CONTROL, Node
+from omniflow.node import Node
+from omniflow.turns import ask_turn, end_session
 
 from . import ops, realtime, web
 
@@ -78,6 +85,7 @@ FORMATS = {"s16": "int16", "int16": "int16", "f32": "float32", "float32": "float
 DTYPES = PCM_DTYPES
 SHORT = {"int16": "s16", "float32": "f32"}        # the names the protocol reports
 MAX_RATE = 384_000             # Hz: anything higher is a client bug, not audio
+SNIFFED_MESSAGES = 4           # a session's first binary messages are checked for a wrong sample format
 
 
 def _import_websockets():
@@ -106,6 +114,7 @@ class _Connection:
     out_dtype: str                  # answer sample format
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     got_audio: bool = False
+    sniffed: int = 0                # binary messages checked for a wrong sample format
     closing: bool = False           # being disconnected for reading too slowly
     realtime: Any = None            # a nodes.realtime.RealtimeSession: this client speaks the Realtime API
 
@@ -235,7 +244,11 @@ class _Server:
         self._greet(conn)
         try:
             async for message in ws:
-                self._receive(conn, message)
+                try:
+                    self._receive(conn, message)
+                except Exception as e:            # a bug here must not drop the connection
+                    self.log.exception("session %s: a client message could not be handled", session)
+                    self._error_reply(conn, f"the server could not handle that message ({type(e).__name__})")
         except self.ConnectionClosed:
             pass
         finally:
@@ -288,7 +301,11 @@ class _Server:
             return conn.realtime.receive(message)
         now = time.monotonic_ns()
         if isinstance(message, bytes):
-            audio = _decode_pcm(message, conn.dtype)
+            wrong = None
+            if conn.sniffed < SNIFFED_MESSAGES:            # the sample format the client meant?
+                conn.sniffed += 1
+                wrong = _sniff_format(message, conn.dtype)
+            audio = wrong or _decode_pcm(message, conn.dtype)
             if isinstance(audio, str):
                 self._error_reply(conn, audio)
             elif len(audio):
@@ -305,6 +322,9 @@ class _Server:
             text = msg.get("text")
             if not isinstance(text, str) or not text.strip():
                 return self._error_reply(conn, "a text message needs a non-empty string 'text'")
+            if len(text) > self.p.max_prompt_chars:
+                return self._error_reply(conn, f"the typed prompt is {len(text)} characters, more than "
+                                               f"max_prompt_chars={self.p.max_prompt_chars}: send a shorter one")
             self.events.put(("text", conn.session, text, now))
         elif kind == "start":
             why = self._start(conn, msg)
@@ -327,7 +347,7 @@ class _Server:
         formats = {}
         for key, current in (("format", conn.dtype), ("output_format", conn.out_dtype)):
             value = msg.get(key, SHORT[current])
-            if value not in FORMATS:
+            if not isinstance(value, str) or value not in FORMATS:
                 return f"'{key}' must be one of {sorted(FORMATS)}, got {value!r}"
             formats[key] = FORMATS[value]
         conn.rate, conn.dtype, conn.out_dtype = rate, formats["format"], formats["output_format"]
@@ -351,6 +371,24 @@ def _decode_pcm(payload: bytes, dtype: str) -> np.ndarray | str:
     return audio
 
 
+def _sniff_format(payload: bytes, dtype: str) -> str | None:
+    """Why `payload` looks like audio of the other sample format, or None. float32 samples in
+    [-1, 1] read as int16 are noise; int16 read as float32 are tiny (1e-38) or huge numbers."""
+    if len(payload) % 4 or len(payload) < 128:
+        return None
+    as_float = np.abs(np.frombuffer(payload, dtype="<f4"))           # (N/4,)
+    audio_like = np.isfinite(as_float).all() and (as_float <= 1.5).all() \
+        and np.mean((as_float >= 1e-6) & (as_float <= 1.0)) >= 0.5
+    if dtype == "int16" and audio_like:
+        return ("this audio looks like float32 samples but the session's input format is s16: send "
+                '{"type": "start", "format": "f32"} before the audio, or send int16 samples')
+    if dtype == "float32" and not audio_like and np.mean(as_float > 1.5) + np.mean(
+            (as_float > 0) & (as_float < 1e-6)) > 0.5:
+        return ("this audio is not float32 samples in [-1, 1] (is it int16?): send "
+                '{"type": "start", "format": "s16"} before the audio, or float32 samples')
+    return None
+
+
 def _encode_pcm(audio: np.ndarray, dtype: str) -> bytes:
     """(N,) answer audio -> little-endian bytes in the client's format (float clipped to [-1, 1))."""
     audio = np.asarray(audio).reshape(-1)
@@ -364,11 +402,12 @@ def _encode_pcm(audio: np.ndarray, dtype: str) -> bytes:
 @dataclass
 class _Session:
     """What the node thread knows about one connected session."""
-    turn: int = 0                    # the session's current turn
-    used: bool = False               # the current turn has input (or an answer): a prompt needs a new one
+    turn: int = -1                   # the session's current turn (-1: no question yet)
     seq: int = 0                     # next pcm frame's seq
     text_seq: int = 0
     ended: set[str] = field(default_factory=set)    # ports whose current-turn answer has ended
+    closed: int = -1                 # latest turn that got its "end" or "error": later frames are stale
+    prompts: dict[str, tuple[str, int]] = field(default_factory=dict)   # turn request -> (prompt, t_ns)
 
 
 class Gateway(Node):
@@ -391,6 +430,7 @@ class Gateway(Node):
         max_sessions: int = 64           # clients connected at once; more are refused (try later)
         max_message_bytes: int = 1 << 20  # largest client message (1 MiB = 32 s of 16 kHz int16)
         max_backlog: int = 1024          # messages queued for a slow client before it is disconnected
+        max_prompt_chars: int = 4000     # longest typed prompt (the backbone also checks its tokens)
         idle_timeout_s: float | None = None   # stop serving after this long with no client; None: never
         # who gets in (nodes/web.py): an API keys file (omniflow keys api create NAME --file FILE); web
         # pages of these origins besides the gateway's own ("*": any); TLS (wss:// and https://)
@@ -410,7 +450,6 @@ class Gateway(Node):
             raise ValueError("gateway max_sessions, max_backlog and max_message_bytes must be >= 1")
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.sessions: dict[str, _Session] = {}
-        self.own_bumps: dict[str, int] = {}      # session -> turn this node announced itself
         self.idle_since = time.monotonic()       # no client connected since (for idle_timeout_s)
         self.busy = False                        # an answer frame arrived since the last step
         self.serving = True
@@ -466,44 +505,39 @@ class Gateway(Node):
             _, _, rate, t_ns = event
             self.server.ops.turn_asked(session)
             yield "audio", self._pcm(session, s, np.zeros(0, np.float32), rate, t_ns, last=True)
-        elif kind == "text":
+        elif kind == "text":                           # a typed prompt is a new turn: ask the bus
             _, _, text, t_ns = event
             self.server.ops.turn_asked(session)
-            if s.used:                                 # a typed prompt starts a turn of its own
-                yield from self._bump(session, s)
-                self.server.send(session, json.dumps({"type": "turn", "turn": s.turn}))
-            s.used = True
-            yield "text", Frame(kind="text", session=session, turn=s.turn, seq=s.text_seq, last=True,
-                                meta={"text": text}, stamps=[(f"{self.name}:ws", t_ns)])
-            s.text_seq += 1
-            self.server.send(session, {"type": "accepted", "turn": s.turn})     # (Realtime clients)
+            ref, request = ask_turn(session, "typed")
+            s.prompts[ref] = (text, t_ns)
+            yield request
         elif kind == "cancel":                         # stop the answer in progress (Realtime clients)
-            if s.used:
-                yield from self._bump(session, s)
-                self.server.send(session, json.dumps({"type": "turn", "turn": s.turn}))
-        elif kind == "close":
-            if s.used:                                 # free the backbone slot and every node's state
-                yield from self._bump(session, s)
+            if s.turn >= 0:
+                yield ask_turn(session, "cancel")[1]   # a new turn, with no question: the answer stops
+        elif kind == "close":                          # free the backbone slot and every node's state
+            yield end_session(session)
             del self.sessions[session]
-            self.own_bumps.pop(session, None)
             self.server.ops.forget(session)
             if not self.sessions:
                 self.idle_since = time.monotonic()
 
     def _pcm(self, session: str, s: _Session, audio: np.ndarray, rate: int, t_ns: int,
              last: bool = False) -> Frame:
-        s.used = s.used or len(audio) > 0
-        frame = Frame(kind="pcm", session=session, turn=s.turn, seq=s.seq, last=last, data=audio,
+        frame = Frame(kind="pcm", session=session, turn=max(s.turn, 0), seq=s.seq, last=last, data=audio,
                       meta={"rate": rate}, stamps=[(f"{self.name}:ws", t_ns)])
         s.seq = 0 if last else s.seq + 1               # a flushed stream starts again at seq 0
         return frame
 
-    def _bump(self, session: str, s: _Session):
-        """Start the session's next turn on the control channel (every node resets the session)."""
-        s.turn += 1
-        s.ended.clear()
-        self.own_bumps[session] = s.turn
-        yield CONTROL, Frame(kind="control", session=session, turn=s.turn, meta={"op": "turn"})
+    def granted(self, session: str, turn: int, ref: str):
+        """The bus numbered a typed prompt's turn: the prompt goes to the backbone now."""
+        s = self.sessions.get(session)
+        if s is None or ref not in s.prompts:
+            return
+        text, t_ns = s.prompts.pop(ref)
+        yield "text", Frame(kind="text", session=session, turn=turn, seq=s.text_seq, last=True,
+                            meta={"text": text}, stamps=[(f"{self.name}:ws", t_ns)])
+        s.text_seq += 1
+        self.server.send(session, {"type": "accepted", "turn": turn})     # (Realtime clients)
 
     # --- graph -> client -------------------------------------------------------------------
     def process(self, port, frame: Frame):
@@ -511,18 +545,17 @@ class Gateway(Node):
         s = self.sessions.get(frame.session)
         if s is None:
             return ()                                  # its client has gone
-        if frame.turn < s.turn:
-            return ()                                  # an interrupted answer: never sent
-        if frame.turn > s.turn:                        # a newer turn whose announcement we missed
-            s.turn, s.ended = frame.turn, set()
-        s.used = True
-        if port == "pcm":
-            self._send_audio(frame)
-        elif port == "speech":
+        if port == "speech":                           # the VAD's events: not part of an answer
             if frame.meta.get("event") == "stopped":
                 self.server.ops.turn_asked(frame.session)
             self.server.send(frame.session, {"type": "speech", "turn": frame.turn, **frame.meta})
             return ()
+        if frame.turn < s.turn or frame.turn <= s.closed:
+            return ()                                  # an interrupted or finished answer: never sent
+        if frame.turn > s.turn:                        # a newer turn whose announcement we missed
+            s.turn, s.ended = frame.turn, set()
+        if port == "pcm":
+            self._send_audio(frame)
         else:
             piece = frame.meta.get("text", "")
             if isinstance(piece, str) and piece:
@@ -533,7 +566,18 @@ class Gateway(Node):
             if s.ended.issuperset(self.params.end_after):
                 self.server.send(frame.session, json.dumps({"type": "end", "turn": frame.turn}))
                 self.server.ops.turn_ended(frame.session)
-                s.ended = set()
+                s.ended, s.closed = set(), frame.turn
+        return ()
+
+    def failed(self, error: Frame):
+        """A node failed on this turn (or its input broke a limit): tell the client, end the turn."""
+        s = self.sessions.get(error.session)
+        if s is None or error.turn < s.turn or error.turn <= s.closed:
+            return ()
+        s.closed, s.ended = error.turn, set()
+        self.server.ops.turn_ended(error.session)
+        self.server.send(error.session, json.dumps({"type": "error", "turn": error.turn,
+                                                    "error": str(error.meta.get("error", "failed"))}))
         return ()
 
     def _send_audio(self, frame: Frame) -> None:
@@ -550,17 +594,13 @@ class Gateway(Node):
         self.server.send(frame.session, np.asarray(frame.data), frame.turn)
         self.server.ops.audio_sent(frame.session, frame.turn, np.asarray(frame.data).size / rate)
 
-    def reset(self, session: str):
-        """A new turn of `session` began (the control channel): count along, tell the client."""
+    def reset(self, session: str, turn: int):
+        """The bus announced `session`'s turn `turn` (a question, spoken or typed): tell the client."""
         s = self.sessions.get(session)
-        if s is None:
+        if s is None or turn <= s.turn:
             return ()
-        if self.own_bumps.get(session) == s.turn:      # our own announcement coming back
-            del self.own_bumps[session]
-            return ()
-        s.turn += 1
-        s.used, s.ended = True, set()                  # the VAD's utterance is this turn's input
-        self.server.send(session, json.dumps({"type": "turn", "turn": s.turn}))
+        s.turn, s.ended = turn, set()
+        self.server.send(session, json.dumps({"type": "turn", "turn": turn}))
         return ()
 
     def run_status(self, health) -> None:

@@ -115,6 +115,6 @@ class SnacScheduler(Node):
             if last:
                 return
 
-    def reset(self, session: str):
+    def reset(self, session: str, turn: int):
         self.turns.pop(session, None)
         return ()

@@ -24,7 +24,10 @@ import msgspec
 from omniflow.model import weights
 from omniflow.frame import Frame
 from omniflow.model.tokens import TEXT_STREAM
-from omniflow.node import CONTROL, Node
+from omniflow.node import Node
+from omniflow.turns import ask_turn
+
+GRANT_POLL_S = 0.002       # a line waiting for its turn number checks this often
 
 
 class TextSource(Node):
@@ -53,24 +56,33 @@ class TextSource(Node):
         if not self.lines:
             raise ValueError("TextSource got no prompt: params.text / the file is empty")
         self.next = 0
+        self.waiting: dict[str, int] = {}      # turn request ref -> line waiting for its turn
 
     def has_work(self) -> bool:
-        return self.next < len(self.lines)
+        return self.next < len(self.lines) or bool(self.waiting)
 
     def step(self):
+        if self.waiting:                   # the bus has not granted the last line's turn yet
+            time.sleep(GRANT_POLL_S)
+            return
         i, p = self.next, self.params
         self.next += 1
         if p.per_line == "session":
             session = p.session if len(self.lines) == 1 else f"{p.session}-{i}"
-            turn = 0
         else:
-            session, turn = p.session, i
+            session = p.session
             if i > 0:
                 time.sleep(p.turn_interval_s)
-                yield CONTROL, Frame(kind="control", session=session, turn=turn, meta={"op": "turn"})
-        frame = Frame(kind="text", session=session, turn=turn, seq=0, last=True,
-                      meta={"text": self.lines[i]})
-        yield "text", frame.stamp(self.name)
+        ref, request = ask_turn(session, "text")       # every line is a new turn of its session
+        self.waiting[ref] = i
+        yield request
+
+    def granted(self, session: str, turn: int, ref: str):
+        i = self.waiting.pop(ref, None)
+        if i is not None:
+            frame = Frame(kind="text", session=session, turn=turn, seq=0, last=True,
+                          meta={"text": self.lines[i]})
+            yield "text", frame.stamp(self.name)
 
 
 class _Detok:
@@ -122,7 +134,7 @@ class Detokenizer(Node):
         if text or frame.last:
             yield "text", frame.follow("text", meta={"text": text}, last=frame.last)
 
-    def reset(self, session: str):
+    def reset(self, session: str, turn: int):
         self.detok.reset(session)
         return ()
 
@@ -157,7 +169,7 @@ class TextSink(Node):
         self._write(frame, piece)
         return ()
 
-    def reset(self, session: str):
+    def reset(self, session: str, turn: int):
         if self.detok is not None:
             self.detok.reset(session)
         parts = self.turn_text.pop(session, None)

@@ -11,19 +11,21 @@ silero's `VADIterator`, plus a minimum speech length and a maximum utterance len
 * an utterance reaching `max_utterance_s` is cut there and the next one starts at once;
 * at end of stream (or a pcm frame with last=True), an utterance in progress is flushed.
 
-Barge-in: each session's first utterance is turn N (the pcm stream's turn). Every later utterance
-of the session is a new turn N+1, announced with `(CONTROL, Frame(kind="control", turn=N+1,
-meta={"op": "turn"}))` as soon as its speech is confirmed (`min_speech_ms` of it heard), so the
-runtime cancels the old answer everywhere while the user is still talking; the utterance itself
-follows, stamped with turn N+1, when the speech ends.
+Turns and barge-in: every utterance is a new turn of its session. The VAD does not number turns:
+as soon as an utterance's speech is confirmed (`min_speech_ms` of it heard) it asks the control
+bus for the session's next turn (`omniflow.turns.ask_turn`), so the bus announces it and every
+node cancels the old answer while the user is still talking. The utterance follows, stamped with
+the turn the bus granted, when the speech ends (held back until the grant, if it ends first).
+When the session ends (`end`: its client left) its stream state is freed.
 
 Speech events (output `speech`, for clients that show them, e.g. the gateway's Realtime API): a
-frame {"event": "started", "audio_ms"} when an utterance's speech is confirmed (after its turn's
-announcement), and {"event": "stopped", "audio_ms"} when the utterance is sent; audio_ms counts
-the session's input stream from its start (pads excluded).
+frame {"event": "started", "audio_ms"} when an utterance's speech is confirmed (with the pcm
+stream's turn: the utterance's own is not granted yet), and {"event": "stopped", "audio_ms"} with the utterance's turn when the
+utterance is sent; audio_ms counts the session's input stream from its start (pads excluded).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import msgspec
@@ -32,8 +34,10 @@ import numpy as np
 from omniflow.audio import to_float_mono
 from omniflow.frame import Frame
 from omniflow.model.units import WHISPER_RATE
-from omniflow.node import CONTROL, Node
+from omniflow.node import Node
+from omniflow.turns import ask_turn
 
+GRANT_POLL_S = 0.002         # an utterance waiting for its turn number checks this often
 RATE = WHISPER_RATE          # Hz: silero VAD's and whisper's input rate
 WINDOW = 512                 # samples per VAD decision at 16 kHz (32 ms), fixed by the model
 CONTEXT = 64                 # samples of the previous window the model sees with each window
@@ -70,7 +74,9 @@ class StreamState:
     triggered: bool = False
     speech_start: int = 0         # first speech window's start
     silence_start: int = 0        # start of the current run of silent windows (0: none)
-    announced: bool = False       # barge-in control already sent for the utterance in progress
+    announced: bool = False       # the turn of the utterance in progress was asked for
+    ref: str | None = None        # ... its request (omniflow.turns.ask_turn)
+    turn: int | None = None       # ... the turn the bus granted it (None: not yet)
     resampler: object | None = None
     rate: int = RATE
     origin: int = 0               # samples of the session's input before this stream (earlier flushes)
@@ -103,9 +109,9 @@ class SileroVAD(Node):
             raise ValueError("vad durations must be >= 0 (and max_utterance_s > 0)")
         self.model = SileroModel()
         self.streams: dict[str, StreamState] = {}
-        self.turns: dict[str, int] = {}          # session -> turn of its latest utterance
         self.count: dict[str, int] = {}          # session -> utterances emitted
         self.heard: dict[str, int] = {}          # session -> samples heard before its stream was flushed
+        self.held: dict[str, dict[str, list[tuple[str, Frame]]]] = {}   # session -> ref -> outputs awaiting its turn
         ms = RATE / 1000
         self.pad = int(p.speech_pad_ms * ms)
         self.min_silence = int(p.min_silence_ms * ms)
@@ -117,7 +123,6 @@ class SileroVAD(Node):
         s = self.streams.get(frame.session)
         if s is None:
             s = self.streams[frame.session] = StreamState(origin=self.heard.pop(frame.session, 0))
-            self.turns.setdefault(frame.session, frame.turn)
         audio = self._to_16k(frame, s)
         s.pending = np.concatenate([s.pending, audio])
         n = len(s.pending) // WINDOW * WINDOW
@@ -129,11 +134,39 @@ class SileroVAD(Node):
 
     def finish(self):
         for session, s in list(self.streams.items()):
-            yield from self._flush(Frame(kind="pcm", session=session, turn=self.turns[session]), s)
+            yield from self._flush(Frame(kind="pcm", session=session), s)
 
-    def reset(self, session: str):
+    def has_work(self) -> bool:
+        return bool(self.held)      # utterances whose turn is still on its way from the bus
+
+    def step(self):
+        time.sleep(GRANT_POLL_S)    # (the runtime reads the control channel between steps)
+        return ()
+
+    def reset(self, session: str, turn: int):
         # The VAD is where turns begin: a new turn (its own barge-in, or a client's) must not throw
         # away the speech being heard right now, so there is nothing to forget here.
+        return ()
+
+    def granted(self, session: str, turn: int, ref: str):
+        s = self.streams.get(session)
+        if s is not None and s.ref == ref:
+            s.turn = turn                                # the utterance in progress is this turn
+        held = self.held.get(session, {})
+        if ref in held:
+            outputs = held.pop(ref)
+            if not held:
+                del self.held[session]
+            for port, frame in outputs:
+                frame.turn = turn
+                yield port, frame
+
+    def end(self, session: str):
+        """The client left: forget its stream (speech in progress is dropped, never answered)."""
+        self.streams.pop(session, None)
+        self.count.pop(session, None)
+        self.held.pop(session, None)
+        self.heard.pop(session, None)
         return ()
 
     def _to_16k(self, frame: Frame, s: StreamState) -> np.ndarray:
@@ -182,14 +215,13 @@ class SileroVAD(Node):
                 s.audio_start += len(s.kept.pop(0))
 
     def _announce(self, frame: Frame, s: StreamState):
-        """Confirmed speech: a session's second and later utterances start a new turn now."""
+        """Confirmed speech: ask the bus for the session's next turn (a barge-in if it is answering)."""
         s.announced = True
         session = frame.session
-        if self.count.get(session, 0) > 0:
-            self.turns[session] += 1
-            yield CONTROL, Frame(kind="control", session=session, turn=self.turns[session],
-                                 meta={"op": "turn", "reason": "barge-in"}).stamp(self.name)
-        yield "speech", Frame(kind="speech", session=session, turn=self.turns[session],
+        s.ref, output = ask_turn(session, "speech")
+        s.turn = None
+        yield output
+        yield "speech", Frame(kind="speech", session=session, turn=frame.turn,   # (the pcm's turn)
                               meta={"event": "started", "audio_ms": self._ms(s, s.speech_start)})
 
     @staticmethod
@@ -216,11 +248,16 @@ class SileroVAD(Node):
         self.count[session] = self.count.get(session, 0) + 1
         meta = {"rate": RATE, "start_s": seg.start / RATE, "end_s": seg.end / RATE,
                 "speech_ms": seg.speech_ms}
-        out = Frame(kind="utterance", session=session, turn=self.turns[session],
+        out = Frame(kind="utterance", session=session, turn=s.turn if s.turn is not None else -1,
                     seq=self.count[session] - 1, last=True, stamps=list(frame.stamps), data=audio, meta=meta)
-        yield "utterance", out.stamp(self.name)
-        yield "speech", Frame(kind="speech", session=session, turn=self.turns[session],
-                              meta={"event": "stopped", "audio_ms": self._ms(s, speech_end)})
+        out.stamp(self.name)
+        outputs = [("utterance", out), ("speech", Frame(kind="speech", session=session, turn=out.turn, meta={
+            "event": "stopped", "audio_ms": self._ms(s, speech_end)}))]
+        if s.turn is None:                               # its turn is on its way: hold it until then
+            self.held.setdefault(session, {})[s.ref] = outputs
+        else:
+            yield from outputs
+        s.ref, s.turn = None, None
 
     @staticmethod
     def _ms(s: StreamState, position: int) -> int:

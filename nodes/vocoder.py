@@ -70,6 +70,6 @@ class SnacVocoder(Node):
             yield "pcm", frame.follow("pcm", pcm, last=frame.last,
                                       meta={"rate": SAMPLE_RATE, "first_sample": start_sample})
 
-    def reset(self, session: str):
+    def reset(self, session: str, turn: int):
         self.states.pop(session, None)
         return ()

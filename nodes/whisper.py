@@ -19,7 +19,7 @@ figures are in the README (Performance).
 Inputs longer than `max_seconds` (at most 30) are never silently truncated: with
 `over_limit: split` they are cut into consecutive windows that are encoded one by one (each with
 the semantics above) and their kept frames concatenated; with `over_limit: refuse` the utterance
-is dropped with an error in the log that says how long it was and how to allow it.
+fails with an error to its user (and one log line) that says how long it was and how to allow it.
 
 Weights: `checkpoint` is an openai-whisper size ("small", "base", ...) looked up through
 omniflow.model.weights (explicit path -> $OMNIFLOW_HOME/whisper-<size>/<size>.pt -> `omniflow fetch`), or
@@ -37,7 +37,7 @@ import numpy as np
 from omniflow.model import weights
 from omniflow.audio import to_float_mono
 from omniflow.frame import Frame
-from omniflow.node import Node
+from omniflow.node import InputError, Node
 
 from omniflow.model.dtypes import DTYPES
 from omniflow.model.units import WHISPER_FRAME_MS as MS_PER_FRAME
@@ -147,10 +147,8 @@ class WhisperEncoder(Node):
         seconds = len(audio) / SAMPLE_RATE
         limit = self.params.max_seconds
         if seconds > limit and self.params.over_limit == "refuse":
-            self.log.error("utterance of session %s is %.1f s, longer than max_seconds=%s: refused (set "
-                           "over_limit: split to encode it in %s s windows)", frame.session, seconds,
-                           limit, limit)
-            return
+            raise InputError(f"the utterance is {seconds:.1f} s, longer than whisper's max_seconds={limit} "
+                             f"(over_limit: refuse): speak in shorter turns, or set over_limit: split")
         piece = int(limit * SAMPLE_RATE)
         n_pieces = max(1, math.ceil(len(audio) / piece))
         feats = [self.encode(audio[i * piece:(i + 1) * piece]) for i in range(n_pieces)]

@@ -50,7 +50,10 @@ register_kind("any", "accepts every kind")
 register_kind("pcm", "mono audio chunk; int16 or float32 (N,), meta['rate'] in Hz")
 register_kind("utterance", "one whole utterance of mono float32 audio (N,), meta['rate'] in Hz")
 register_kind("text", "UTF-8 text in meta['text'] (a prompt, a transcript, a streamed answer piece)")
-register_kind("control", "control-channel message: meta['op'] in {'turn', 'stop'}")
+register_kind("control", "control-channel message: meta['op'] in {'turn', 'next_turn', 'end', "
+              "'end_session', 'stop', ...}")
+register_kind("error", "this session's turn failed upstream: meta['error'] says why, meta['node'] "
+              "where; last=True")
 register_kind("eos", "end of stream on this edge: the producer will send nothing more")
 
 

@@ -27,6 +27,12 @@ Output = tuple[str, Frame]          # (output port, frame)
 CONTROL = "$control"                # yield (CONTROL, frame) to broadcast on the control channel
 
 
+class InputError(ValueError):
+    """A user's input the node cannot take (too long, wrong shape, a task the input cannot do).
+    Raised from `process`, it reaches that user as an error (omniflow/turns.py) and is logged as
+    one line, without a traceback: the node is fine, the input was not."""
+
+
 class NoParams(msgspec.Struct, forbid_unknown_fields=True):
     pass
 
@@ -35,9 +41,9 @@ class Node:
     inputs: ClassVar[dict[str, str]] = {}      # port name -> frame kind (see frame.KINDS)
     outputs: ClassVar[dict[str, str]] = {}
     Params: ClassVar[type] = NoParams          # msgspec Struct; validated from the graph's params
-    # Barge-in: the runtime drops input frames of a session's older turns before `process`. A node
-    # that starts turns itself from a continuous, turn-less stream (the VAD hearing a microphone)
-    # sets this False, or it would go deaf to that stream after its first new turn.
+    # Barge-in: the runtime drops input frames of a session's older turns before `process` (the
+    # turn gate, omniflow/turns.py). A node whose input has no turns (the VAD hearing a
+    # microphone's stream, where turns begin) sets this False.
     drop_old_turns: ClassVar[bool] = True
     # CPU plan (omniflow.launch.plan): the node's share of the cores when its graph sets no
     # `threads:`. 0: light (I/O, bookkeeping), 1 thread. A node whose math is heavy (an encoder, a
@@ -74,9 +80,26 @@ class Node:
         """Do one unit of self-driven work (read a chunk, run one batched decode step)."""
         return ()
 
-    def reset(self, session: str) -> Iterable[Output]:
-        """Forget `session`'s state: it started a new turn (barge-in) or ended."""
+    def reset(self, session: str, turn: int) -> Iterable[Output]:
+        """`session`'s turn `turn` began (the control bus announced it: a barge-in, a typed prompt,
+        the end of the session): forget what belongs to its older turns."""
         return ()
+
+    def granted(self, session: str, turn: int, ref: str) -> Iterable[Output]:
+        """The turn this node asked for with `omniflow.turns.ask_turn` (its `ref`) is `turn`; it
+        is called right after `reset(session, turn)`."""
+        return ()
+
+    def end(self, session: str) -> Iterable[Output]:
+        """`session` is over (its client left, or it was idle too long): free everything kept for
+        it. Called after `reset`."""
+        return ()
+
+    def failed(self, error: Frame) -> Iterable[Output]:
+        """An "error" frame arrived (this session's turn failed upstream, or here): by default it
+        goes on downstream on every output, so it reaches whoever tells the user (the gateway)."""
+        for port in self.outputs:
+            yield port, error.follow("error", meta=dict(error.meta), last=True)
 
     def stats(self) -> dict[str, float]:
         """Numbers this node reports with each heartbeat (e.g. the backbone's decode steps and their

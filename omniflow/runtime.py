@@ -4,10 +4,14 @@
     when every input edge reached end of stream: finish(); send "eos" on every output; teardown()
 
 One iteration: read control, poll inputs (not waiting when the node has work), call the node, send
-what it yields, heartbeat. A control frame {"op": "turn"} for session S, turn N calls reset(S) and
-drops data frames of S with turn < N that arrive later; {"op": "stop"} ends the loop. A data
-frame of a newer turn than the session's current one starts that turn the same way (its control
-frame is still on the way). A malformed frame is counted and logged; the node keeps serving.
+what it yields, heartbeat. Turns go through the turn gate (omniflow/turns.py), the same one
+`omniflow.testing.run_node` uses: the bus's announcement of session S's turn N calls reset(S, N)
+and drops data frames of S with turn < N that arrive later; a data frame of a newer turn starts
+that turn the same way (its announcement is still on the way); {"op": "stop"} ends the loop. A
+node call that raises while handling one frame is caught by the gate: logged once, an "error"
+frame goes downstream for that session's turn, and the node keeps serving. A malformed frame is
+counted and logged; the node keeps serving. With no control bus (a runtime hosted alone), the
+runtime allocates turns itself with the same `TurnAuthority` the bus uses.
 
 Graph ready: heartbeats start once setup() has finished (the control bus counts them). A source
 (a node with no input but feedback edges: a file, a microphone, the WebSocket gateway) wired to a
@@ -35,6 +39,7 @@ from . import heartbeat_file
 from .frame import KINDS, Frame, FrameError, decode, encode, register_kind
 from .graph import GRAPH_DIRS
 from .node import CONTROL, Node, Output, drain
+from .turns import ANNOUNCE_OPS, TurnAuthority, TurnGate
 from .security import Curve, is_tcp, secure_connect, start_authenticator, stop_authenticator
 from .transport import (Link, Wiring, bind_output, connect_input, recv_parts, send_blocking,
                         send_or_drop)
@@ -56,6 +61,9 @@ class Metrics(msgspec.Struct):
     dropped_old_turn: int = 0      # data frames of a session's older turn, dropped on arrival
     dropped_overflow: int = 0      # drop-oldest edges that overflowed
     rejected: int = 0              # malformed frames (undecodable, wrong parts, size mismatch)
+    turns: int = 0                 # session turns this node started
+    failed_turns: int = 0          # ... of which one of its calls raised (an error frame went out)
+    sessions: int = 0              # sessions it holds a turn for now
     refused: int = 0               # CURVE handshakes refused (unknown client key), this process
 
     def line(self) -> str:
@@ -85,7 +93,8 @@ class NodeRuntime:
         self._ctx = context or zmq.Context()
         self._stopping = False
         self._ended = False                       # eos sent on every output
-        self._turns: dict[str, int] = {}          # session -> current turn
+        self._gate = TurnGate(node)               # turns, drops, resets, per-frame errors
+        self._authority: TurnAuthority | None = None   # turns allocated here when there is no bus
         self._control: list[Frame] = []           # control frames read, not yet applied
         self._taps = tuple(taps or ())            # observers of received frames (trace, record)
         self.threads = threads                    # torch/OpenMP/MKL threads (graph key `threads`)
@@ -114,7 +123,9 @@ class NodeRuntime:
             self._sub.setsockopt(zmq.SUBSCRIBE, b"")
             self._sub.setsockopt(zmq.LINGER, 0)
             secure_connect(self._sub, self.wiring.control_pub, self.curve)
-        if self.wiring.control_in:
+        if not self.wiring.control_in:
+            self._authority = TurnAuthority()
+        else:
             self._push = self._ctx.socket(zmq.PUSH)
             self._push.setsockopt(zmq.LINGER, 1000)
             secure_connect(self._push, self.wiring.control_in, self.curve)
@@ -158,6 +169,7 @@ class NodeRuntime:
             finally:
                 self.node.teardown()
         finally:
+            self.metrics.turns, self.metrics.failed_turns = self._gate.turns, self._gate.failed_turns
             self._close(flush=finished)
             for tap in self._taps:
                 tap.close()
@@ -207,6 +219,8 @@ class NodeRuntime:
         self._emit(self.node.finish())
         while self.node.has_work() and not self._stopping:
             self._emit(self.node.step())
+            self._read_control()                # e.g. the turn a flushed utterance waits for
+            self._apply_control()
         parts = encode(Frame(kind="eos"))
         for outs in self._outs.values():
             for _, sock in outs:
@@ -259,21 +273,13 @@ class NodeRuntime:
             backlog.append(frame)
 
     def _deliver(self, link: Link, frame: Frame) -> None:
-        current = self._turns.get(frame.session)
-        if not self.node.drop_old_turns:
-            pass                        # the node's input has no turns (e.g. the VAD's pcm stream)
-        elif current is None:
-            self._turns[frame.session] = frame.turn
-        elif frame.turn < current:
+        dropped = self._gate.dropped
+        out = self._gate.deliver(link.port, frame)
+        if self._gate.dropped != dropped:
             self.metrics.dropped_old_turn += 1
-            return
-        elif frame.turn > current:
-            # A newer turn's data outran its announcement (data takes one hop, control two):
-            # start the turn now, as if the control frame had come first; it is ignored later.
-            self._on_control(Frame(kind="control", session=frame.session, turn=frame.turn,
-                                   meta={"op": "turn"}))
-        self.metrics.frames_in += 1
-        self._emit(self.node.process(link.port, frame))
+        else:
+            self.metrics.frames_in += 1
+        self._emit(out)
 
     def _observe(self, link: Link, frame: Frame, parts: list[zmq.Frame]) -> None:
         """Show a frame that arrived on `link` to every tap; a failing tap is logged, not fatal."""
@@ -305,25 +311,23 @@ class NodeRuntime:
             frame = self._decode(parts, "the control channel")
             if frame is None or frame.kind != "control":
                 continue
-            if frame.meta.get("op") == "stop":
+            op = frame.meta.get("op")
+            if op == "stop":
                 self.log.info("stop requested on the control channel")
                 self._stopping = True
-            elif frame.meta.get("op") == "graph_ready":
+            elif op == "graph_ready":
                 self._held = False
-                continue
-            elif frame.meta.get("op") == "health":
+            elif op == "health":
                 self.node.run_status(frame.meta)
-                continue
-            self._control.append(frame)
+            elif op in ANNOUNCE_OPS:
+                self._control.append(frame)
 
     def _apply_control(self) -> None:
         while self._control:
             self._on_control(self._control.pop(0))
 
     def _on_control(self, frame: Frame) -> None:
-        if frame.meta.get("op") == "turn" and frame.turn > self._turns.get(frame.session, -1):
-            self._turns[frame.session] = frame.turn
-            self._emit(self.node.reset(frame.session))
+        self._emit(self._gate.announce(frame))
 
     def _should_stop(self) -> bool:
         """Called while blocked on a full edge: keep listening for a stop."""
@@ -334,6 +338,12 @@ class NodeRuntime:
         heartbeat_file.beat(self._beat_file)
         if self._allow is not None:
             self.metrics.refused = self._allow.refused
+        gate = self._gate
+        self.metrics.turns, self.metrics.failed_turns = gate.turns, gate.failed_turns
+        self.metrics.sessions = gate.sessions()
+        if self._authority is not None:
+            for announcement in self._authority.expire():
+                self._on_control(announcement)
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
             self.log.error("the launcher (pid %d) is gone; stopping", self.parent_pid)
             self._stopping = True
@@ -348,9 +358,13 @@ class NodeRuntime:
     def _emit(self, results: Iterable[Output] | None) -> None:
         for port, frame in drain(results):
             if port == CONTROL:
-                self._on_control(frame)                 # applies to this node at once
+                self._gate.outgoing(frame)              # (the turns it asks for come back granted)
                 if self._push is not None:
                     send_blocking(self._push, encode(frame), self._should_stop)
+                elif self._authority is not None:       # no bus: this runtime numbers the turns
+                    announcement = self._authority.handle(frame)
+                    if announcement is not None:
+                        self._on_control(announcement)
                 continue
             if port not in self.node.outputs:
                 raise KeyError(f"{type(self.node).__name__} emitted on undeclared port {port!r}; "

@@ -12,10 +12,14 @@ from typing import Iterable
 
 from .frame import Frame, decode, encode
 from .node import CONTROL, Node, Output, drain
+from .turns import TurnAuthority, TurnGate
 
 
 class Outputs(list):
-    """List of (port, frame) pairs in emission order, with helpers to select by port."""
+    """List of (port, frame) pairs in emission order, with helpers to select by port;
+    `announced`: the turn announcements the node's control frames caused."""
+
+    announced: list[Frame]
 
     def on(self, port: str) -> list[Frame]:
         return [f for p, f in self if p == port]
@@ -34,12 +38,16 @@ def run_node(node: Node, frames: Iterable[Frame | Output] = (), *, port: str | N
     """Feed `frames` to `node` (to `port`, or the node's only input), run its self-driven
     work until idle, then signal end of stream. Returns everything it emitted.
 
-    An item may be a Frame (sent to `port`) or a (port, Frame) pair. A control frame
-    (kind "control", meta {"op": "turn"}) is applied as the runtime would: the node resets
-    that session and frames of older turns are dropped.
+    An item may be a Frame (sent to `port`) or a (port, Frame) pair. Turns work as in the runtime,
+    through the same `TurnGate` (omniflow/turns.py): a control frame item is an announcement of
+    the bus (e.g. {"op": "turn"}, turn N: the node resets that session and frames of older turns
+    are dropped); what the node sends on the control channel goes to a `TurnAuthority` playing the
+    bus, and its announcements come back to the node (`Outputs.announced` lists them). A call that
+    raises while handling a frame yields an "error" frame, as in the runtime.
     """
     out = Outputs()
-    current_turn: dict[str, int] = {}
+    out.announced = []
+    gate, authority = TurnGate(node), TurnAuthority()
 
     def collect(results: Iterable[Output] | None) -> None:
         for p, f in drain(results):
@@ -47,14 +55,13 @@ def run_node(node: Node, frames: Iterable[Frame | Output] = (), *, port: str | N
                 raise KeyError(f"{type(node).__name__} emitted on undeclared port {p!r}; "
                                f"declared: {sorted(node.outputs)}")
             f = _wire(f) if wire else f
-            if p == CONTROL:
-                apply_control(f)
             out.append((p, f))
-
-    def apply_control(f: Frame) -> None:
-        if f.meta.get("op") == "turn" and f.turn > current_turn.get(f.session, -1):
-            current_turn[f.session] = f.turn
-            collect(node.reset(f.session))
+            if p == CONTROL:
+                gate.outgoing(f)
+                announcement = authority.handle(f)
+                if announcement is not None:
+                    out.announced.append(announcement)
+                    collect(gate.announce(announcement))
 
     def run_steps() -> None:
         for _ in range(max_steps):
@@ -68,8 +75,11 @@ def run_node(node: Node, frames: Iterable[Frame | Output] = (), *, port: str | N
     default_port = port or (next(iter(node.inputs)) if len(node.inputs) == 1 else None)
     for item in frames:
         p, f = item if isinstance(item, tuple) else (default_port, item)
+        f = _wire(f) if wire else f
         if f.kind == "control":
-            apply_control(_wire(f) if wire else f)
+            if f.meta.get("op") == "turn":
+                authority.handle(f)              # the bus's numbering goes on from this turn
+            collect(gate.announce(f))
             continue
         if p is None:
             raise ValueError(f"{type(node).__name__} has inputs {sorted(node.inputs)}: "
@@ -77,9 +87,7 @@ def run_node(node: Node, frames: Iterable[Frame | Output] = (), *, port: str | N
         if p not in node.inputs:
             raise KeyError(f"{type(node).__name__} has no input port {p!r}; "
                            f"declared: {sorted(node.inputs)}")
-        if node.drop_old_turns and f.turn < current_turn.get(f.session, -1):
-            continue                     # an older turn of this session: dropped on arrival
-        collect(node.process(p, _wire(f) if wire else f))
+        collect(gate.deliver(p, f))
         run_steps()
     run_steps()
     if finish:

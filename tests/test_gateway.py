@@ -95,13 +95,15 @@ def test_client_audio_text_and_disconnect_become_frames(gateway):
     assert np.array_equal(audio[0].data, x) and audio[0].data.dtype == np.float32
     assert all(f.session == "alice" and f.meta["rate"] == 24000 and f.turn == 0 for f in audio)
     assert [f.seq for f in audio] == [0, 1, 2] and [f.last for f in audio] == [False, False, True]
-    # the prompt comes after audio, so it starts turn 1 itself; the disconnect ends turn 1 with turn 2
+    # the prompt asks the bus for a turn and goes out with the one granted; the disconnect ends
+    # the session on the bus
     controls = out.on(CONTROL)
-    assert [(c.session, c.turn, c.meta["op"]) for c in controls] == [("alice", 1, "turn"), ("alice", 2, "turn")]
+    assert [(c.session, c.meta["op"]) for c in controls] == [("alice", "next_turn"), ("alice", "end_session")]
+    assert [(a.session, a.turn, a.meta["op"]) for a in out.announced] == [("alice", 0, "turn"), ("alice", 1, "end")]
     [text] = out.on("text")
-    assert (text.session, text.turn, text.meta["text"]) == ("alice", 1, "What is the capital of France?")
-    kinds = [(p, f.turn) for p, f in out if p != "audio"]
-    assert kinds == [(CONTROL, 1), ("text", 1), (CONTROL, 2)]            # the bump precedes the prompt
+    assert (text.session, text.turn, text.meta["text"]) == ("alice", 0, "What is the capital of France?")
+    kinds = [(p, f.meta.get("op")) for p, f in out if p != "audio"]
+    assert kinds == [(CONTROL, "next_turn"), ("text", None), (CONTROL, "end_session")]
 
 
 def test_int16_audio_by_default_and_a_silent_visitor_costs_no_turn(gateway):
@@ -116,7 +118,8 @@ def test_int16_audio_by_default_and_a_silent_visitor_costs_no_turn(gateway):
     out = run_node(node, setup=False)
     [frame] = out.on("audio")
     assert frame.data.dtype == np.int16 and np.array_equal(frame.data, pcm) and frame.meta["rate"] == 16000
-    assert [(c.session, c.turn) for c in out.on(CONTROL)] == [(session, 1)]   # only the one that spoke
+    # both sessions end on the bus when they leave (the VAD frees what it heard of them)
+    assert sorted(c.meta["op"] for c in out.on(CONTROL)) == ["end_session", "end_session"]
 
 
 def test_malformed_messages_get_an_error_and_the_session_goes_on(gateway):
@@ -127,10 +130,15 @@ def test_malformed_messages_get_an_error_and_the_session_goes_on(gateway):
                json.dumps({"type": "text", "text": "  "}), json.dumps({"type": "text"}),
                json.dumps({"type": "start", "rate": "fast"}), json.dumps({"type": "start", "format": "mp3"}),
                b"\x01\x02\x03"]                                    # 3 bytes: not whole int16 samples
+        bad += [json.dumps({"type": "start", "format": ["s16"]}), json.dumps({"type": "text", "text": "x" * 4001}),
+                json.dumps({"type": "start", "output_format": {"a": 1}})]
+        replies = []
         for message in bad:
             ws.send(message)
-            reply = recv_json(ws)
-            assert reply["type"] == "error" and reply["error"], message
+            replies.append(recv_json(ws))
+            assert replies[-1]["type"] == "error" and replies[-1]["error"], message
+        assert "'format' must be one of" in replies[-3]["error"]              # a list, not a name
+        assert "4001 characters, more than max_prompt_chars=4000" in replies[-2]["error"]
         ws.send(np.zeros(160, "<i2").tobytes())
         ws.send(json.dumps({"type": "start", "rate": 8000}))          # too late: audio already came
         assert "before any audio" in recv_json(ws)["error"]
@@ -202,10 +210,9 @@ def test_answers_go_to_their_client_and_an_interrupted_turn_never_does(gateway):
         assert ws.recv(timeout=RECV_S) == bytes(4096)
         assert recv_json(ws) == {"type": "end", "turn": 0}
 
-        # barge-in: the VAD announced turn 1 on the control channel, so the runtime calls reset
-        answer("pcm", 0, np.ones(2048, np.float32))             # (already sent before the reset)
-        assert ws.recv(timeout=RECV_S) == np.full(2048, 32767, "<i2").tobytes()
-        assert list(node.reset("gina")) == []
+        answer("pcm", 0, np.ones(2048, np.float32))             # after its end: stale, never sent
+        # a new question: the bus announced turn 1, so the runtime calls reset
+        assert list(node.reset("gina", 1)) == []
         assert recv_json(ws) == {"type": "turn", "turn": 1}
         answer("pcm", 0, np.ones(2048, np.float32))             # late audio of the old answer
         answer("text", 0, text="old")
@@ -222,7 +229,7 @@ def test_answers_go_to_their_client_and_an_interrupted_turn_never_does(gateway):
         assert recv_json(bystander) == {"type": "end", "turn": 0}
 
 
-def test_a_typed_prompt_during_an_answer_starts_a_new_turn(gateway):
+def test_a_typed_prompt_during_an_answer_asks_the_bus_for_a_new_turn(gateway):
     node = gateway()
     with connect(url(node, "ivy")) as ws:
         recv_json(ws)
@@ -231,17 +238,58 @@ def test_a_typed_prompt_during_an_answer_starts_a_new_turn(gateway):
                                        meta={"rate": 24000})))
         ws.recv(timeout=RECV_S)
         ws.send(json.dumps({"type": "text", "text": "stop, tell me about Rome"}))
-        out = pump(node, lambda: node.sessions["ivy"].turn == 1)
-        assert [(p, f.turn) for p, f in out] == [(CONTROL, 1), ("text", 1)]
-        # the runtime applies our own control frame at once: reset must not count it a second time
-        assert list(node.reset("ivy")) == [] and node.sessions["ivy"].turn == 1
-        assert recv_json(ws) == {"type": "turn", "turn": 1}
+        [(port, request)] = pump(node, lambda: node.sessions["ivy"].prompts)
+        assert port == CONTROL and request.meta["op"] == "next_turn"     # the prompt waits for its number
+        # the bus announces turn 7 (its numbering, not ours): the client hears it, the prompt goes out
+        assert list(node.reset("ivy", 7)) == [] and node.sessions["ivy"].turn == 7
+        assert recv_json(ws) == {"type": "turn", "turn": 7}
+        [(port, prompt)] = node.granted("ivy", 7, request.meta["ref"])
+        assert (port, prompt.turn, prompt.meta["text"]) == ("text", 7, "stop, tell me about Rome")
         node.process("pcm", wire(Frame(kind="pcm", session="ivy", turn=0, data=np.ones(8, np.float32),
                                        meta={"rate": 24000}, last=True)))
-        node.process("pcm", wire(Frame(kind="pcm", session="ivy", turn=1, data=np.zeros(8, np.float32),
+        node.process("pcm", wire(Frame(kind="pcm", session="ivy", turn=7, data=np.zeros(8, np.float32),
                                        meta={"rate": 24000}, last=True)))
-        assert ws.recv(timeout=RECV_S) == bytes(32)                 # turn 1's audio, not turn 0's
-        assert recv_json(ws) == {"type": "end", "turn": 1}
+        assert ws.recv(timeout=RECV_S) == bytes(32)                 # turn 7's audio, not turn 0's
+        assert recv_json(ws) == {"type": "end", "turn": 7}
+
+
+def test_an_error_frame_ends_its_turn_with_an_error_for_that_client_only(gateway):
+    node = gateway(end_after=["pcm"])
+    with connect(url(node, "jo")) as ws, connect(url(node, "kim")) as other:
+        recv_json(ws), recv_json(other)
+        pump(node, lambda: {"jo", "kim"} <= set(node.sessions))
+        error = Frame(kind="error", session="jo", turn=0, last=True,
+                      meta={"error": "the typed prompt is 9000 tokens but ...", "node": "backbone"})
+        assert list(node.failed(wire(error))) == []
+        assert recv_json(ws) == {"type": "error", "turn": 0, "error": "the typed prompt is 9000 tokens but ..."}
+        assert list(node.failed(wire(error))) == []                  # (it came on the other input too)
+        node.process("pcm", wire(Frame(kind="pcm", session="jo", turn=0, data=np.ones(8, np.float32),
+                                       meta={"rate": 24000}, last=True)))     # stale: the turn is over
+        node.process("pcm", wire(Frame(kind="pcm", session="kim", turn=0, data=np.zeros(8, np.float32),
+                                       meta={"rate": 24000}, last=True)))
+        assert other.recv(timeout=RECV_S) == bytes(32) and recv_json(other) == {"type": "end", "turn": 0}
+        ws.ping().wait(RECV_S)
+        with pytest.raises(TimeoutError):                            # jo got nothing more
+            ws.recv(timeout=0.3)
+
+
+def test_float32_audio_sent_as_s16_is_named(gateway):
+    node = gateway()                                                   # int16 by default
+    t = np.arange(1600) / 16000
+    with connect(url(node)) as ws:
+        recv_json(ws)
+        ws.send((0.3 * np.sin(2 * np.pi * 220 * t)).astype("<f4").tobytes())
+        assert "looks like float32 samples but the session's input format is s16" in recv_json(ws)["error"]
+        ws.send((3000 * np.sin(2 * np.pi * 220 * t)).astype("<i2").tobytes())   # real int16 is fine
+        ws.send(np.zeros(1600, "<i2").tobytes())                                # and so is silence
+        ws.ping().wait(RECV_S)
+        with pytest.raises(TimeoutError):
+            ws.recv(timeout=0.3)
+    node2 = gateway(dtype="float32")
+    with connect(url(node2)) as ws:
+        recv_json(ws)
+        ws.send((3000 * np.sin(2 * np.pi * 220 * t)).astype("<i2").tobytes())
+        assert "is not float32 samples in [-1, 1] (is it int16?)" in recv_json(ws)["error"]
 
 
 def test_bad_params_and_a_busy_port_are_clear_errors(gateway):

@@ -112,7 +112,7 @@ def test_barge_in_stops_the_old_turn(ckpt, n_embd):
     node.setup()
     old = list(node.process(*embeds_frame(n_embd, "s", turn=0, seed=1)))
     old += node.step()
-    node.reset("s")                                   # the runtime's reaction to a control "turn"
+    node.reset("s", 1)                                # the bus announced turn 1 (a barge-in)
     assert not node.has_work() and "s" not in node.engine
     new_port, new = embeds_frame(n_embd, "s", turn=1, seed=2)
     frames = list(node.process(new_port, new))
@@ -134,17 +134,25 @@ def test_text_prompt_and_per_frame_task(ckpt, n_embd):
     assert {f.meta["task"] for f in out.on("tokens") if f.session == "r"} == {"ASR"}
 
 
-def test_bad_inputs_are_logged_with_the_fix_and_dropped(ckpt, n_embd, caplog):
+def test_bad_inputs_fail_their_own_turn_with_the_fix(ckpt, n_embd, caplog):
     bad = [("embeds", Frame(kind="embeds", session="w", data=np.zeros((5, 3), np.float32))),
            ("text", Frame(kind="text", session="e", meta={"text": " "})),
-           embeds_frame(n_embd, "t", task="T1A2")]
+           embeds_frame(n_embd, "t", task="T1A2"),
+           ("text", Frame(kind="text", session="long", turn=2, meta={"text": "hello " * 2000})),
+           embeds_frame(n_embd, "26s", frames=1300)]                  # 26 s of speech: no room
     good = embeds_frame(n_embd, "ok")
     with caplog.at_level("ERROR"):
         out = run_node(backbone(ckpt), [*bad, good])          # the good session is still served
-    assert {f.session for f in out.on("tokens")} == {"ok"}
-    assert "expected (T >= 1, 64)" in caplog.text
-    assert "non-empty meta['text']" in caplog.text
-    assert "that input takes tasks" in caplog.text
+    assert {f.session for f in out.on("tokens") if f.kind == "tokens"} == {"ok"}
+    errors = {f.session: f for f in out.on("tokens") if f.kind == "error"}
+    assert set(errors) == {"w", "e", "t", "long", "26s"} and all(f.last for f in errors.values())
+    assert "expected (T >= 1, 64)" in errors["w"].meta["error"]
+    assert "non-empty meta['text']" in errors["e"].meta["error"]
+    assert "that input takes tasks" in errors["t"].meta["error"]
+    assert errors["long"].turn == 2 and "tokens but the model's context (block_size 512) takes at most 508" \
+        in errors["long"].meta["error"]
+    assert "the utterance is 26.0 s" in errors["26s"].meta["error"]
+    assert caplog.text.count("failed in process()") == 5 and "Traceback" not in caplog.text
     with pytest.raises(ValueError, match="does not take speech"):
         Backbone({"task": "T1T2"})
 

@@ -111,9 +111,13 @@ def test_sessions_are_independent_and_reset_clears_state():
     assert not any(f.last for f in out.on("codes") if f.turn == 0)
 
 
-def test_bad_shape_is_a_clear_error():
-    with pytest.raises(ValueError, match="7 audio ids then the text id"):
-        run_node(SnacScheduler(), [Frame(kind="tokens", data=np.zeros(7, np.int64))])
+def test_bad_shape_is_a_clear_error_for_that_turn_only():
+    good = step_frames(delay(random_codes(2)), session="ok")
+    out = run_node(SnacScheduler(), [Frame(kind="tokens", session="bad", turn=4, data=np.zeros(7, np.int64))] + good)
+    [error] = [f for f in out.on("codes") if f.session == "bad"]
+    assert error.kind == "error" and error.last and error.turn == 4
+    assert "7 audio ids then the text id" in error.meta["error"] and error.meta["node"] == "snacscheduler"
+    assert all(f.kind == "codes" for f in out.on("codes") if f.session == "ok")
     with pytest.raises(ValueError, match="chunk_frames"):
         SnacScheduler({"chunk_frames": 0})
 

@@ -48,8 +48,11 @@ def test_text_source_turns_of_one_session_from_a_file(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("first\nsecond\n", encoding="utf-8")
     out = run_node(TextSource({"path": str(path), "per_line": "turn", "session": "chat"}))
-    assert [(p, f.kind, f.turn) for p, f in out] == [("text", "text", 0), (CONTROL, "control", 1),
-                                                      ("text", "text", 1)]
+    # each line asks the bus for the next turn; its prompt goes out with the granted number
+    assert [(p, f.kind, f.meta.get("op"), f.turn) for p, f in out] == [
+        (CONTROL, "control", "next_turn", 0), ("text", "text", None, 0),
+        (CONTROL, "control", "next_turn", 0), ("text", "text", None, 1)]
+    assert [(a.session, a.turn, a.meta["op"]) for a in out.announced] == [("chat", 0, "turn"), ("chat", 1, "turn")]
     assert out.on("text")[1].meta["text"] == "second"
 
 

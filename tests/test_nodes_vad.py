@@ -76,28 +76,59 @@ def test_two_phrases_give_two_utterances_with_plausible_boundaries(dialogue):
         assert utt.last and utt.meta["rate"] == RATE
 
 
-def test_second_utterance_is_a_new_turn_announced_while_it_is_spoken(dialogue):
+def test_every_utterance_asks_the_bus_for_its_turn_while_it_is_spoken(dialogue):
     audio, truth = dialogue
     node = SileroVAD()
     node.setup()
     events = []                                          # (stream time in s when emitted, port, frame)
+    numbers = iter([5, 9])                               # what the bus grants: the VAD counts nothing
     for f in chunks(audio, 320):
+        now = (f.seq + 1) * 320 / RATE
         for port, frame in node.process("audio", f):
-            events.append(((f.seq + 1) * 320 / RATE, port, frame))
+            events.append((now, port, frame))
+            if port == CONTROL:                          # the bus answers at once
+                assert frame.kind == "control" and frame.meta["op"] == "next_turn"
+                events += [(now, p, g) for p, g in node.granted(frame.session, next(numbers), frame.meta["ref"])]
     speech = [(fr.turn, fr.meta["event"], fr.meta["audio_ms"]) for _, p, fr in events if p == "speech"]
     events = [e for e in events if e[1] != "speech"]
-    assert [(p, fr.turn) for _, p, fr in events] == [("utterance", 0), (CONTROL, 1), ("utterance", 1)]
-    # speech events: started when confirmed (after the turn's announcement), stopped at the utterance
-    assert [(turn, event) for turn, event, _ in speech] == [(0, "started"), (0, "stopped"), (1, "started"),
-                                                            (1, "stopped")]
+    assert [(p, fr.turn) for _, p, fr in events if p == "utterance"] == [("utterance", 5), ("utterance", 9)]
+    assert [p for _, p, _ in events] == [CONTROL, "utterance", CONTROL, "utterance"]
+    # speech events: started when confirmed (the pcm's turn: the utterance's is not granted yet),
+    # stopped with the utterance (its granted turn)
+    assert [(turn, event) for turn, event, _ in speech] == [(0, "started"), (5, "stopped"), (0, "started"),
+                                                            (9, "stopped")]
     for (_, _, start_ms), (_, _, end_ms), (start, end) in zip(speech[::2], speech[1::2], truth):
         assert start_ms / 1000 == pytest.approx(start, abs=TOLERANCE_S)
         assert end_ms / 1000 == pytest.approx(end, abs=TOLERANCE_S)
-    (t_control, _, control), (t_utt, _, _) = events[1], events[2]
-    assert control.meta["op"] == "turn" and control.kind == "control"
-    second_start, second_end = truth[1]
-    assert second_start < t_control < second_end          # barge-in while the user is still talking
-    assert t_utt > second_end
+    for k, (start, end) in enumerate(truth):
+        t_ask, t_utt = events[2 * k][0], events[2 * k + 1][0]
+        assert start < t_ask < end < t_utt               # asked while the user is still talking
+
+
+def test_an_utterance_that_ends_before_its_turn_is_granted_waits_for_it(dialogue):
+    audio, truth = dialogue
+    node = SileroVAD()
+    node.setup()
+    out = [pf for f in chunks(audio[: int((truth[0][1] + 1.0) * RATE)], 320) for pf in node.process("audio", f)]
+    [(port, request), (_, started)] = out                # asked, and the speech ended: no grant yet
+    assert port == CONTROL and started.meta["event"] == "started"
+    assert node.has_work()                               # the runtime keeps reading control meanwhile
+    [(port, utt), (_, stopped)] = node.granted("default", 3, request.meta["ref"])
+    assert port == "utterance" and utt.turn == 3 and stopped.turn == 3 and not node.has_work()
+    assert list(node.granted("default", 4, "someone-else")) == []
+
+
+def test_a_session_that_ends_mid_speech_is_forgotten(dialogue):
+    audio, truth = dialogue
+    node = SileroVAD()
+    node.setup()
+    frames = chunks(audio[: int((truth[0][0] + 0.8) * RATE)], 320, "gone")
+    frames[-1].last = False                              # the client vanished: no flush
+    for f in frames:
+        list(node.process("audio", f))
+    assert "gone" in node.streams
+    assert list(node.end("gone")) == []
+    assert not node.streams and not node.count and not node.held and not node.has_work()
 
 
 def test_chunk_size_and_input_format_do_not_change_the_result(dialogue):
@@ -135,8 +166,9 @@ def test_sessions_are_segmented_independently(dialogue):
     a, b = chunks(audio, 800, "alice"), chunks(audio, 800, "bob")
     interleaved = [f for pair in zip(a, b) for f in pair]
     out = run_node(SileroVAD(), interleaved)
-    for who in ("alice", "bob"):
+    for who in ("alice", "bob"):                          # each session's turns, numbered by the "bus"
         assert [u.turn for u in out.on("utterance") if u.session == who] == [0, 1]
+    assert [(a.session, a.turn) for a in out.announced].count(("alice", 1)) == 1
 
 
 def test_long_speech_is_cut_at_max_utterance(dialogue):

@@ -22,7 +22,7 @@ class Relay(Node):
     def process(self, port, frame):
         yield "out", frame
 
-    def reset(self, session):
+    def reset(self, session, turn):
         if self.params.reset_log:
             with open(self.params.reset_log, "a") as f:
                 f.write(session + "\n")
@@ -86,7 +86,7 @@ class Recorder(Node):
                      "seq": frame.seq, "last": frame.last, "meta": frame.meta})
         return ()
 
-    def reset(self, session):
+    def reset(self, session, turn):
         self._write({"reset": session, "by": self.name})
         return ()
 

@@ -1,7 +1,11 @@
-"""The control bus: every node PUSHes control frames to `CONTROL_IN`; the bus republishes them on
-`CONTROL_PUB`, which every node SUBscribes to. Heartbeats stop here (they go to `on_heartbeat`);
-a `stop` frame is republished and reported to `on_stop`. The latest turn of every session is
-replayed to a node that (re)joins, so a node that starts late or restarts still drops old turns.
+"""The control bus: every node PUSHes control frames to `CONTROL_IN`; the bus answers or
+republishes them on `CONTROL_PUB`, which every node SUBscribes to. It is the graph's turn
+authority (omniflow/turns.py): requests for a session's next turn, a claim of a turn and the end
+of a session are answered with one announcement to every node; turn numbers are allocated
+nowhere else. Heartbeats stop here (they go to `on_heartbeat`); a `stop` frame is republished and
+reported to `on_stop`. The latest turn of every live session is replayed to a node that
+(re)joins, so a node that starts late or restarts still drops old turns. Sessions that asked for
+nothing for `turns.SESSION_IDLE_S` are ended by the bus (announced like a client's end).
 
 Graph ready: a node's heartbeats begin when its setup() has finished. Once every node in `nodes`
 has sent one, the bus publishes {"op": "graph_ready"} (and replays it to any node that
@@ -35,6 +39,9 @@ from .. import heartbeat_file
 from ..frame import Frame, FrameError, decode, encode
 from ..runtime import HEARTBEAT_S, LOG_FORMAT
 from ..security import Curve, is_tcp, secure_bind, start_authenticator, stop_authenticator
+from ..turns import REQUEST_OPS, TurnAuthority
+
+EXPIRE_EVERY_S = 1.0        # how often idle sessions are looked for
 
 log = logging.getLogger("omniflow.launch")
 GRAPH_READY = encode(Frame(kind="control", meta={"op": "graph_ready"}))   # sources may start
@@ -64,7 +71,9 @@ class ControlBus:
             start_authenticator(context, curve)
         secure_bind(self.pub, pub_address, curve)
         secure_bind(self.pull, in_address, curve)
-        self._turns: dict[str, tuple[int, list[bytes]]] = {}   # session -> latest turn frame
+        self.turns = TurnAuthority()
+        self._latest: dict[str, list[bytes]] = {}    # session -> its latest announcement, encoded
+        self._next_expiry = time.monotonic() + EXPIRE_EVERY_S
         if self.ready:
             self.on_ready()
 
@@ -79,6 +88,10 @@ class ControlBus:
         if self.pub in ready:
             self._replay_turns()
         now = time.monotonic()
+        if now >= self._next_expiry:
+            self._next_expiry = now + EXPIRE_EVERY_S
+            for announcement in self.turns.expire():
+                self._announce(announcement)
         if now >= self._next_health:
             self._next_health = now + HEALTH_S
             self.pub.send_multipart(encode(Frame(kind="control", meta=self.health(now))))
@@ -95,6 +108,14 @@ class ControlBus:
                            "restarts": restarts.get(name, 0), "metrics": beat.get("metrics", {}),
                            "stats": beat.get("stats", {})}
         return {"op": "health", "ready": self.ready, "nodes": nodes}
+
+    def _announce(self, frame) -> None:
+        parts = encode(frame)
+        self.pub.send_multipart(parts)
+        if frame.meta.get("op") == "end":
+            self._latest.pop(frame.session, None)
+        else:
+            self._latest[frame.session] = [bytes(p) for p in parts]
 
     def close(self) -> None:
         self.pub.close(linger=0)
@@ -120,11 +141,12 @@ class ControlBus:
                 self.beats[str(frame.meta.get("node"))] = (time.monotonic(), frame.meta)
                 self.on_heartbeat(frame.meta)
                 continue
+            if op in REQUEST_OPS:
+                announcement = self.turns.handle(frame)
+                if announcement is not None:
+                    self._announce(announcement)
+                continue
             self.pub.send_multipart(parts)
-            if op == "turn":
-                latest = self._turns.get(frame.session)
-                if latest is None or frame.turn > latest[0]:
-                    self._turns[frame.session] = (frame.turn, parts)
             if op == "stop":
                 self.on_stop(f"stopped by a node's control frame (session {frame.session})")
 
@@ -146,7 +168,7 @@ class ControlBus:
         if joined:
             if self.ready:
                 self.pub.send_multipart(GRAPH_READY)
-            for _, parts in self._turns.values():
+            for parts in self._latest.values():
                 self.pub.send_multipart(parts)
 
 
