@@ -17,7 +17,7 @@ def test_core_registers_only_generic_kinds():
     code = "import omniflow.frame as f; print(sorted(f.KINDS))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=REPO).stdout
-    assert eval(out) == ["any", "control", "eos", "pcm", "text", "utterance"]
+    assert eval(out) == ["any", "control", "eos", "error", "pcm", "text", "utterance"]
 
 
 def test_importing_a_node_registers_the_model_kinds():

@@ -129,7 +129,7 @@ def test_speaker_plays_in_order_resamples_clips_and_drops_interrupted_audio(monk
     first = stream.pull(1200)
     np.testing.assert_array_equal(first[:1000], 0.5)
     np.testing.assert_array_equal(first[1000:], 1.0)                     # 2.0 clipped to full scale
-    node.reset("a")                                                      # barge-in on session a
+    node.reset("a", 1)                                                   # barge-in on session a
     rest = stream.pull(4000)
     assert abs(int((np.abs(rest - 0.25) < 0.01).sum()) - 2400) < 50      # b's 1600 samples at 16 kHz -> ~2400
     assert not np.any(rest == 1.0)                                       # a's unplayed audio never plays
