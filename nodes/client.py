@@ -9,6 +9,10 @@ The node binds `endpoint`; clients connect and send raw little-endian mono PCM (
     ROUTER (clients use DEALER): [pcm]  or  [session, pcm]   (without a session part the session is
                                                             the client's ZeroMQ identity, hex)
 
+Under `omniflow run --keys DIR` a tcp:// endpoint is a CURVE server like every edge of the run:
+clients need the run's server key and a client key in DIR (security.make_client(sock, curve) with
+`Curve.load(DIR)`); anyone else is refused, counted and logged (omniflow.security.REFUSALS).
+
 An empty pcm part ends that session's stream (its last frame has last=True, so the VAD flushes).
 The source runs until stopped, or until no message came for `idle_timeout_s` (when set).
 
@@ -29,6 +33,8 @@ from omniflow.audio import PCM_DTYPES
 from omniflow.frame import Frame
 from omniflow.model.units import WHISPER_RATE
 from omniflow.node import Node
+from omniflow.security import (is_tcp, note_monitor_event, secure_bind, start_authenticator, stop_authenticator,
+                               watch_refusals)
 
 POLL_MS = 20                 # one step waits at most this long for a message
 MAX_MESSAGES_PER_STEP = 64   # then yield, so the runtime can read its control channel
@@ -55,18 +61,26 @@ class PcmClientSource(Node):
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.PULL if p.socket == "pull" else zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.secured = self.curve is not None and is_tcp(p.endpoint)
+        self.monitor = None
         try:
-            self.sock.bind(p.endpoint)
+            if self.secured:                     # --keys: CURVE, the run's allow list, refusals watched
+                start_authenticator(self.ctx, self.curve)
+                self.monitor = watch_refusals(self.sock)
+            secure_bind(self.sock, p.endpoint, self.curve)
         except zmq.ZMQError as e:
-            self.sock.close()
+            self.teardown()
             raise RuntimeError(f"cannot bind the PCM client endpoint {p.endpoint!r}: {e}. Fix: choose a "
                                "free address (params.endpoint), e.g. tcp://*:5556 or ipc:///tmp/pcm") from None
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
+        if self.monitor is not None:
+            self.poller.register(self.monitor, zmq.POLLIN)
         self.dtype = DTYPES[p.dtype]
         self.seq: dict[str, int] = {}
         self.last_message = time.monotonic()
-        self.log.info("waiting for %s PCM at %d Hz on %s (%s)", p.dtype, p.rate, p.endpoint, p.socket)
+        self.log.info("waiting for %s PCM at %d Hz on %s (%s%s)", p.dtype, p.rate, p.endpoint, p.socket,
+                      ", CURVE" if self.secured else "")
 
     def has_work(self) -> bool:
         timeout = self.params.idle_timeout_s
@@ -75,7 +89,12 @@ class PcmClientSource(Node):
     def step(self):
         import zmq
 
-        if not self.poller.poll(POLL_MS):
+        ready = dict(self.poller.poll(POLL_MS))
+        if self.monitor is not None and self.monitor in ready:
+            from zmq.utils.monitor import recv_monitor_message
+            while self.monitor.poll(0):
+                note_monitor_event(recv_monitor_message(self.monitor))
+        if self.sock not in ready:
             return
         for _ in range(MAX_MESSAGES_PER_STEP):
             try:
@@ -114,6 +133,10 @@ class PcmClientSource(Node):
                      meta={"rate": self.params.rate}).stamp(self.name)
 
     def teardown(self) -> None:
-        sock = getattr(self, "sock", None)
-        if sock is not None:
-            sock.close()
+        for name in ("monitor", "sock"):
+            sock = getattr(self, name, None)
+            if sock is not None and not sock.closed:
+                sock.close(linger=0)
+        if getattr(self, "secured", False):
+            stop_authenticator(self.ctx)
+            self.secured = False

@@ -454,6 +454,11 @@ class Gateway(Node):
         self.busy = False                        # an answer frame arrived since the last step
         self.serving = True
         self.rate_warned = False
+        from omniflow.security import is_loopback
+        if self.curve is not None and not p.api_keys and not is_loopback(f"tcp://{p.host}:0"):
+            raise ValueError(f"this run is keyed (--keys): every endpoint it opens is secured, but the gateway on "
+                             f"{p.host} would take any client. Fix: omniflow keys api create NAME --file "
+                             "keys/api.json and --set gateway.api_keys=keys/api.json (or bind host 127.0.0.1)")
         self.server = _Server(p, self.events, self.log)
         self.server.start()
 

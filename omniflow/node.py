@@ -45,6 +45,10 @@ class Node:
     # turn gate, omniflow/turns.py). A node whose input has no turns (the VAD hearing a
     # microphone's stream, where turns begin) sets this False.
     drop_old_turns: ClassVar[bool] = True
+    # The run's CURVE keys (omniflow.security.Curve) under `omniflow run --keys`, set by the runtime
+    # before setup(): a node that opens tcp sockets of its own secures them with them
+    # (security.secure_bind), so no tcp endpoint of a keyed run is open to anyone.
+    curve: Any = None
     # CPU plan (omniflow.launch.plan): the node's share of the cores when its graph sets no
     # `threads:`. 0: light (I/O, bookkeeping), 1 thread. A node whose math is heavy (an encoder, a
     # decoder, a vocoder) declares a weight; the launcher splits the cores among those nodes.

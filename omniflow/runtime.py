@@ -40,7 +40,7 @@ from .frame import KINDS, Frame, FrameError, decode, encode, register_kind
 from .graph import GRAPH_DIRS
 from .node import CONTROL, Node, Output, drain
 from .turns import ANNOUNCE_OPS, TurnAuthority, TurnGate
-from .security import Curve, is_tcp, secure_connect, start_authenticator, stop_authenticator
+from .security import REFUSALS, Curve, is_tcp, secure_connect, start_authenticator, stop_authenticator
 from .transport import (Link, Wiring, bind_output, connect_input, recv_parts, send_blocking,
                         send_or_drop)
 
@@ -139,8 +139,8 @@ class NodeRuntime:
         for sock in [*self._ins, self._sub, self._push]:
             if sock is not None and not sock.closed:
                 sock.close()
-        if self._allow is not None:
-            self.metrics.refused = self._allow.refused
+        if self.curve is not None:                # peers refused by any CURVE socket of this process
+            self.metrics.refused = REFUSALS.total
             stop_authenticator(self._ctx)
         if self._own_ctx:
             self._ctx.term()
@@ -157,6 +157,7 @@ class NodeRuntime:
         try:
             try:
                 apply_threads(self.threads)
+                self.node.curve = self.curve          # for sockets the node opens itself (--keys)
                 self.node.setup()
                 apply_threads(self.threads)   # again if setup() loaded torch: it caps the
                                               # OMP_NUM_THREADS its launcher set at the core count
@@ -336,8 +337,8 @@ class NodeRuntime:
 
     def _heartbeat(self) -> None:
         heartbeat_file.beat(self._beat_file)
-        if self._allow is not None:
-            self.metrics.refused = self._allow.refused
+        if self.curve is not None:                # peers refused by any CURVE socket of this process
+            self.metrics.refused = REFUSALS.total
         gate = self._gate
         self.metrics.turns, self.metrics.failed_turns = gate.turns, gate.failed_turns
         self.metrics.sessions = gate.sessions()

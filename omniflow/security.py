@@ -13,6 +13,11 @@ without them):
 * ipc:// and inproc:// edges stay plain: they never leave the machine, and the run directory
   holding the ipc sockets is 0700.
 * Without keys, tcp:// still works; binding it to a non-loopback address logs a warning.
+* Every refused peer is counted (`REFUSALS`, per process) and logged once per peer and reason:
+  an unknown client key (the ZAP handler; the peer is its public key), a client without CURVE, or
+  one that expects another server key (handshake failures the socket monitor reports, see
+  `watch_refusals`; libzmq does not say which address those came from, so they are logged once
+  per bound endpoint and reason, and counted every time).
 """
 from __future__ import annotations
 
@@ -140,20 +145,72 @@ def is_loopback(address: str) -> bool:
             return False
 
 
+class Refusals:
+    """Refused peers of this process: counted by reason, each (reason, peer) logged once."""
+
+    WHY = {"unknown_key": "its public key is not in the key directory (copy its .key file there)",
+           "no_curve": "it does not use CURVE (run it with --keys too)",
+           "wrong_server_key": "it encrypts to another server key (it holds another key directory)",
+           "handshake": "its CURVE handshake failed"}
+    MAX_LOGGED = 4096                     # (reason, peer) pairs remembered; then forgotten, logged anew
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.by_reason: dict[str, int] = {}
+        self._logged: set[tuple[str, str]] = set()
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_reason.values())
+
+    def refuse(self, reason: str, peer: str) -> None:
+        with self._lock:
+            self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+            first = (reason, peer) not in self._logged
+            if first:
+                if len(self._logged) >= self.MAX_LOGGED:
+                    self._logged.clear()
+                self._logged.add((reason, peer))
+            count = self.by_reason[reason]
+        if first:
+            log.warning("refused a peer (%s) %s: %s. %d refused for this reason so far; this peer's "
+                        "next refusals are counted, not logged", reason, peer, self.WHY.get(reason, reason), count)
+
+
+REFUSALS = Refusals()
+_FAILED = {zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "no_curve",
+           zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "wrong_server_key"}
+REFUSAL_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+
+
+def note_monitor_event(event: dict) -> None:
+    """A socket monitor's event (zmq.utils.monitor.recv_monitor_message) on a CURVE server socket:
+    count and log a failed handshake. (Failed ZAP checks are the allow list's: not counted twice.)"""
+    if event["event"] & REFUSAL_EVENTS:
+        endpoint = event.get("endpoint", b"")
+        endpoint = endpoint.decode(errors="replace") if isinstance(endpoint, bytes) else str(endpoint)
+        REFUSALS.refuse(_FAILED.get(event.get("value"), "handshake"), f"connecting to {endpoint}")
+
+
+def watch_refusals(sock: zmq.Socket) -> zmq.Socket:
+    """A monitor socket for `sock` (a CURVE server): poll it and pass each event to note_monitor_event."""
+    return sock.get_monitor_socket(REFUSAL_EVENTS)
+
+
 class _AllowList:
     """ZAP credentials provider: admits the allowed public keys, counts and logs the others."""
 
     def __init__(self, allowed: tuple[str, ...]):
         self.allowed = {k.encode() for k in allowed}
-        self.refused = 0
+
+    @property
+    def refused(self) -> int:
+        return REFUSALS.total
 
     def callback(self, domain: str, key: bytes) -> bool:
         if key in self.allowed:
             return True
-        self.refused += 1
-        if self.refused & (self.refused - 1) == 0:       # 1st, 2nd, 4th, ...: no log flood
-            log.warning("refused a CURVE client with unknown public key %s (%d refused so far)",
-                        key.decode(errors="replace"), self.refused)
+        REFUSALS.refuse("unknown_key", "with public key " + key.decode(errors="replace"))
         return False
 
 

@@ -24,7 +24,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from .graph import Graph, split_host
-from .security import Curve, secure_bind, secure_connect
+from .security import REFUSAL_EVENTS, Curve, is_tcp, note_monitor_event, secure_bind, secure_connect
 
 CONTROL_PUB = "$control.pub"      # endpoint-map keys of the control channel
 CONTROL_IN = "$control.in"
@@ -141,7 +141,7 @@ def bind_output(ctx: zmq.Context, link: Link,
     sock.setsockopt(zmq.SNDHWM, _hwm(link))
     sock.copy_threshold = COPY_BELOW_BYTES
     sock.setsockopt(zmq.LINGER, 0)            # the runtime sets a linger before closing
-    watch = ConsumerWatch(sock)               # before bind, to see the first connection
+    watch = ConsumerWatch(sock, refusals=curve is not None and is_tcp(link.address))   # before bind
     if link.address.startswith("ipc://"):
         Path(link.address[6:]).unlink(missing_ok=True)   # left by a killed predecessor
     try:
@@ -162,14 +162,22 @@ class ConsumerWatch:
     on reading eos, have disconnected: then everything before eos has arrived.
     """
 
-    def __init__(self, sock: zmq.Socket):
-        self.monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+    def __init__(self, sock: zmq.Socket, refusals: bool = False):
+        """refusals: the socket is a CURVE server: also count and log the handshakes it refuses."""
+        events = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+        self.monitor = sock.get_monitor_socket(events | (REFUSAL_EVENTS if refusals else 0))
         self.peers = 0
 
     def connected(self) -> int:
         while self.monitor.poll(0):
-            event = recv_monitor_message(self.monitor)["event"]
-            self.peers += 1 if event == zmq.EVENT_ACCEPTED else -1
+            message = recv_monitor_message(self.monitor)
+            event = message["event"]
+            if event == zmq.EVENT_ACCEPTED:
+                self.peers += 1
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.peers -= 1
+            else:                                        # a CURVE handshake failed: a refused peer
+                note_monitor_event(message)
         return self.peers
 
     def close(self) -> None:
