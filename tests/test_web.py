@@ -85,6 +85,19 @@ def test_browser_hands_free_hears_the_answer_and_shows_the_transcript(demo_home,
                                        "window.omniflowStats.transcript.length > 0", timeout=150_000)
                 page.wait_for_function("() => window.omniflowStats.turns > 0", timeout=60_000)
                 result = page.evaluate("() => JSON.parse(JSON.stringify(window.omniflowStats))")
+                # barge in over the next answer (typed: the fake microphone cannot be made to speak on
+                # cue; a spoken barge-in takes the same stopPlayback path at speech_started)
+                page.fill("#text", "What is the capital of France?")
+                page.click("#send")
+                page.wait_for_function("() => window.omniflowStats.turns > 1", timeout=150_000)
+                page.wait_for_function("() => window.omniflowStats.samplesQueued > window.omniflowStats.samplesPlayed"
+                                       " + window.omniflowStats.samplesCut", timeout=30_000)   # it is playing
+                page.fill("#text", "And of Italy?")
+                page.click("#send")
+                page.wait_for_function("() => window.omniflowStats.stops > 0 && window.omniflowStats.cancelled > 0"
+                                       " && window.omniflowStats.samplesCut > 0", timeout=30_000)
+                page.wait_for_function("() => window.omniflowStats.turns > 2", timeout=150_000)
+                barge = page.evaluate("() => JSON.parse(JSON.stringify(window.omniflowStats))")
                 result["shown"] = page.inner_text("#transcript")
                 result["labels"] = page.locator(".lat").all_inner_texts()      # first-audio latency per answer
                 shot = os.environ.get("OMNIFLOW_SCREENSHOT")
@@ -93,12 +106,15 @@ def test_browser_hands_free_hears_the_answer_and_shows_the_transcript(demo_home,
                 page.click("#connect")                           # disconnect: the graph ends by itself
             finally:
                 browser.close()
-        return result
+            return result, barge
 
-    stats = run_server(graph, browse, in_process=True)
+    stats, barge = run_server(graph, browse, in_process=True)
     assert stats["events"].get("input_audio_buffer.speech_started", 0) >= 1
     assert stats["events"].get("response.output_audio.delta", 0) >= 1
     assert stats["samplesPlayed"] > 0 and stats["turns"] >= 1
     assert len(stats["latencies"]) >= 1 and all(ms > 0 for ms in stats["latencies"])
     assert stats["transcript"] and stats["transcript"][:20] in stats["shown"]
     assert stats["labels"] and all(label.startswith("first audio ") for label in stats["labels"])
+    # typed, then typed over that answer while it played: its playback stopped and it was cancelled
+    assert barge["stops"] >= 1 and barge["samplesCut"] > 0 and barge["cancelled"] >= 1
+    assert barge["turns"] >= 3
