@@ -156,12 +156,13 @@ class TurnGate:
             self.dropped += 1
             return False, []
         current = self.current.get(session)
-        if current is None:
-            self.current[session] = frame.turn
-            self.turns += 1
-            return True, []
         if not self.node.drop_old_turns:
+            if current is None:
+                self.current[session] = frame.turn
+                self.turns += 1
             return True, []
+        if current is None:             # the session's first frame here: its turn starts now
+            return True, self._start(session, frame.turn, None)
         if frame.turn < current:
             self.dropped += 1
             return False, []

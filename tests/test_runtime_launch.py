@@ -1,6 +1,7 @@
 """The local launcher: restart policies after SIGKILL, setup failures, Ctrl-C/SIGTERM cleanup."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import soundfile as sf
 
 from omniflow.graph import parse_graph
@@ -243,3 +245,26 @@ def test_node_processes_wait_passively_unless_the_user_says_otherwise(monkeypatc
                              "OPENBLAS_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert "OMP_WAIT_POLICY" not in thread_env(2)
+
+
+def failing_graph(text: str, out: Path) -> str:
+    return f"""
+nodes:
+  src: {{use: nodes.text:TextSource, params: {{text: {json.dumps(text)}}}}}
+  check: {{use: test_runtime_nodes:RefuseLong, inputs: {{text: src/text}}}}
+  sink: {{use: nodes.text:TextSink, params: {{mode: file, path: {json.dumps(str(out))}}}, inputs: {{text: check/text}}}}
+"""
+
+
+@pytest.mark.parametrize("in_process", [True, False])
+def test_a_run_whose_every_turn_failed_does_not_succeed(tmp_path, in_process):
+    result = run_graph(parse_graph(failing_graph("a very long prompt indeed", tmp_path / "out.txt")),
+                       in_process=in_process)
+    assert not result.ok and result.exit_code == 1
+    assert "node 'check' failed every turn it handled (1 of 1" in result.message
+    assert result.metrics["check"]["failed_turns"] == 1
+    # one bad turn among good ones: the run succeeds, the bad one was reported to its user
+    ok = run_graph(parse_graph(failing_graph("short\na very long prompt indeed\nfine", tmp_path / "ok.txt")),
+                   in_process=in_process)
+    assert ok.ok, ok.message
+    assert ok.metrics["check"]["turns"] == 3 and ok.metrics["check"]["failed_turns"] == 1

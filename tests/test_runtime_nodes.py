@@ -9,6 +9,7 @@ import msgspec
 import numpy as np
 
 from omniflow import CONTROL, Frame, Node
+from omniflow.node import InputError
 
 
 class Relay(Node):
@@ -189,3 +190,17 @@ class SlowSetupRecorder(Recorder):
 class HeavyThreadsReporter(ThreadsReporter):
     """A ThreadsReporter that declares heavy math: the CPU plan gives it a share of the cores."""
     cpu_weight = 1
+
+
+class RefuseLong(Node):
+    """Forwards text frames; refuses (InputError) those longer than `max_chars`."""
+    inputs = {"text": "text"}
+    outputs = {"text": "text"}
+
+    class Params(msgspec.Struct, forbid_unknown_fields=True):
+        max_chars: int = 10
+
+    def process(self, port, frame):
+        if len(frame.meta["text"]) > self.params.max_chars:
+            raise InputError(f"a prompt of {len(frame.meta['text'])} characters; at most {self.params.max_chars}")
+        yield "text", frame

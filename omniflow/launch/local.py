@@ -258,6 +258,8 @@ class LocalLauncher:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
         for name, m in metrics.items():
             log.info("[%s] %s", name, Metrics(**m).line())
+        if ok and not interrupted and (failing := failed_every_turn(metrics)):
+            ok, message = False, failing
         (log.info if ok else log.error)("%s", message)
         return RunResult(ok, message, codes, dict(self.restarts), metrics,
                          str(self.run_dir) if self.keep_run_dir else None, interrupted)
@@ -355,6 +357,17 @@ class LocalLauncher:
             if m is not None:
                 out[name] = m
         return out
+
+
+def failed_every_turn(metrics: dict[str, dict[str, int]]) -> str | None:
+    """Why a run whose nodes ran must still fail: a node failed every turn it handled (each of
+    them logged its error and told its user), so the run produced nothing; None otherwise."""
+    for name, m in metrics.items():
+        turns, failed = m.get("turns", 0), m.get("failed_turns", 0)
+        if turns and failed >= turns:
+            return (f"node '{name}' failed every turn it handled ({failed} of {turns}; its log says why): "
+                    "the run produced no answer")
+    return None
 
 
 def check_split(graph: Graph, here: list[str], endpoints: dict[str, str]) -> None:
