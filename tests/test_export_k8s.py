@@ -175,6 +175,26 @@ def test_a_server_graph_runs_as_deployments_with_probes_and_a_public_gateway(tmp
     assert {"name": "weights", "persistentVolumeClaim": {"claimName": "my-weights"}} in pod["volumes"]
 
 
+def test_a_keyed_server_export_ships_its_api_keys_or_refuses(tmp_path, capsys):
+    generate_keys(tmp_path / "keys")
+    keyed = ["export", "k8s", "graphs/serve.yaml", "--out", str(tmp_path / "o"), "--keys", str(tmp_path / "keys")]
+    assert cli.main(keyed) == 2                                  # the gateway would take any client
+    assert "--api-keys" in capsys.readouterr().err
+    api = tmp_path / "api.json"
+    assert cli.main(["keys", "api", "create", "alice", "--file", str(api)]) == 0
+    files = export(tmp_path, "graphs/serve.yaml", "--keys", str(tmp_path / "keys"), "--api-keys", str(api))
+    secret = by_kind(files, "Secret")["serve-api-keys"]
+    assert base64.b64decode(secret["data"]["api.json"]) == api.read_bytes()
+    assert configs(files)["gateway"].params["api_keys"] == "/etc/omniflow/api-keys/api.json"
+    for name, deploy in by_kind(files, "Deployment").items():
+        pod = deploy["spec"]["template"]["spec"]
+        mounted = any(v.get("secret", {}).get("secretName") == "serve-api-keys" for v in pod["volumes"])
+        assert mounted == (name == "serve-gateway"), name          # the server alone reads it
+    local = ["export", "k8s", "graphs/serve.yaml", "--out", str(tmp_path / "p"), "--set",
+             f"gateway.api_keys={api}"]
+    assert cli.main(local) == 2 and "--api-keys" in capsys.readouterr().err   # a path on this machine
+
+
 MODELS = {"Deployment": "V1Deployment", "Job": "V1Job", "Service": "V1Service",
           "ConfigMap": "V1ConfigMap", "Secret": "V1Secret", "Namespace": "V1Namespace",
           "PersistentVolumeClaim": "V1PersistentVolumeClaim"}
@@ -194,7 +214,11 @@ def k8s_model(obj: dict):
 def test_every_object_is_a_valid_kubernetes_object(tmp_path, graph):
     pytest.importorskip("kubernetes", reason="validation needs the kubernetes client: pip install -e '.[dev]'")
     generate_keys(tmp_path / "keys")
+    server = graph == "graphs/serve.yaml"
+    if server:
+        assert cli.main(["keys", "api", "create", "alice", "--file", str(tmp_path / "api.json")]) == 0
     files = export(tmp_path, graph, "--namespace", "voice", "--keys", str(tmp_path / "keys"),
+                   *(["--api-keys", str(tmp_path / "api.json")] if server else []),
                    "--set", "backbone.device=cuda" if "demo" not in graph else "gain.db=1")
     kinds = set()
     for name, objects in files.items():

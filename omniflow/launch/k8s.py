@@ -34,6 +34,9 @@ Every object is named `<graph>-...` (the graph file's stem) and labelled
   (WEIGHTS_DIR). `--weights-claim NAME` mounts an existing claim instead and writes neither.
 * `control.yaml`: the control bus (`python -m omniflow.launch.bus`), a Deployment and the Service
   `<graph>-control`: nodes announce turns (barge-in) and heartbeats on it, as in a local run.
+* `api-keys.yaml` (with --api-keys FILE): the server's API key file (hashes of the keys) as a
+  Secret mounted at /etc/omniflow/api-keys; the server's `api_keys` param points there. A keyed
+  export of a graph with a server needs it (the gateway refuses to serve keyless edges' clients).
 * `secret.yaml` (with --keys): the CURVE keys as a Secret mounted read-only at
   /etc/omniflow/keys; every tcp edge is then CURVE-secured. The file holds the secret key: it is
   written 0600; keep it out of version control.
@@ -65,6 +68,9 @@ NODE_PORT_BASE = 5600            # a node's k-th output edge binds this + k in i
 CONTROL_PORTS = {CONTROL_PUB: 5590, CONTROL_IN: 5591}     # the control bus's pod
 CONFIG_DIR = "/etc/omniflow/config"
 KEYS_DIR = "/etc/omniflow/keys"
+API_KEYS_DIR = "/etc/omniflow/api-keys"    # the server's API key file (hashes), from --api-keys
+API_KEYS_FILE = "api.json"
+API_KEYS_PARAM = "api_keys"                # a server's param naming that file (the gateway's)
 WEIGHTS_DIR = "/var/lib/omniflow"          # $OMNIFLOW_HOME in every pod: the weights volume
 HEARTBEAT_PATH = "/tmp/omniflow-heartbeat"  # $OMNIFLOW_HEARTBEAT_FILE in every pod
 DEFAULT_IMAGE = "omniflow:cpu"             # docker build -t omniflow:cpu .
@@ -158,13 +164,15 @@ def is_heavy(spec: NodeSpec) -> bool:
 
 
 def node_config(graph: Graph, spec: NodeSpec, connect: dict[str, str], bind: dict[str, str],
-                with_keys: bool, listen: tuple[str, str] | None) -> NodeConfig:
+                with_keys: bool, listen: tuple[str, str] | None, api_keys: bool = False) -> NodeConfig:
     wiring = wiring_for(graph, spec.name, connect)
     for link in wiring.outputs:
         link.address = bind[link.id]
     params = dict(spec.params)
     if listen:
         params[listen[0]] = "0.0.0.0"         # in its pod: reachable through its Service
+        if api_keys:
+            params[API_KEYS_PARAM] = f"{API_KEYS_DIR}/{API_KEYS_FILE}"
     return NodeConfig(name=spec.name, use=spec.use, params=params, wiring=wiring,
                       keys_dir=KEYS_DIR if with_keys else None, threads=node_threads(spec))
 
@@ -179,6 +187,26 @@ def gpu_count(spec: NodeSpec) -> int:
     if not on_cuda(spec):
         return 0
     return max(1, int(-(-spec.resources.get("num_gpus", 1) // 1)))   # whole GPUs: k8s cannot share one
+
+
+def check_server_auth(graph: Graph, serving: dict[str, tuple[str, str]], with_keys: bool,
+                      api_keys: str | Path | None) -> None:
+    """A server binds 0.0.0.0 in its pod: its API key file must travel with the export (a path in
+    the graph is a path on this machine), and a keyed export must have one, as the gateway demands."""
+    if api_keys is not None and not Path(api_keys).is_file():
+        raise ValueError(f"--api-keys {api_keys}: no such file. Fix: omniflow keys api create NAME "
+                         f"--file {api_keys}")
+    if api_keys is not None and not serving:
+        raise ValueError("--api-keys given, but the graph has no server node (such as the gateway)")
+    for name in serving:
+        if graph.nodes[name].params.get(API_KEYS_PARAM) and api_keys is None:
+            raise ValueError(f"node '{name}' names an API key file on this machine "
+                             f"({graph.nodes[name].params[API_KEYS_PARAM]}), which a pod cannot read. Fix: "
+                             f"pass it with --api-keys FILE: it travels as a Secret")
+        if with_keys and api_keys is None:
+            raise ValueError(f"a keyed export (--keys) secures every edge, but the server node '{name}' "
+                             "would take any client. Fix: omniflow keys api create NAME --file keys/api.json "
+                             "and --api-keys keys/api.json")
 
 
 def export_warnings(graph: Graph) -> list[str]:
@@ -224,7 +252,7 @@ def heartbeat_probes(server_port: int | None = None, https: bool = False) -> dic
 def pod_spec(command: list[str], resources: dict[str, Any], image: str, config_map: str | None,
              secret: str | None, restart_policy: str, weights_claim: str | None,
              threads: int | None = None, probes: dict[str, Any] | None = None,
-             ports: list[tuple[str, int]] = ()) -> dict[str, Any]:
+             ports: list[tuple[str, int]] = (), api_keys: str | None = None) -> dict[str, Any]:
     mounts: list[dict[str, Any]] = []
     volumes: list[dict[str, Any]] = []
     if config_map:
@@ -234,6 +262,10 @@ def pod_spec(command: list[str], resources: dict[str, Any], image: str, config_m
         mounts.append({"name": "curve-keys", "mountPath": KEYS_DIR, "readOnly": True})
         volumes.append({"name": "curve-keys",
                         "secret": {"secretName": secret, "defaultMode": SECRET_FILE_MODE}})
+    if api_keys:          # a directory, not a subPath: a revoked key reaches the pod (the file is reread)
+        mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
+        volumes.append({"name": "api-keys",
+                        "secret": {"secretName": api_keys, "defaultMode": SECRET_FILE_MODE}})
     if weights_claim:     # writable: hub downloads and ONNX exports are cached next to the weights
         mounts.append({"name": "weights", "mountPath": WEIGHTS_DIR})
         volumes.append({"name": "weights", "persistentVolumeClaim": {"claimName": weights_claim}})
@@ -282,7 +314,8 @@ def manifests(graph: Graph, *, image: str = DEFAULT_IMAGE, cuda_image: str = DEF
               namespace: str = "default", keys: str | Path | None = None,
               weights_claim: str | None = None, weights_size: str = "10Gi",
               weights_access: str = "ReadWriteMany", demo_weights: bool = False,
-              service_type: str = "ClusterIP") -> dict[str, list[dict[str, Any]]]:
+              service_type: str = "ClusterIP", api_keys: str | Path | None = None
+              ) -> dict[str, list[dict[str, Any]]]:
     """file name -> the Kubernetes objects it holds (plain dicts, ready for yaml.safe_dump)."""
     if service_type not in SERVICE_TYPES:
         raise ValueError(f"service type {service_type!r}: use one of {', '.join(SERVICE_TYPES)}")
@@ -292,6 +325,7 @@ def manifests(graph: Graph, *, image: str = DEFAULT_IMAGE, cuda_image: str = DEF
     names = object_names(graph)
     connect, bind, ports = endpoints(graph, namespace)
     serving = servers(graph)
+    check_server_auth(graph, serving, bool(keys), api_keys)
     common = {"app.kubernetes.io/name": "omniflow", "app.kubernetes.io/instance": instance}
 
     def meta(name: str, **labels: str) -> dict[str, Any]:
@@ -304,13 +338,18 @@ def manifests(graph: Graph, *, image: str = DEFAULT_IMAGE, cuda_image: str = DEF
         files["namespace.yaml"] = [{"apiVersion": "v1", "kind": "Namespace",
                                     "metadata": {"name": namespace}}]
     configs = {f"{n}.json": msgspec.json.encode(node_config(graph, s, connect, bind, bool(keys),
-                                                            serving.get(n))).decode()
+                                                            serving.get(n), bool(api_keys))).decode()
                for n, s in graph.nodes.items()}
     files["config.yaml"] = [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(config_map),
                              "data": configs}]
     if keys:
         files["secret.yaml"] = [{"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
                                  "metadata": meta(secret), "data": key_files(keys)}]
+    api_secret = f"{instance}-api-keys" if api_keys else None
+    if api_keys:
+        files["api-keys.yaml"] = [{"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                                   "metadata": meta(api_secret), "data": {
+                                       API_KEYS_FILE: base64.b64encode(Path(api_keys).read_bytes()).decode()}}]
     if weights_claim is None:
         weights_claim = f"{instance}-weights"
         fetch = ["omniflow", "fetch", "--home", WEIGHTS_DIR] + (["--demo"] if demo_weights else [])
@@ -360,7 +399,7 @@ def manifests(graph: Graph, *, image: str = DEFAULT_IMAGE, cuda_image: str = DEF
             probes = heartbeat_probes()
         pod = pod_spec(command, container_resources(spec), cuda_image if on_cuda(spec) else image,
                        config_map, secret, restart, weights_claim, node_threads(spec), probes,
-                       outs + public)
+                       outs + public, api_secret if name in serving else None)
         objects = [workload(kind, spec.max_restarts,
                             meta(names[name], **{"omniflow/node": names[name]}), labels, pod)]
         if outs:
@@ -422,6 +461,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     k8s.add_argument("--namespace", default="default", help="Kubernetes namespace (default: default)")
     k8s.add_argument("--keys", metavar="DIR", help="CURVE keys ('omniflow keys generate DIR'), "
                                                    "shipped as a Secret: every edge is secured")
+    k8s.add_argument("--api-keys", metavar="FILE",
+                     help="the server's API key file ('omniflow keys api create NAME --file FILE'), "
+                          "shipped as a Secret; required with --keys when the graph has a server")
     k8s.add_argument("--weights-claim", metavar="NAME",
                      help="an existing PersistentVolumeClaim holding $OMNIFLOW_HOME (default: write "
                           "weights.yaml with a claim <graph>-weights and a Job that fills it)")
@@ -446,7 +488,8 @@ def main(args: argparse.Namespace) -> int:
         files = manifests(graph, image=args.image, cuda_image=args.cuda_image,
                           namespace=args.namespace, keys=args.keys, weights_claim=args.weights_claim,
                           weights_size=args.weights_size, weights_access=args.weights_access,
-                          demo_weights=args.demo_weights, service_type=args.service_type)
+                          demo_weights=args.demo_weights, service_type=args.service_type,
+                          api_keys=args.api_keys)
         written = write_manifests(files, args.out)
     except GraphError as e:
         print(e, file=sys.stderr)
