@@ -140,3 +140,20 @@ def test_a_loud_warning_when_any_client_can_reach_it(gateway, tmp_path, caplog):
     assert not any("TAKES ANY CLIENT" in r.getMessage() for r in caplog.records)
     with pytest.raises(FileNotFoundError, match="keys api create"):
         Gateway({"port": 0, "api_keys": str(tmp_path / "none.json")}).setup()
+
+
+def test_run_flags_set_the_serving_params_of_the_nodes_that_take_them():
+    import argparse
+
+    from omniflow.graph import load_graph
+    from omniflow.launch.cli_run import add_arguments, serving_overrides
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["graphs/serve.yaml", "--tls-cert", "c.pem", "--tls-key", "k.pem", "--api-keys", "a.json"])
+    extra = serving_overrides(load_graph(args.graph, args.set), args)
+    gateway = load_graph(args.graph, extra).nodes["gateway"].params
+    assert (gateway["tls_cert"], gateway["tls_key"], gateway["api_keys"]) == ("c.pem", "k.pem", "a.json")
+    args = parser.parse_args(["graphs/demo.yaml", "--api-keys", "a.json"])
+    with pytest.raises(ValueError, match="no node of graphs/demo.yaml has a 'api_keys' param"):
+        serving_overrides(load_graph(args.graph, []), args)

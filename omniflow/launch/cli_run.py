@@ -32,6 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NODE.PARAM=VALUE",
                         help="override a node parameter, e.g. --set src.path=other.wav, or its math "
                              "threads: --set backbone.threads=2 (repeatable)")
+    serving = parser.add_argument_group("serving (the nodes whose params take them: the gateway)")
+    serving.add_argument("--tls-cert", metavar="PEM", help="serve wss:// and https:// with this certificate "
+                         "(chain); sets tls_cert on every node that has it")
+    serving.add_argument("--tls-key", metavar="PEM", help="the certificate's private key (tls_key)")
+    serving.add_argument("--api-keys", metavar="FILE", help="only clients holding a key of FILE get in "
+                         "(omniflow keys api create NAME --file FILE); sets api_keys")
     parser.add_argument("--run-dir", help="keep node configs and metrics here (default: a temp dir, removed)")
     parser.add_argument("--endpoints", help="YAML map of edge id ('a/out->b/in', or '$control.pub' / "
                                            "'$control.in') to address, e.g. tcp://10.0.0.2:5555")
@@ -61,13 +67,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "id) to FILE, for nodes.replay:Replay (repeatable)")
 
 
+SERVING_FLAGS = {"tls_cert": "--tls-cert", "tls_key": "--tls-key", "api_keys": "--api-keys"}
+
+
+def serving_overrides(graph, args: argparse.Namespace) -> list[str]:
+    """--tls-cert/--tls-key/--api-keys as `--set NODE.PARAM=VALUE` for every node whose params
+    have PARAM (the core knows no gateway: a node takes them by having the param)."""
+    extra = []
+    for param, flag in SERVING_FLAGS.items():
+        value = getattr(args, param, None)
+        if value is None:
+            continue
+        takers = [name for name, spec in graph.nodes.items() if param in spec.params]
+        if not takers:
+            raise ValueError(f"{flag}: no node of {args.graph} has a '{param}' param (a gateway does). "
+                             "Fix: drop the flag, or run a graph that serves clients (graphs/serve.yaml)")
+        extra += [f"{name}.{param}={value}" for name in takers]
+    return extra
+
+
 def main(args: argparse.Namespace) -> int:
     from ..transport import CONTROL_IN, CONTROL_PUB
     from .local import LocalLauncher
     try:
         graph = load_graph(args.graph, args.set)
-    except GraphError as e:
-        print(e, file=sys.stderr)
+        extra = serving_overrides(graph, args)
+        if extra:
+            graph = load_graph(args.graph, [*args.set, *extra])
+    except (GraphError, ValueError) as e:
+        print(e if isinstance(e, GraphError) else f"omniflow run: {e}", file=sys.stderr)
         return 2
     endpoints = None
     if args.endpoints:
