@@ -1,6 +1,6 @@
 """Decode benchmark: the real Mini-Omni shape with random weights, omniflow Engine vs the original.
 
-    python benchmarks/decode.py [--dtypes float32,bfloat16] [--batches 1,2,8,32] [--steps 5]
+    python benchmarks/decode.py [--paths float32,bfloat16,float32+int8dyn] [--batches 1,2,8,32] [--steps 5]
     omniflow bench decode ...
 
 Prints prefill time for a 154-token audio prompt (151 whisper frames = 3 s of speech), decode
@@ -8,17 +8,21 @@ ms/step and steps/s for 1, 2, 8 and 32 concurrent A1A2 sessions (2 cache rows ea
 original's streaming batch trick), KV-cache bytes per session and the real-time factor. The
 baseline, measured in the same run, re-creates the original's decode step (REFERENCE.md §4.4):
 a 14-head-expanded fp32 cache of all 2048 slots, attention over every slot with a boolean mask,
-full 181120-row logits for both rows.
+full 181120-row logits for both rows. Each numeric path (dtype, optionally a quantized-weight
+mode of `omniflow.model.quant`) is also compared with the fp32 path of the same run. Runs on CUDA
+unchanged (quant modes without a CUDA kernel fall back to none and say so).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+from omniflow.model import quant
 from omniflow.model.config import Config
 from omniflow.model.dtypes import torch_dtype
 from omniflow.model.engine import Engine
@@ -128,9 +132,10 @@ def bench_original(model: MiniOmni, steps: int, device: str) -> dict:
     return dict(prefill_s=prefill, step_s=step, cache_bytes=dec.cache_bytes)
 
 
-def bench_prefill(model: MiniOmni, device: str, repeat: int = 1) -> dict:
-    """Prefill time of one A1A2 session with the full PROMPT_FRAMES prompt, and its cache size."""
-    eng = Engine(model, max_sessions=1)
+def bench_prefill(model: MiniOmni, device: str, repeat: int = 1, quant: str = "none") -> dict:
+    """Prefill time of one A1A2 session with the full PROMPT_FRAMES prompt, its cache size and
+    the quant mode in effect."""
+    eng = Engine(model, max_sessions=1, quant=quant)
     embeds = random_embeds(model, PROMPT_FRAMES, device)
     ids = iter(range(10**9))
 
@@ -140,7 +145,8 @@ def bench_prefill(model: MiniOmni, device: str, repeat: int = 1) -> dict:
         sync(device)
         eng.stop(sid)
 
-    return dict(prefill_s=timed(prefill, repeat), cache_bytes_per_session=2 * eng.kv_bytes_per_row)
+    return dict(prefill_s=timed(prefill, repeat), cache_bytes_per_session=2 * eng.kv_bytes_per_row,
+                quant=eng.quant)
 
 
 def bench_step(model: MiniOmni, sessions: int, steps: int, device: str, **kw) -> float:
@@ -167,9 +173,27 @@ def random_embeds(model: MiniOmni, frames: int, device: str) -> torch.Tensor:
         return model.adapt(torch.randn(frames, model.config.whisper_adapter_dim, generator=g).to(device))  # (T, C)
 
 
+def parse_path(text: str) -> tuple[str, str]:
+    """"float32" or "float32+int8dyn" -> (dtype name, quant mode)."""
+    dname, _, mode = text.partition("+")
+    torch_dtype(dname)
+    return dname, quant.check_mode(mode or "none")
+
+
+def default_paths(device: str) -> str:
+    """Every numeric path this device has: the quantized CPU kernels only where they exist."""
+    paths = ["float32", "bfloat16"]
+    if device == "cpu":
+        paths += [f"float32+{m}" for m in quant.KERNELS]
+    return ",".join(paths)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="omniflow bench decode", description=__doc__.split("\n\n")[0])
-    p.add_argument("--dtypes", default="float32,bfloat16", help="comma list of float32,bfloat16,float16")
+    p.add_argument("--paths", "--dtypes", dest="paths", default=None,
+                   help="comma list of DTYPE[+QUANT]: DTYPE float32|bfloat16|float16, QUANT "
+                        f"{'|'.join(quant.MODES)} (default: float32, bfloat16 and, on CPU, "
+                        "float32 with every quant kernel)")
     p.add_argument("--batches", default="1,2,8,32", help="concurrent A1A2 sessions to time")
     p.add_argument("--steps", type=int, default=5, help="timed decode steps per point (median)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -177,48 +201,72 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the engine's decode step")
     p.add_argument("--n-layer", type=int, default=None, help="fewer layers for a quick smoke run")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    paths = [parse_path(t) for t in (args.paths or default_paths(args.device)).split(",")]
 
     cfg = Config() if args.n_layer is None else Config(n_layer=args.n_layer)
     batches = [int(b) for b in args.batches.split(",")]
     print(f"Mini-Omni decode benchmark: {cfg.n_layer} layers, n_embd {cfg.n_embd}, {cfg.n_head} heads, "
           f"{cfg.n_query_groups} KV groups, vocab {cfg.padded_vocab_size}, block {cfg.block_size}; "
-          f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"prompt: A1A2, {PROMPT_FRAMES} whisper frames = {PROMPT_FRAMES + 3} positions; "
-          f"real time = {REAL_TIME_STEPS_PER_S:.2f} steps/s per session")
-    base = None
-    for dname in args.dtypes.split(","):
-        dtype = torch_dtype(dname)
-        t0 = time.perf_counter()
-        model = random_model(cfg, dtype, args.device)
-        print(f"\n== {dname} (random weights built in {time.perf_counter() - t0:.1f} s)")
-        if dname == "float32" and not args.no_baseline:
+          f"real time = {REAL_TIME_STEPS_PER_S:.2f} steps/s per session; ratios are to figures of this run")
+    base, fp32, report = None, {}, {"device": args.device, "threads": torch.get_num_threads(), "paths": []}
+    models: dict[str, MiniOmni] = {}
+    for dname, mode in paths:
+        if dname not in models:
+            t0 = time.perf_counter()
+            models[dname] = random_model(cfg, torch_dtype(dname), args.device)
+            print(f"\n(random {dname} weights built in {time.perf_counter() - t0:.1f} s)")
+        model = models[dname]
+        quant.quantize_model_(model, "none")     # each path packs its own weights in its engines
+        label = dname if mode == "none" else f"{dname}+{mode}"
+        print(f"\n== {label}")
+        if base is None and dname == "float32" and not args.no_baseline:
             base = bench_original(model, args.steps, args.device)
+            report["original"] = base
             print(f"original (re-created), batch 2 (1 A1A2 session): prefill {base['prefill_s'] * 1e3:8.1f} ms | "
                   f"step {base['step_s'] * 1e3:7.1f} ms = {1 / base['step_s']:6.2f} steps/s | "
                   f"KV cache {base['cache_bytes'] / 2**20:7.1f} MiB/session (2048 slots x 14 heads)")
-        pre = bench_prefill(model, args.device)
+        pre = bench_prefill(model, args.device, quant=mode)
+        if pre["quant"] != mode:
+            print(f"(quant {mode} is not available on {args.device}: ran {pre['quant']})")
+        row = {"path": label, "dtype": dname, "quant": pre["quant"], "prefill_s": pre["prefill_s"], "steps": {}}
         line = f"omniflow  prefill {PROMPT_FRAMES + 3} positions (A1A2, 2 rows): {pre['prefill_s'] * 1e3:8.1f} ms"
         if base is not None:
             line += f" | original {base['prefill_s'] * 1e3:.1f} ms: {base['prefill_s'] / pre['prefill_s']:.2f}x faster"
+        if fp32 and label != "float32":
+            line += f" | float32 {fp32['prefill_s'] / pre['prefill_s']:.2f}x faster"
         print(line)
-        line = (f"omniflow  KV cache {pre['cache_bytes_per_session'] / 2**20:.1f} MiB/session "
-                f"(2 rows x {cfg.block_size} slots x {cfg.n_query_groups} heads)")
-        if base is not None:
-            line += f" | original {base['cache_bytes'] / 2**20:.1f} MiB: {base['cache_bytes'] / pre['cache_bytes_per_session']:.1f}x smaller"
-        print(line)
+        if label == "float32":
+            line = (f"omniflow  KV cache {pre['cache_bytes_per_session'] / 2**20:.1f} MiB/session "
+                    f"(2 rows x {cfg.block_size} slots x {cfg.n_query_groups} heads)")
+            if base is not None:
+                line += f" | original {base['cache_bytes'] / 2**20:.1f} MiB: {base['cache_bytes'] / pre['cache_bytes_per_session']:.1f}x smaller"
+            print(line)
         for n in batches:
-            step_s = bench_step(model, n, args.steps, args.device, compile=args.compile)
+            step_s = bench_step(model, n, args.steps, args.device, compile=args.compile, quant=mode)
+            row["steps"][n] = step_s
             per_s = 1 / step_s
             line = (f"omniflow  {n:3d} session(s) ({2 * n:3d} rows): step {step_s * 1e3:7.1f} ms = "
                     f"{per_s:6.2f} steps/s per session, {n * per_s:7.1f} steps/s total, "
                     f"RTF {per_s / REAL_TIME_STEPS_PER_S:5.2f}x real time")
             if base is not None and n == 1:
                 line += f" | original {base['step_s'] * 1e3:.1f} ms: {base['step_s'] / step_s:.2f}x faster"
+            if fp32 and label != "float32" and n in fp32["steps"]:
+                line += f" | float32 {fp32['steps'][n] / step_s:.2f}x faster"
             print(line)
-        del model
+        if label == "float32":
+            fp32 = row
+        report["paths"].append(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"\nwrote {args.json}")
     return 0
 
 

@@ -38,6 +38,7 @@ def test_original_decoder_baseline_gives_the_engines_tokens():
 
 @pytest.mark.slow
 def test_benchmark_runs_on_a_one_layer_model(capsys):
-    assert main(["--n-layer", "1", "--batches", "1,2", "--steps", "1", "--dtypes", "float32"]) == 0
+    assert main(["--n-layer", "1", "--batches", "1,2", "--steps", "1", "--paths", "float32,float32+auto"]) == 0
     out = capsys.readouterr().out
     assert "original (re-created)" in out and "1 session(s)" in out and "prefill 154 positions" in out
+    assert "== float32+auto" in out and "| float32 " in out        # the quantized path's ratio to fp32

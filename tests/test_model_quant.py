@@ -97,6 +97,10 @@ def test_quantized_model_logits_stay_within_a_bounded_error_of_fp32(mode):
         got = model(ids)
     assert got.shape == want.shape
     assert rel(got, want) < 2 * (WEIGHT_ERR[mode] + KERNEL_ERR[mode])
+    assert quant.packed_mode(model) == mode
+    assert quant.quantize_model_(model, "none") == "none"        # back to the exact weights
+    with torch.inference_mode():
+        assert torch.equal(model(ids), want)
 
 
 def test_engine_decodes_with_quantized_trunk_and_heads(mode):
@@ -152,3 +156,19 @@ def test_node_quant_param_lists_the_modes_and_runs(tmp_path):
     frames = out.on("tokens")
     assert frames and frames[-1].last
     assert all(f.data.shape == (8,) for f in frames if f.data is not None)
+
+
+def test_few_rows_kernels_are_the_same_fp32_math_and_calibration_picks_one_per_shape(monkeypatch):
+    from omniflow.model import gpt
+    monkeypatch.setattr(gpt, "_few_rows_choice", {})
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(48, 32, generator=g) for _ in range(3)] + [torch.randn(16, 32, generator=g)]
+    chosen = gpt.calibrate_few_rows(ws, rounds=1)
+    threads = torch.get_num_threads()
+    assert set(chosen) == {(n, 32, m, threads) for n in (48, 16) for m in range(1, gpt.FEW_ROWS + 1)}
+    assert set(chosen.values()) <= set(gpt.FEW_ROWS_KERNELS)
+    assert gpt.calibrate_few_rows(ws) == {}                      # measured once per shape
+    x, b = torch.randn(3, 32, generator=g), torch.randn(48, generator=g)
+    for name in gpt.FEW_ROWS_KERNELS:
+        gpt._few_rows_choice[(48, 32, 3, threads)] = name
+        torch.testing.assert_close(gpt.few_rows_linear(x, ws[0], b), torch.nn.functional.linear(x, ws[0], b))

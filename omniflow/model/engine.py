@@ -13,8 +13,9 @@ Why it is fast (REFERENCE.md §4.4 lists what the original does instead):
 * only the last position's logits are computed, and only the heads that are read: the 152000-row
   text head for each session's text row, the 7×4160 audio heads for its speaking row;
 * the two rows of an A1A2 session share their prompt prefix, so its prefill runs once;
-* `prepare_for_decode` fuses each MLP's gate/up GEMM; fp32 CPU GEMMs of 2-4 rows run as
-  `weight @ x.T` (`gpt.few_rows_linear`), several times faster in MKL than `x @ weight.T`;
+* `prepare_for_decode` fuses each MLP's gate/up GEMM; fp32 CPU GEMMs of 1-4 rows run the kernel
+  (`x @ w.T`, `w @ x.T` or one GEMV per row) that `gpt.calibrate_few_rows` measured fastest on
+  this CPU for that shape and thread count: which one wins differs between CPUs by up to 5x;
 * buffers are allocated once; decoding runs under `torch.inference_mode`.
 
 Stop rules are the original's (REFERENCE.md §4.2): the prefill step is kept unchecked; in the
@@ -31,7 +32,7 @@ import torch
 
 from . import quant as q
 from . import tokens as tk
-from .gpt import MiniOmni, few_rows_linear
+from .gpt import FEW_ROWS, MiniOmni, calibrate_few_rows, few_rows_linear
 from .prompts import Task, build_input_ids, decode_feedback, get_task
 from .sampling import Sampling, sample
 
@@ -98,7 +99,8 @@ class Engine:
     so the decode step has one shape (for CUDA graphs / `torch.compile`); default on CUDA only;
     pack_heads: on CPU keep oneDNN copies of the heads (+ head-size memory; faster head GEMMs
     above 4 rows); quant: `omniflow.model.quant` mode for the trunk projections and the heads
-    (none: the exact weights; the mode in effect is `self.quant`). `prepare_for_decode` fuses the
+    (none: the exact weights; the mode in effect is `self.quant`); calibrate: on an fp32 CPU
+    engine, time the few-row GEMM kernels once per shape and thread count (`gpt.calibrate_few_rows`). `prepare_for_decode` fuses the
     model's MLP gate/up weights (values unchanged).
     """
 
@@ -111,6 +113,7 @@ class Engine:
         compile: bool = False,
         pack_heads: bool = True,
         quant: str = "none",
+        calibrate: bool = True,
     ) -> None:
         self.model = model.eval()
         cfg = self.cfg = model.config
@@ -136,7 +139,7 @@ class Engine:
         self.w_text, self.w_audio = model.head_weights()  # (152000, C), (29120, C)
         self._q_text = self._q_audio = None
         if self.quant != "none":
-            self._q_text, self._q_audio = q.pack(self.w_text, self.quant), q.pack(self.w_audio, self.quant)
+            self._q_text, self._q_audio = model.head_packed  # packed (152000, C), (29120, C)
             self.pack_heads = False
         self._text_logits = torch.empty(self.max_sessions, self.w_text.size(0), dtype=self.dtype, device=self.device)
         self._audio_logits = torch.empty(self.max_sessions, self.w_audio.size(0), dtype=self.dtype, device=self.device)
@@ -146,13 +149,15 @@ class Engine:
             try:
                 self._packed_text = self.w_text.contiguous().to_mkldnn()
                 self._packed_audio = self.w_audio.contiguous().to_mkldnn()
-                # Some CPUs pack bf16 but cannot multiply it (oneDNN's bf16 GEMM needs avx512 or
-                # avx_ne_convert): find out now, not at the first step.
-                probe = torch.zeros(1, self.cfg.n_embd, dtype=self.dtype).to_mkldnn()
-                torch._C._nn.mkldnn_linear(probe, self._packed_audio, None)
             except RuntimeError as err:  # a CPU build whose oneDNN lacks this dtype
                 warnings.warn(f"Engine: oneDNN head packing unavailable ({err}); using plain GEMMs")
                 self.pack_heads = False
+        if calibrate and self.quant == "none" and self.dtype == torch.float32 and self.device.type == "cpu":
+            trunk = [w for block in model.transformer.h
+                     for w in (block.attn.attn.weight, block.attn.proj.weight, block.mlp._gate_up, block.mlp.proj.weight)]
+            calibrate_few_rows(trunk)
+            # the heads take few_rows_linear only for 2-4 rows (see _head)
+            calibrate_few_rows([self.w_text, self.w_audio], rows=range(2, FEW_ROWS + 1))
         self.sessions: dict[str, _Session] = {}  # live sessions, in row order
         self.n_rows = 0
         self._trunk_fn = self._trunk
@@ -408,7 +413,7 @@ class Engine:
         if self.pack_heads and not (self.dtype == torch.float32 and 2 <= x.size(0) <= 4):
             return torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), packed, None).to_dense()
         if self.dtype == torch.float32 and self.device.type == "cpu":
-            return few_rows_linear(x, weight)  # 2-4 fp32 rows: weight @ x.T is fastest
+            return few_rows_linear(x, weight)  # 2-4 fp32 rows: the calibrated kernel
         return torch.mm(x, weight.t(), out=out[: x.size(0)])
 
     def _text_head(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,17 +21,66 @@ from . import tokens
 from .config import Config
 
 
+FEW_ROWS = 4   # decode steps of at most this many rows pick their fp32 CPU GEMM per shape
+# The ways to multiply x (M, in) by a row-major (out, in) weight; all are the same fp32 math.
+FEW_ROWS_KERNELS = {
+    "linear": lambda x, w: F.linear(x, w),                           # MKL x @ w.T
+    "wxT": lambda x, w: (w @ x.t()).t(),                             # MKL w @ x.T
+    "mv": lambda x, w: torch.stack([torch.mv(w, row) for row in x]),  # one GEMV per row
+}
+# (out, in, rows, threads) -> FEW_ROWS_KERNELS key, filled by calibrate_few_rows. Which one
+# streams a weight fastest depends on the CPU, its BLAS and the thread count (README, Performance).
+_few_rows_choice: dict[tuple[int, int, int, int], str] = {}
+
+
 def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear` for the few rows of a decode step, x (M, in) -> (M, out).
 
-    fp32 on CPU with 2-4 rows: MKL streams a row-major weight much faster as `weight @ x.T` than as
-    `x @ weight.T` (README, Performance). Elsewhere: plain `F.linear`.
+    fp32 on CPU with 1-FEW_ROWS rows: the kernel `calibrate_few_rows` measured fastest for this
+    shape, row count and thread count (`weight @ x.T` for 2-4 rows, `F.linear` for 1 when not
+    calibrated). Elsewhere: plain `F.linear`.
     """
-    if (x.dim() == 2 and 2 <= x.size(0) <= 4 and x.dtype == torch.float32 and x.device.type == "cpu"
+    if (x.dim() == 2 and x.size(0) <= FEW_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
             and weight.is_contiguous()):
-        y = (weight @ x.t()).t()  # (M, out)
+        key = (weight.size(0), weight.size(1), x.size(0), torch.get_num_threads())
+        how = _few_rows_choice.get(key, "linear" if x.size(0) == 1 else "wxT")
+        y = FEW_ROWS_KERNELS[how](x, weight)  # (M, out)
         return y + bias if bias is not None else y
     return F.linear(x, weight, bias)
+
+
+def calibrate_few_rows(weights: list[torch.Tensor], rows=range(1, FEW_ROWS + 1), rounds: int = 2,
+                       per_shape: int = 4) -> dict:
+    """Time each FEW_ROWS_KERNELS entry on `weights` (fp32 CPU, grouped by shape: up to
+    `per_shape` distinct weights of a shape in one pass, so they stream from memory as in a real
+    step) for each row count; keep the fastest (median over interleaved rounds). Shapes measured
+    before are kept. Returns the new {key: kernel} choices."""
+    import time
+
+    by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for w in weights:
+        if w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous():
+            group = by_shape.setdefault(tuple(w.shape), [])
+            if len(group) < per_shape:
+                group.append(w)
+    threads, chosen = torch.get_num_threads(), {}
+    with torch.inference_mode():
+        for (n_out, n_in), ws in by_shape.items():
+            for m in rows:
+                if (n_out, n_in, m, threads) in _few_rows_choice:
+                    continue                                    # measured by an earlier engine
+                x = torch.randn(m, n_in)
+                times = {k: [] for k in FEW_ROWS_KERNELS}
+                for _ in range(rounds):
+                    for name, fn in FEW_ROWS_KERNELS.items():
+                        t0 = time.perf_counter()
+                        for w in ws:
+                            fn(x, w)
+                        times[name].append(time.perf_counter() - t0)
+                best = min(times, key=lambda k: sorted(times[k])[len(times[k]) // 2])
+                chosen[(n_out, n_in, m, threads)] = best
+    _few_rows_choice.update(chosen)
+    return chosen
 
 
 def project(lin: nn.Linear, x: torch.Tensor, few_rows: bool = False) -> torch.Tensor:

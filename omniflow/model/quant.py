@@ -234,29 +234,50 @@ def pack(weight: torch.Tensor, mode: str, bias: torch.Tensor | None = None) -> Q
     return KERNELS[mode](weight, bias)
 
 
-def quantize_model_(model: nn.Module, mode: str) -> str:
-    """Pack every block's projections for `mode` (in place); returns the mode in effect.
+def _packs(model: nn.Module):
+    """(module, attribute) of every pack quantize_model_ sets."""
+    for block in model.transformer.h:
+        yield block.attn.attn, "packed"
+        yield block.attn.proj, "packed"
+        yield block.mlp, "_gate_up_packed"
+        yield block.mlp.proj, "packed"
+    yield model, "head_packed"
 
-    Sets `packed` on attn.attn, attn.proj and mlp.proj and `_gate_up_packed` on the MLP (the
-    fused gate/up weight), which `gpt.project` and `LLaMAMLP` use. A mode this device lacks
-    warns and leaves the model on `none`.
+
+def packed_mode(model: nn.Module) -> str:
+    """The mode quantize_model_ left the model in."""
+    heads = model.__dict__.get("head_packed")
+    return "none" if heads is None else heads[0].mode
+
+
+def quantize_model_(model: nn.Module, mode: str) -> str:
+    """Pack every GEMM of the decode step and prefill for `mode` (in place); returns the mode
+    in effect. `none` removes the packs (the exact weights again); packing the mode the model
+    already has is free.
+
+    Sets `packed` on attn.attn, attn.proj and mlp.proj, `_gate_up_packed` on the MLP (the fused
+    gate/up weight), which `gpt.project` and `LLaMAMLP` use, and `model.head_packed` = (text
+    head, audio heads) for the engine. A mode this device lacks warns and leaves `none`.
     """
     mode = resolve(mode, model.device)
+    if mode == packed_mode(model):
+        return mode
+    for module, attr in _packs(model):
+        module.__dict__.pop(attr, None)
     if mode == "none":
         return mode
-    blocks = list(model.transformer.h)
     try:
-        packed = []
-        for block in blocks:
+        packs = []
+        for block in model.transformer.h:
             mlp = block.mlp
             gate_up = torch.cat([mlp.fc_1.weight, mlp.fc_2.weight], dim=0)  # (2 * hidden, C)
-            packed.append((pack(block.attn.attn.weight, mode, block.attn.attn.bias),
-                           pack(block.attn.proj.weight, mode, block.attn.proj.bias),
-                           pack(gate_up, mode), pack(mlp.proj.weight, mode)))
+            packs += [pack(block.attn.attn.weight, mode, block.attn.attn.bias),
+                      pack(block.attn.proj.weight, mode, block.attn.proj.bias),
+                      pack(gate_up, mode), pack(mlp.proj.weight, mode)]
+        packs.append(tuple(pack(w, mode) for w in model.head_weights()))  # (152000, C), (29120, C)
     except QuantUnavailable as err:
         warnings.warn(f"quant {mode!r} unavailable ({err}); the backbone runs unquantized")
         return "none"
-    for block, (qkv, proj, gate_up, down) in zip(blocks, packed):
-        block.attn.attn.packed, block.attn.proj.packed = qkv, proj
-        block.mlp._gate_up_packed, block.mlp.proj.packed = gate_up, down
+    for (module, attr), packed in zip(_packs(model), packs):
+        module.__dict__[attr] = packed
     return mode
