@@ -202,7 +202,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from nodes.whisper import frames_to_keep
+    from omniflow.model.whisper_encoder import frames_to_keep
 
     audio, encoder, dims, models, snac, omniflow = g.setup(args)
     counts = sorted({int(x) for x in args.speakers.split(",")})

@@ -118,8 +118,8 @@ class Omniflow:
     def __init__(self, encoder, model, defaults: dict) -> None:
         import torch
 
-        from nodes.whisper import cast_encoder
         from omniflow.model.engine import Engine
+        from omniflow.model.whisper_encoder import cast_encoder, resolve_dtype
 
         self.defaults = d = defaults
         if d["whisper"].runtime == "onnx":
@@ -127,9 +127,10 @@ class Omniflow:
 
             from omniflow.model.ort import OrtWhisperEncoder
             self.whisper_dtype = torch.float32
-            self.encoder = OrtWhisperEncoder.from_torch(encoder, cache_dir=tempfile.mkdtemp(), device="cpu")
+            self.encoder = OrtWhisperEncoder.from_torch(encoder, cache_dir=tempfile.mkdtemp(), device="cpu",
+                                                        quantize=d["whisper"].quantize)
         else:
-            self.whisper_dtype = getattr(torch, d["whisper"].dtype)
+            self.whisper_dtype = getattr(torch, resolve_dtype(d["whisper"].dtype))
             self.encoder = encoder if self.whisper_dtype == torch.float32 else \
                 cast_encoder(copy.deepcopy(encoder), self.whisper_dtype)
         self.adapter = copy.deepcopy(model.whisper_adapter).to(getattr(torch, d["adapter"].dtype))
@@ -167,16 +168,9 @@ class Omniflow:
 
 def whisper_features(encoder, dims, audio: np.ndarray, dtype=None) -> np.ndarray:
     """What the WhisperEncoder node computes (and the original): 30 s window, int(ms/20)+1 frames."""
-    import torch
-    import whisper
+    from omniflow.model.whisper_encoder import features
 
-    from nodes.whisper import frames_to_keep
-
-    window = whisper.pad_or_trim(torch.from_numpy(audio))                          # (480000,)
-    mel = whisper.log_mel_spectrogram(window, n_mels=dims.n_mels)                  # (80, 3000)
-    with torch.inference_mode():
-        feats = encoder(mel[None].to(dtype or torch.float32))[0]                   # (1500, 768)
-    return feats[: frames_to_keep(len(audio))].float().numpy()
+    return features(encoder, [audio], dims.n_mels, dtype)[0]                        # (T, 768)
 
 
 class ReferenceDecoder:

@@ -490,7 +490,7 @@ def run_original(question: np.ndarray, speech_end: int, steps: int) -> dict:
 
     from benchmarks.concurrency import original_answer
     from omniflow.model.snac_stream import SnacDecoder
-    from nodes.whisper import load_encoder
+    from omniflow.model.whisper_encoder import load_encoder
     from omniflow.model import weights
     from omniflow.model.checkpoint import load_model
 

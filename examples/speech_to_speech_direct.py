@@ -13,15 +13,14 @@ import numpy as np
 import soundfile as sf
 import soxr
 import torch
-import whisper
 
 from nodes.scheduler import SnacScheduler
-from nodes.whisper import frames_to_keep, load_encoder
 from omniflow.model import weights
 from omniflow.frame import Frame
 from omniflow.model.checkpoint import load_model
 from omniflow.model.engine import Engine
 from omniflow.model.snac_stream import SAMPLE_RATE, TurnStream, build_stream
+from omniflow.model.whisper_encoder import WhisperFeatures
 from omniflow.model.tokenizer import Tokenizer
 from omniflow.model.units import WHISPER_RATE
 
@@ -32,10 +31,7 @@ answer.parent.mkdir(parents=True, exist_ok=True)
 # 1. 16 kHz mono audio -> whisper features: the 30 s window, one row per 20 ms kept
 audio, rate = sf.read(question, dtype="float32", always_2d=True)
 audio = soxr.resample(audio.mean(axis=1), rate, WHISPER_RATE).astype(np.float32)          # (N,)
-encoder, dims = load_encoder(weights.resolve("whisper-small"))
-mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(audio)), n_mels=dims.n_mels)
-with torch.inference_mode():
-    features = encoder(mel[None])[0, : frames_to_keep(len(audio))]                 # (T, 768)
+features = torch.from_numpy(WhisperFeatures.load(weights.resolve("whisper-small"))(audio))   # (T, 768)
 
 # 2. adapter + decoding: one session on the batched engine, one step at a time
 ckpt = weights.resolve("miniomni")

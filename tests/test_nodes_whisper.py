@@ -77,7 +77,8 @@ def test_35_second_input_is_refused_with_a_message(whisper_home, monkeypatch, ca
     node = WhisperEncoder({"checkpoint": "small", "over_limit": "refuse"})
     with caplog.at_level(logging.ERROR):
         out = run_node(node, [Frame(kind="utterance", data=speechlike(35.0), meta={"rate": RATE})])
-    assert out.on("features") == []
+    assert [f.kind for f in out.on("features")] == ["error"]         # no features: the turn gets an error
+    assert "35.0 s" in out.on("features")[0].meta["error"]
     assert "35.0 s" in caplog.text and "over_limit: split" in caplog.text
 
 
@@ -117,8 +118,8 @@ def test_bfloat16_features_are_float32_features_within_2_percent(whisper_home, m
     exact, fast = WhisperEncoder(), WhisperEncoder({"dtype": "bfloat16"})
     exact.setup()
     fast.setup()
-    assert fast.encoder.conv1.weight.dtype == torch.bfloat16
-    assert fast.encoder.ln_post.weight.dtype == torch.float32        # LayerNorms stay fp32
+    assert fast.whisper.encoder.conv1.weight.dtype == torch.bfloat16
+    assert fast.whisper.encoder.ln_post.weight.dtype == torch.float32        # LayerNorms stay fp32
     want, got = exact.encode(audio), fast.encode(audio)
     assert got.dtype == np.float32 and got.shape == want.shape == (126, 64)
     assert 0 < relative_l2(got, want) < 0.02
@@ -130,3 +131,31 @@ def test_bad_dtype_names_the_choices(whisper_home, monkeypatch):
         WhisperEncoder({"dtype": "int8"}).setup()
     with pytest.raises(ValueError, match="set dtype: float32"):
         WhisperEncoder({"dtype": "bfloat16", "runtime": "onnx"}).setup()
+    with pytest.raises(ValueError, match="set runtime: onnx"):
+        WhisperEncoder({"quantize": "int8"}).setup()
+
+
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_it(tmp_path):
+    from omniflow.model.whisper_encoder import cpu_has_fast_bf16, resolve_dtype
+    for flags, fast in (("fpu avx2 avx512f avx512_bf16", True), ("fpu avx2 amx_bf16", True), ("fpu avx2 fma", False)):
+        (tmp_path / "cpuinfo").write_text(f"flags\t\t: {flags}\n")
+        assert cpu_has_fast_bf16(tmp_path / "cpuinfo") == fast
+    assert resolve_dtype("auto", "cpu", fast_bf16=True) == "bfloat16"
+    assert resolve_dtype("auto", "cpu", fast_bf16=False) == "float32"
+    assert resolve_dtype("auto", "cuda:0") == "float16"
+    assert resolve_dtype("auto", "cpu", runtime="onnx") == "float32"
+    assert resolve_dtype("bfloat16") == "bfloat16"
+
+
+@pytest.mark.slow     # exports and quantizes the (tiny) encoder once
+def test_onnx_int8_features_are_close_to_float32(tmp_path):
+    import shutil
+
+    from omniflow.model.whisper_encoder import WhisperFeatures
+    path = weights.write_demo_whisper(tmp_path / "w", "small")
+    audio = speechlike(2.5)
+    want = WhisperFeatures.load(path)(audio)
+    got = WhisperFeatures.load(path, runtime="onnx", quantize="int8")(audio)
+    assert (path.parent / f"{path.stem}_encoder_int8.onnx").is_file()
+    assert got.shape == want.shape and 0 < relative_l2(got, want) < 0.1
+    shutil.rmtree(tmp_path / "w")

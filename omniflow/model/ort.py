@@ -99,17 +99,25 @@ def _to_numpy(x, dtype) -> tuple[np.ndarray, object]:
 class _OrtModule:
     kind = ""          # onnx_export kind
 
-    def __init__(self, path, device: str = "auto"):
+    def __init__(self, path, device: str = "auto", threads: int | None = None):
         self.path = Path(path)
-        self.session = session(self.path, device)
+        self.session = session(self.path, device, threads)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
 
     @classmethod
-    def from_torch(cls, module, cache_dir, name: str | None = None, device: str = "auto"):
-        """Export `module` next to its weights (`cache_dir`, cached by weights hash) and load it."""
-        from .onnx_export import cached_export
+    def from_torch(cls, module, cache_dir, name: str | None = None, device: str = "auto",
+                   quantize: str = "none", threads: int | None = None):
+        """Export `module` next to its weights (`cache_dir`, cached by weights hash) and load it.
 
-        return cls(cached_export(cls.kind, module, cache_dir, name), device)
+        quantize "int8": the export's MatMul weights dynamically quantized (`cached_quantized`)."""
+        from .onnx_export import cached_export, cached_quantized
+
+        path = cached_export(cls.kind, module, cache_dir, name)
+        if quantize == "int8":
+            path = cached_quantized(path)
+        elif quantize != "none":
+            raise ValueError(f"quantize {quantize!r} must be none or int8")
+        return cls(path, device, threads)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run(None, feeds)[0]
@@ -135,8 +143,8 @@ class OrtAdapter(_OrtModule):
 
     kind = "adapter"
 
-    def __init__(self, path, device: str = "auto"):
-        super().__init__(path, device)
+    def __init__(self, path, device: str = "auto", threads: int | None = None):
+        super().__init__(path, device, threads)
         self.in_features = self.inputs["features"].shape[-1]              # whisper_adapter_dim
         self.out_features = self.session.get_outputs()[0].shape[-1]       # n_embd
 

@@ -284,7 +284,7 @@ def _encode(samples: list[Sample], tokenizer, enc: _LazyEncoders, fp16: bool):
 def _whisper_window(pcm: np.ndarray, sample: Sample) -> np.ndarray:
     """Refuse spoken prompts longer than whisper's 30 s window: the encoder would see a truncated
     prompt while the target still answers all of it."""
-    from .encoders import WHISPER_WINDOW_S
+    from omniflow.model.units import WHISPER_WINDOW_S
     seconds = len(pcm) / WHISPER_SAMPLE_RATE
     if seconds > WHISPER_WINDOW_S:
         raise BadAudio(f"input audio is {seconds:.1f} s, longer than whisper's {WHISPER_WINDOW_S} s window "
