@@ -17,7 +17,8 @@ else 503. Either way the body is JSON: {"ok", "ready", "nodes": {name: {"up", "a
     omniflow_refused_clients_total{reason}  requests refused at the gateway (no_key, unknown_key, origin)
     omniflow_node_up{node}                  1 while the node beats (from the bus's health frames)
     omniflow_node_restarts_total{node}      restarts by the launcher
-    omniflow_refused_peers_total{node}      CURVE handshakes the node refused (unknown key)
+    omniflow_refused_peers_total{node}      CURVE peers the node's process refused (unknown key, no CURVE, wrong
+                                            server key; node="control-bus": the bus's own tcp sockets)
     omniflow_node_frames_in_total{node}, omniflow_node_frames_out_total{node}, omniflow_node_rejected_total{node}
     omniflow_decode_steps_total{node}, omniflow_decode_seconds_total{node}
                                             batched decode steps and their time: mean step time is
@@ -148,5 +149,8 @@ class _RunCollector:
             for key, family in families.items():
                 if key in values:
                     family.add_metric([name], values[key])
+        bus = (self.ops.health or {}).get("bus")
+        if bus is not None:                   # the control bus's own CURVE sockets (a keyed run over tcp)
+            families["refused"].add_metric(["control-bus"], bus.get("refused", 0))
         yield up
         yield from families.values()

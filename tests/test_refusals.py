@@ -104,3 +104,29 @@ def test_the_runtime_hands_the_node_the_runs_keys(tmp_path):
     run = keys(tmp_path, "run")
     NodeRuntime(Probe(), Wiring(inputs=[], outputs=[]), curve=run).run()
     assert seen == [run]
+
+
+def test_keyed_control_bus_on_tcp_counts_a_plain_subscriber(tmp_path):
+    from omniflow.launch.bus import ControlBus
+
+    run = keys(tmp_path, "run")
+    ctx = zmq.Context()
+    pub, inbox = f"tcp://127.0.0.1:{free_tcp_port()}", f"tcp://127.0.0.1:{free_tcp_port()}"
+    bus = ControlBus(ctx, pub, inbox, run)
+    before = REFUSALS.by_reason.get("no_curve", 0)
+    spy = ctx.socket(zmq.SUB)
+    spy.setsockopt(zmq.SUBSCRIBE, b"")
+    spy.connect(pub)                                  # no CURVE: refused, counted
+    try:
+        poller = zmq.Poller()
+        bus.register(poller)
+        deadline = time.monotonic() + 5
+        while REFUSALS.by_reason.get("no_curve", 0) == before and time.monotonic() < deadline:
+            bus.handle(dict(poller.poll(50)))
+        assert REFUSALS.by_reason.get("no_curve", 0) > before
+        assert bus.health()["bus"]["refused"] >= 1
+        assert spy.poll(100) == 0                     # and it heard nothing
+    finally:
+        spy.close(0)
+        bus.close()
+        ctx.term()

@@ -34,11 +34,13 @@ from pathlib import Path
 from typing import Any, Callable, Collection
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .. import heartbeat_file
 from ..frame import Frame, FrameError, decode, encode
 from ..runtime import HEARTBEAT_S, LOG_FORMAT
-from ..security import Curve, is_tcp, secure_bind, start_authenticator, stop_authenticator
+from ..security import (REFUSALS, Curve, is_tcp, note_monitor_event, secure_bind, start_authenticator,
+                        stop_authenticator, watch_refusals)
 from ..turns import REQUEST_OPS, TurnAuthority
 
 EXPIRE_EVERY_S = 1.0        # how often idle sessions are looked for
@@ -69,6 +71,9 @@ class ControlBus:
         self._zap = curve is not None and (is_tcp(pub_address) or is_tcp(in_address))
         if self._zap:
             start_authenticator(context, curve)
+        self._monitors = [watch_refusals(sock) for sock, address in ((self.pub, pub_address),
+                                                                     (self.pull, in_address))
+                          if curve is not None and is_tcp(address)]     # refused peers (before bind)
         secure_bind(self.pub, pub_address, curve)
         secure_bind(self.pull, in_address, curve)
         self.turns = TurnAuthority()
@@ -80,6 +85,8 @@ class ControlBus:
     def register(self, poller: zmq.Poller) -> None:
         poller.register(self.pull, zmq.POLLIN)
         poller.register(self.pub, zmq.POLLIN)
+        for monitor in self._monitors:
+            poller.register(monitor, zmq.POLLIN)
 
     def handle(self, ready: dict) -> None:
         """Serve what `poller.poll()` found ready on the bus's sockets."""
@@ -87,6 +94,9 @@ class ControlBus:
             self._forward()
         if self.pub in ready:
             self._replay_turns()
+        for monitor in self._monitors:
+            while monitor.poll(0):
+                note_monitor_event(recv_monitor_message(monitor))
         now = time.monotonic()
         if now >= self._next_expiry:
             self._next_expiry = now + EXPIRE_EVERY_S
@@ -107,7 +117,8 @@ class ControlBus:
             nodes[name] = {"up": age is not None and age < STALE_S, "age_s": age,
                            "restarts": restarts.get(name, 0), "metrics": beat.get("metrics", {}),
                            "stats": beat.get("stats", {})}
-        return {"op": "health", "ready": self.ready, "nodes": nodes}
+        return {"op": "health", "ready": self.ready, "nodes": nodes,
+                "bus": {"refused": REFUSALS.total if self._zap else 0}}
 
     def _announce(self, frame) -> None:
         parts = encode(frame)
@@ -118,6 +129,8 @@ class ControlBus:
             self._latest[frame.session] = [bytes(p) for p in parts]
 
     def close(self) -> None:
+        for monitor in self._monitors:
+            monitor.close(linger=0)
         self.pub.close(linger=0)
         self.pull.close(linger=0)
         if self._zap:
