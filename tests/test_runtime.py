@@ -124,10 +124,10 @@ nodes:
     frames = [(r["turn"], r["seq"]) for r in records if "reset" not in r]
     # each frame arrives twice (through relay and directly); stale turn-0 frames (seq 5..9) never
     assert sorted(frames) == sorted(2 * ([(0, i) for i in range(5)] + [(1, i) for i in range(5)]))
-    assert {"reset": "s", "by": "rec"} in records
-    first_new = min(i for i, r in enumerate(records) if r.get("turn") == 1)
-    assert records.index({"reset": "s", "by": "rec"}) < first_new      # reset before the new turn
-    assert resets.read_text().split() == ["s"]
+    # a session's first frame starts its turn (reset to 0); the bus's turn 1 resets it again
+    first_new = min(i for i, r in enumerate(records) if r.get("turn") == 1 and "reset" not in r)
+    assert records.index({"reset": "s", "turn": 1, "by": "rec"}) < first_new   # reset before the new turn
+    assert resets.read_text().split() == ["s:0", "s:1"]
     assert result.metrics["relay"]["dropped_old_turn"] == 5
     assert result.metrics["rec"]["dropped_old_turn"] == 5               # the direct copies
 
@@ -145,7 +145,7 @@ nodes:
     frames = [(r["turn"], r["seq"]) for r in records if "reset" not in r]
     # the turn-0 frames sent after turn 1 began (seq 3..5) still arrive; the reset still happens
     assert frames == [(0, i) for i in range(6)] + [(1, i) for i in range(3)]
-    assert {"reset": "s", "by": "vad"} in records
+    assert {"reset": "s", "turn": 1, "by": "vad"} in records
     assert result.metrics["vad"]["dropped_old_turn"] == 0
 
 
@@ -199,9 +199,9 @@ nodes:
     result = run_graph(graph, in_process=True)
     assert result.ok, result.message
     records = [json.loads(line) for line in rec.read_text().splitlines()]
-    # reset exactly once, before the first frame of turn 1; the late control frame changes nothing
-    assert [r.get("reset") or (r["turn"], r["seq"]) for r in records] == \
-        [(0, 0), (0, 1), (0, 2), "s", (1, 0), (1, 1), (1, 2)]
+    # reset once per turn, before its first frame; the late control frame changes nothing
+    assert [("reset", r["turn"]) if "reset" in r else (r["turn"], r["seq"]) for r in records] == \
+        [("reset", 0), (0, 0), (0, 1), (0, 2), ("reset", 1), (1, 0), (1, 1), (1, 2)]
 
 
 def test_drop_oldest_edge_never_blocks_the_producer_and_keeps_the_newest_frames(tone_wav, tmp_path):
@@ -217,7 +217,7 @@ nodes:
 """)
     result = run_graph(graph)
     assert result.ok, result.message
-    seqs = [json.loads(line)["seq"] for line in rec.read_text().splitlines()]
+    seqs = [r["seq"] for r in map(json.loads, rec.read_text().splitlines()) if "reset" not in r]
     assert seqs == sorted(seqs) and seqs[-1] == 499             # in order; the newest survived
     rec_m, src_m = result.metrics["rec"], result.metrics["src"]
     assert rec_m["dropped_overflow"] > 0 and rec_m["frames_in"] < 100   # 20 ms per 2 ms frame

@@ -26,7 +26,7 @@ class Relay(Node):
     def reset(self, session, turn):
         if self.params.reset_log:
             with open(self.params.reset_log, "a") as f:
-                f.write(session + "\n")
+                f.write(f"{session}:{turn}\n")
         return ()
 
 
@@ -88,7 +88,7 @@ class Recorder(Node):
         return ()
 
     def reset(self, session, turn):
-        self._write({"reset": session, "by": self.name})
+        self._write({"reset": session, "turn": turn, "by": self.name})
         return ()
 
     def teardown(self):
