@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from . import plugins
+from .errors import EXPECTED_ERRORS
+
+DEBUG_ENV = "OMNIFLOW_DEBUG"     # set: expected failures raise with their traceback
 
 # name -> (module, one-line help). Modules are imported lazily so `omniflow --help` is instant.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -59,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as e:           # a package of an extra that is not installed
         print(f"omniflow {args.command}: error: {plugins.PluginMissing.for_package(e.name, args.command)}",
               file=sys.stderr)
+        return 1
+    except EXPECTED_ERRORS as e:               # its message names the problem and the fix
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"omniflow {args.command}: error: {e}  (traceback: {DEBUG_ENV}=1)", file=sys.stderr)
         return 1
 
 

@@ -36,6 +36,7 @@ import msgspec
 import zmq
 
 from . import heartbeat_file
+from .errors import EXPECTED_ERRORS
 from .frame import KINDS, Frame, FrameError, decode, encode, register_kind
 from .graph import GRAPH_DIRS
 from .node import CONTROL, Node, Output, drain
@@ -100,6 +101,9 @@ class NodeRuntime:
         self.threads = threads                    # torch/OpenMP/MKL threads (graph key `threads`)
         self._held = False                        # a source waiting for "graph_ready"
         self._beat_file = heartbeat_file.path_from_env()   # touched per heartbeat (k8s probes)
+        # the closing metrics line: DEBUG when a launcher collects the metrics and prints them
+        # itself (run_config), so a run logs them once
+        self.metrics_level = logging.INFO
 
     def stop(self) -> None:
         """Ask the loop to end soon (safe from another thread or a signal handler)."""
@@ -162,7 +166,7 @@ class NodeRuntime:
                 apply_threads(self.threads)   # again if setup() loaded torch: it caps the
                                               # OMP_NUM_THREADS its launcher set at the core count
             except Exception as e:
-                raise SetupError(f"node '{self.name}' failed in setup(): {e!r}") from e
+                raise SetupError(f"node '{self.name}' failed in setup(): {type(e).__name__}: {e}") from e
             self._heartbeat()                 # the first one tells the bus setup() is done
             try:
                 self._loop()
@@ -174,7 +178,7 @@ class NodeRuntime:
             self._close(flush=finished)
             for tap in self._taps:
                 tap.close()
-            self.log.info("metrics: %s", self.metrics.line())
+            self.log.log(self.metrics_level, "metrics: %s", self.metrics.line())
 
     def _loop(self) -> None:
         poller = zmq.Poller()
@@ -476,6 +480,8 @@ def run_config(cfg: NodeConfig, *, context: zmq.Context | None = None, curve: Cu
         runtime = NodeRuntime(build_node(cfg.name, cfg.use, cfg.params), cfg.wiring, context=context,
                               parent_pid=parent_pid, curve=curve, taps=build_taps(cfg),
                               threads=cfg.threads)
+        if cfg.metrics_path:                            # the launcher reads and prints them
+            runtime.metrics_level = logging.DEBUG
         if started is not None:
             started(runtime)
         runtime.run()
@@ -483,7 +489,12 @@ def run_config(cfg: NodeConfig, *, context: zmq.Context | None = None, curve: Cu
     except KeyboardInterrupt:
         return EXIT_OK, ""                              # stopped by the launcher or Ctrl-C
     except SetupError as e:
-        log.error("%s", e, exc_info=e.__cause__)
+        # an expected failure (a missing file, unreadable audio, no weights, a missing package)
+        # is its one-line message; anything else brings its traceback
+        expected = isinstance(e.__cause__, EXPECTED_ERRORS)
+        log.error("%s", e, exc_info=None if expected else e.__cause__)
+        if expected:
+            log.debug("the traceback of that setup failure", exc_info=e.__cause__)
         return EXIT_SETUP_FAILED, f"ERROR {e}"
     except Exception as e:
         log.exception("node '%s' failed", cfg.name)

@@ -128,7 +128,8 @@ def test_sigterm_stops_every_node_within_5s_and_leaves_no_ipc_files(tone_wav, tm
                    .rsplit(")", 1)[1].split()[0] for k in kids), "orphan node processes"
     assert not (run_dir / "ipc").exists()
     log = proc.stderr.read()
-    assert "[src] INFO metrics" in log and "[gain] INFO metrics" in log   # prefixed node logs
+    assert "[src] INFO" in log                                           # prefixed node logs
+    assert "INFO [src] frames_in=" in log and "INFO [gain] frames_in=" in log   # metrics, once
     assert "interrupted" in log
 
 

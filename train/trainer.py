@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from omniflow.errors import UsageError
 from omniflow.model.checkpoint import WEIGHTS_FILE, load_model, save_checkpoint
 from omniflow.model.config import CONFIG_FILE
 from omniflow.model.weights import checkpoint_dir
@@ -191,7 +192,7 @@ def train(cfg: StageConfig, data: list[str | Path], out_dir: str | Path, *, init
         tokenizer_dir = Path(state["tokenizer_dir"]) if state.get("tokenizer_dir") else None
     else:
         if init is None:
-            raise ValueError("nothing to start from: pass --init (the previous stage's checkpoint, a "
+            raise UsageError("nothing to start from: pass --init (the previous stage's checkpoint, a "
                              "Mini-Omni checkpoint or a Hugging Face Qwen2 directory) or --resume")
         start_ckpt = prepare_init(init, out_dir, ddp)
         tokenizer_dir = start_ckpt

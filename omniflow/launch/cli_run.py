@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import signal
 import sys
+import time
+from pathlib import Path
 
 import yaml
 
-from ..graph import GraphError, load_graph
+from ..graph import Graph, GraphError, import_class, load_graph
 from ..runtime import LOG_FORMAT, interrupt_once
 
 
@@ -23,6 +26,31 @@ class NodePrefixFormatter(logging.Formatter):
         text = super().format(record)
         node = record.name.removeprefix("omniflow.")
         return f"[{node}] {text}" if node in self.nodes else text
+
+
+def written_outputs(graph: Graph, since: float, extra: list[str] = ()) -> list[Path]:
+    """The files this run wrote: the `path` param of each node without outputs (a sink; a
+    "{session}" in it matches every session's file), plus `extra` (trace, recordings), each only
+    if it was modified since `since` (time.time())."""
+    patterns = list(extra)
+    for spec in graph.nodes.values():
+        path = spec.params.get("path")
+        if isinstance(path, str) and path and not getattr(import_class(spec.use), "outputs", {}):
+            patterns.append(path.replace("{session}", "*"))
+    found: list[Path] = []
+    for pattern in patterns:
+        for name in sorted(glob.glob(pattern)):
+            p = Path(name)
+            if p.is_file() and p.stat().st_mtime >= since and p not in found:
+                found.append(p)
+    return found
+
+
+def _report_outputs(graph: Graph, since: float, extra: list[str]) -> None:
+    files = written_outputs(graph, since, extra)
+    if files:
+        print("wrote: " + ", ".join(f"{p} ({p.stat().st_size:,} bytes)" for p in files),
+              file=sys.stderr)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -139,9 +167,12 @@ def main(args: argparse.Namespace) -> int:
     # SIGTERM stops the run like Ctrl-C; SIGINT is re-armed in case a shell started us ignoring it
     previous = {sig: signal.signal(sig, handler) for sig, handler in
                 [(signal.SIGTERM, interrupt_once), (signal.SIGINT, interrupt_once)]}
+    started = time.time() - 1.0            # file times have a coarse resolution on some filesystems
     try:
         result = launcher.run()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    extra = [*([args.trace] if args.trace else []), *options.get("record", {}).values()]
+    _report_outputs(graph, started, extra)
     return result.exit_code

@@ -322,7 +322,8 @@ class LocalLauncher:
     def _failure(self, name: str, code: int, why: str) -> str:
         errors = [l for l in self.workers[name].tail if l.startswith(("ERROR", "Traceback"))
                   or "Error" in l]
-        detail = f": {errors[-1]}" if errors else ""
+        said = f"node '{name}' {describe_exit(code)}: "        # the node's own error line says it
+        detail = f": {errors[-1].removeprefix('ERROR ').removeprefix(said)}" if errors else ""
         return f"node '{name}' {describe_exit(code)}{detail}; {why}. Stopping the run"
 
     def _on_ready(self) -> None:

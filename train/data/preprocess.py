@@ -35,6 +35,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from omniflow.errors import UsageError
+
 from .audio import SNAC_SAMPLE_RATE, WHISPER_SAMPLE_RATE, BadAudio, load_audio
 from .manifest import AUDIO_INPUT_TASKS, AUDIO_OUTPUT_TASKS, Invalid, Sample
 
@@ -111,7 +113,7 @@ def _check_meta(out: Path, meta: dict) -> bool:
     if path.exists():
         old = json.loads(path.read_text())
         if old != meta:
-            raise ValueError(f"{out} was preprocessed with {old}, this run uses {meta}; "
+            raise UsageError(f"{out} was preprocessed with {old}, this run uses {meta}; "
                              f"use another --out directory (or delete {out}) to start over")
         return True
     return False

@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from omniflow.errors import UsageError
+
 from .manifest import AUDIO_INPUT_TASKS, TASKS, Invalid, Sample, read_manifest
 from .snac_codes import parse_snac_string
 
@@ -125,7 +127,7 @@ def open_source(spec: str, skip_invalid: bool = False) -> Iterator[Sample | Inva
     m = _SPEC.match(spec)
     if m is None:
         if not spec.endswith((".jsonl", ".json")):
-            raise ValueError(f"data source {spec!r}: use a .jsonl manifest, 'va:<parquet glob>' or "
+            raise UsageError(f"data source {spec!r}: use a .jsonl manifest, 'va:<parquet glob>' or "
                              f"'corpus:<dir>' (optionally with tasks: 'corpus[ASR]:<dir>')")
         return read_manifest(spec, skip_invalid=skip_invalid)
     tasks = m["tasks"].split(",") if m["tasks"] else None
@@ -141,7 +143,7 @@ def _check_tasks(tasks: Iterable[str]) -> tuple[str, ...]:
     tasks = tuple(tasks)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
-        raise ValueError(f"unknown task(s) {unknown or '(none given)'}; use some of {', '.join(TASKS)}")
+        raise UsageError(f"unknown task(s) {unknown or '(none given)'}; use some of {', '.join(TASKS)}")
     return tasks
 
 
