@@ -400,7 +400,7 @@ def _encode_pcm(audio: np.ndarray, dtype: str) -> bytes:
 # --- the node side: sessions and turns ---------------------------------------------------------
 
 @dataclass
-class _Session:
+class _ClientSession:
     """What the node thread knows about one connected session."""
     turn: int = -1                   # the session's current turn (-1: no question yet)
     seq: int = 0                     # next pcm frame's seq
@@ -449,7 +449,7 @@ class Gateway(Node):
         if p.max_sessions < 1 or p.max_backlog < 1 or p.max_message_bytes < 1:
             raise ValueError("gateway max_sessions, max_backlog and max_message_bytes must be >= 1")
         self.events: queue.SimpleQueue = queue.SimpleQueue()
-        self.sessions: dict[str, _Session] = {}
+        self.sessions: dict[str, _ClientSession] = {}
         self.idle_since = time.monotonic()       # no client connected since (for idle_timeout_s)
         self.busy = False                        # an answer frame arrived since the last step
         self.serving = True
@@ -498,7 +498,7 @@ class Gateway(Node):
     def _on_event(self, event: tuple):
         kind, session = event[0], event[1]
         if kind == "open":
-            self.sessions[session] = _Session()
+            self.sessions[session] = _ClientSession()
             return
         s = self.sessions.get(session)
         if s is None:
@@ -526,7 +526,7 @@ class Gateway(Node):
             if not self.sessions:
                 self.idle_since = time.monotonic()
 
-    def _pcm(self, session: str, s: _Session, audio: np.ndarray, rate: int, t_ns: int,
+    def _pcm(self, session: str, s: _ClientSession, audio: np.ndarray, rate: int, t_ns: int,
              last: bool = False) -> Frame:
         frame = Frame(kind="pcm", session=session, turn=max(s.turn, 0), seq=s.seq, last=last, data=audio,
                       meta={"rate": rate}, stamps=[(f"{self.name}:ws", t_ns)])
