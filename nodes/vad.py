@@ -18,6 +18,12 @@ node cancels the old answer while the user is still talking. The utterance follo
 the turn the bus granted, when the speech ends (held back until the grant, if it ends first).
 When the session ends (`end`: its client left) its stream state is freed.
 
+Early end (output `early`, `early: true`): when speech is followed by its first `speech_pad_ms` of
+silence, the utterance it would close is sent at once as a tentative (meta tentative: true, same
+turn and samples as the final one if the silence lasts `min_silence_ms`), so whisper encodes it
+while the hang-over runs; the final utterance still follows on `utterance` as before, and if the
+speech resumes instead, the tentative is simply never confirmed (the final one differs from it).
+
 Speech events (output `speech`, for clients that show them, e.g. the gateway's Realtime API): a
 frame {"event": "started", "audio_ms"} when an utterance's speech is confirmed (with the pcm
 stream's turn: the utterance's own is not granted yet), and {"event": "stopped", "audio_ms"} with the utterance's turn when the
@@ -80,6 +86,7 @@ class StreamState:
     resampler: object | None = None
     rate: int = RATE
     origin: int = 0               # samples of the session's input before this stream (earlier flushes)
+    early_sent: bool = False      # the tentative end of the current silence was sent (output `early`)
 
 
 @dataclass
@@ -91,7 +98,7 @@ class Segment:
 
 class SileroVAD(Node):
     inputs = {"audio": "pcm"}
-    outputs = {"utterance": "utterance", "speech": "speech"}
+    outputs = {"utterance": "utterance", "speech": "speech", "early": "utterance"}
     drop_old_turns = False        # the pcm stream has no turns: the VAD is where they begin
 
     class Params(msgspec.Struct, forbid_unknown_fields=True):
@@ -100,6 +107,7 @@ class SileroVAD(Node):
         min_silence_ms: float = 600         # end-of-speech silence that closes an utterance
         speech_pad_ms: float = 100          # audio kept before and after the speech
         max_utterance_s: float = 30         # whisper's window: longer speech is cut here
+        early: bool = True                  # send the tentative utterance at the first silence (output early)
 
     def setup(self) -> None:
         p = self.params
@@ -186,7 +194,7 @@ class SileroVAD(Node):
         s.kept.append(window)            # a list: joined once per utterance, not once per window
         p = self.params
         if prob >= p.threshold:
-            s.silence_start = 0
+            s.silence_start, s.early_sent = 0, False          # speech goes on: a tentative end is void
             if not s.triggered:
                 s.triggered, s.speech_start, s.announced = True, start, False
         elif prob < p.threshold - HYSTERESIS and s.triggered:
@@ -194,6 +202,8 @@ class SileroVAD(Node):
                 s.silence_start = start
             if s.position - s.silence_start >= self.min_silence:
                 yield from self._close(frame, s, s.silence_start)
+        if s.triggered and s.silence_start and p.early and not s.early_sent:
+            yield from self._tentative(frame, s)
         if s.triggered:
             speech_end = s.silence_start or s.position
             if not s.announced and speech_end - s.speech_start >= self.min_speech:
@@ -234,11 +244,27 @@ class SileroVAD(Node):
     def _utterance_start(self, s: StreamState) -> int:
         return max(s.audio_start, s.speech_start - self.pad)
 
+    def _tentative(self, frame: Frame, s: StreamState):
+        """The utterance as it will be if the silence that began goes on for min_silence_ms: sent
+        (output `early`, meta tentative) once its end pad is heard, so a consumer (whisper) can
+        start on it during the hang-over. If speech resumes, nothing is said: the final utterance
+        (output `utterance`) then differs from it and a consumer must not use it."""
+        end = s.silence_start + self.pad
+        if s.position < end or s.turn is None or s.silence_start - s.speech_start < self.min_speech:
+            return
+        s.early_sent = True
+        start = self._utterance_start(s)
+        audio = self._audio(s)[start - s.audio_start: end - s.audio_start].copy()
+        meta = {"rate": RATE, "start_s": start / RATE, "end_s": end / RATE, "tentative": True,
+                "speech_ms": (s.silence_start - s.speech_start) / RATE * 1000}
+        yield "early", Frame(kind="utterance", session=frame.session, turn=s.turn, last=True,
+                             stamps=list(frame.stamps), data=audio, meta=meta).stamp(self.name)
+
     def _close(self, frame: Frame, s: StreamState, speech_end: int, pad_after: bool = True):
         seg = Segment(start=self._utterance_start(s),
                       end=min(s.position, speech_end + (self.pad if pad_after else 0)),
                       speech_ms=(speech_end - s.speech_start) / RATE * 1000)
-        s.triggered, s.silence_start = False, 0
+        s.triggered, s.silence_start, s.early_sent = False, 0, False
         if speech_end - s.speech_start < self.min_speech:
             return
         if not s.announced:

@@ -35,7 +35,7 @@ from omniflow.model.units import WHISPER_WINDOW_S as WINDOW_SECONDS
 
 
 class WhisperEncoder(Node):
-    inputs = {"audio": "utterance"}
+    inputs = {"audio": "utterance", "early": "utterance"}     # early: the VAD's tentative utterances
     outputs = {"features": "features"}
     cpu_weight = 1                 # CPU plan: its share of the cores (omniflow.launch.plan)
 
@@ -59,6 +59,9 @@ class WhisperEncoder(Node):
         self.whisper = WhisperFeatures.load(self.path, runtime=p.runtime, dtype=p.dtype, quantize=p.quantize,
                                             device=p.device)
         self.dims = self.whisper.dims
+        self.early: dict[str, tuple[int, np.ndarray, tuple]] = {}   # session -> (turn, audio, features) tentative
+        self.finished: dict[str, int] = {}                        # session -> turn of its last final utterance
+        self.early_hits = 0                                       # finals answered from a tentative encode
         self.log.info("whisper encoder %s: %d mels, %d-dim, %d layers, %s", self.path, self.dims.n_mels,
                       self.dims.n_audio_state, self.dims.n_audio_layer, self.whisper.description)
 
@@ -72,7 +75,30 @@ class WhisperEncoder(Node):
         return self.whisper(audio)
 
     def process(self, port, frame: Frame):
+        """`audio`: an utterance -> its features. `early`: a tentative utterance (the VAD's first
+        silence after speech): encoded now and kept; when the final utterance of the same turn
+        comes with the same samples, its features go out without encoding again. A tentative the
+        final does not match (speech resumed) is dropped."""
         audio, rate = self._as_16k_mono(frame)
+        if port == "early":
+            if frame.turn > self.finished.get(frame.session, frame.turn - 1):     # not answered yet
+                try:
+                    self.early[frame.session] = (frame.turn, audio, self._features(frame, audio))
+                except InputError:             # too long: the final utterance reports it to its user
+                    pass
+            return
+        self.finished[frame.session] = frame.turn
+        kept = self.early.pop(frame.session, None)
+        hit = kept is not None and kept[0] == frame.turn and np.array_equal(kept[1], audio)
+        data, windows = kept[2] if hit else self._features(frame, audio)
+        self.early_hits += hit
+        seconds = len(audio) / SAMPLE_RATE
+        meta = {k: v for k, v in frame.meta.items() if k != "rate"}
+        meta.update(ms=seconds * 1000, frames=len(data), windows=windows, early=hit)
+        yield "features", frame.follow("features", data, meta=meta, last=frame.last)
+
+    def _features(self, frame: Frame, audio: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        """(N,) 16 kHz -> ((T, d) features, rows per window); split or refused past max_seconds."""
         seconds = len(audio) / SAMPLE_RATE
         limit = self.params.max_seconds
         if seconds > limit and self.params.over_limit == "refuse":
@@ -84,9 +110,7 @@ class WhisperEncoder(Node):
         if n_pieces > 1:
             self.log.info("utterance of %.1f s split into %d windows of <= %s s", seconds, n_pieces, limit)
         data = np.concatenate(feats, axis=0).astype(np.float32)              # (T, d)
-        meta = {k: v for k, v in frame.meta.items() if k != "rate"}
-        meta.update(ms=seconds * 1000, frames=len(data), windows=[len(f) for f in feats])
-        yield "features", frame.follow("features", data, meta=meta, last=frame.last)
+        return data, [len(f) for f in feats]
 
     def _as_16k_mono(self, frame: Frame) -> tuple[np.ndarray, int]:
         audio = np.asarray(frame.data)

@@ -94,7 +94,7 @@ def embeds_of(wav: Path, home: Path) -> list[np.ndarray]:
 
     pcm = run_node(FileSource({"path": str(wav), "rate": 16000, "chunk_ms": 20})).frames()
     utterances = run_node(SileroVAD(), pcm).on("utterance")
-    features = run_node(WhisperEncoder(graph_params("whisper")), utterances).on("features")
+    features = run_node(WhisperEncoder(graph_params("whisper")), utterances, port="audio").on("features")
     return [f.data for f in run_node(Adapter(graph_params("adapter")), features).on("embeds")]
 
 

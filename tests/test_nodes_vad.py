@@ -90,7 +90,9 @@ def test_every_utterance_asks_the_bus_for_its_turn_while_it_is_spoken(dialogue):
                 assert frame.kind == "control" and frame.meta["op"] == "next_turn"
                 events += [(now, p, g) for p, g in node.granted(frame.session, next(numbers), frame.meta["ref"])]
     speech = [(fr.turn, fr.meta["event"], fr.meta["audio_ms"]) for _, p, fr in events if p == "speech"]
-    events = [e for e in events if e[1] != "speech"]
+    early = [(fr.turn, len(fr.data)) for _, p, fr in events if p == "early"]
+    events = [e for e in events if e[1] not in ("speech", "early")]
+    assert early == [(fr.turn, len(fr.data)) for _, p, fr in events if p == "utterance"]   # tentative = final
     assert [(p, fr.turn) for _, p, fr in events if p == "utterance"] == [("utterance", 5), ("utterance", 9)]
     assert [p for _, p, _ in events] == [CONTROL, "utterance", CONTROL, "utterance"]
     # speech events: started when confirmed (the pcm's turn: the utterance's is not granted yet),
@@ -181,3 +183,75 @@ def test_long_speech_is_cut_at_max_utterance(dialogue):
 def test_bad_params_are_refused():
     with pytest.raises(ValueError, match="threshold"):
         SileroVAD({"threshold": 1.5}).setup()
+
+
+def phrases_with_a_pause(tmp_path, pause_s: float) -> np.ndarray:
+    """phrase 1, `pause_s` of silence, phrase 2, 1 s of silence (0.5 s before)."""
+    one, two = (speak(t, tmp_path) for t in PHRASES)
+    return np.concatenate([silence(0.5), one, silence(pause_s), two, silence(1.0)])
+
+
+def test_the_tentative_end_goes_out_during_the_hang_over(dialogue):
+    audio, truth = dialogue
+    node = SileroVAD()
+    node.setup()
+    sent = []                                            # (stream time in s, port, frame)
+    for f in chunks(audio, 320):
+        for port, frame in node.process("audio", f):
+            sent.append(((f.seq + 1) * 320 / RATE, port, frame))
+            if port == CONTROL:
+                sent += [((f.seq + 1) * 320 / RATE, p, g) for p, g in node.granted(frame.session, 7, frame.meta["ref"])]
+    early = [(t, fr) for t, p, fr in sent if p == "early"]
+    final = [(t, fr) for t, p, fr in sent if p == "utterance"]
+    assert len(final) == 2
+    for t_final, u in final:
+        t_early, e = [(t, fr) for t, fr in early if t <= t_final][-1]           # its last tentative
+        np.testing.assert_array_equal(e.data, u.data)                            # the same samples
+        assert e.meta["tentative"] and e.turn == u.turn and "tentative" not in u.meta
+        p = SileroVAD.Params()
+        # sent a pad after the speech ended, min_silence - pad before the final
+        assert t_final - t_early == pytest.approx((p.min_silence_ms - p.speech_pad_ms) / 1000, abs=0.05)
+    off = run_node(SileroVAD({"early": False}), chunks(audio, 480))
+    assert off.on("early") == [] and len(off.on("utterance")) == 2
+
+
+@pytest.fixture(scope="module")
+def whisper_path(tmp_path_factory):
+    from omniflow.model import weights
+    return weights.write_demo_whisper(tmp_path_factory.mktemp("whisper"), "small")
+
+
+def vad_then_whisper(audio, whisper_path):
+    """The VAD's outputs in the order it sent them, through a whisper node (early wired)."""
+    from nodes.whisper import WhisperEncoder
+    vad = run_node(SileroVAD(), chunks(audio, 320))
+    frames = [(port, f) for port, f in vad if port in ("early", "utterance")]
+    node = WhisperEncoder({"checkpoint": str(whisper_path)})
+    node.setup()
+    feats = [g for port, f in frames for _, g in node.process("audio" if port == "utterance" else "early", f)]
+    return vad, feats, node
+
+
+def test_resumed_speech_gives_one_answer_with_the_whole_speech(tmp_path, whisper_path):
+    from nodes.whisper import WhisperEncoder
+    audio = phrases_with_a_pause(tmp_path, 0.25)          # + espeak's own trailing silence: > pad, < min_silence
+    vad, feats, node = vad_then_whisper(audio, whisper_path)
+    (utt,) = vad.on("utterance")
+    assert len(vad.on("early")) >= 2                       # at the pause (void), and at the end
+    assert utt.meta["end_s"] - utt.meta["start_s"] > 2.0   # both phrases
+    (feat,) = feats                                         # ONE features frame, of the whole speech
+    plain = WhisperEncoder({"checkpoint": str(whisper_path)})
+    (want,) = run_node(plain, [utt], port="audio").on("features")
+    np.testing.assert_array_equal(feat.data, want.data)
+    assert feat.meta["early"] and node.early_hits == 1     # the last tentative was the final one
+
+
+def test_a_confirmed_tentative_gives_the_features_of_the_plain_path(dialogue, whisper_path):
+    from nodes.whisper import WhisperEncoder
+    audio, _ = dialogue
+    vad, feats, node = vad_then_whisper(audio, whisper_path)
+    assert len(feats) == 2 and all(f.meta["early"] for f in feats) and node.early_hits == 2
+    plain = run_node(WhisperEncoder({"checkpoint": str(whisper_path)}), vad.on("utterance"), port="audio").on("features")
+    for a, b in zip(feats, plain):
+        np.testing.assert_array_equal(a.data, b.data)
+        assert not b.meta["early"] and a.turn == b.turn

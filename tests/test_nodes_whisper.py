@@ -49,7 +49,7 @@ def reference_features(path, audio: np.ndarray) -> np.ndarray:
 def test_features_equal_openai_whisper(node, whisper_home):
     audio = speechlike(2.5)
     out = run_node(node, [Frame(kind="utterance", session="s1", turn=3, data=audio, last=True,
-                                meta={"rate": RATE, "task": "A1A2"})])
+                                meta={"rate": RATE, "task": "A1A2"})], port="audio")
     (feat,) = out.on("features")
     expected = reference_features(whisper_home / "whisper-small/small.pt", audio)
     assert feat.data.shape == (126, 64) == expected.shape        # int(2500 / 20) + 1 frames
@@ -60,13 +60,13 @@ def test_features_equal_openai_whisper(node, whisper_home):
 
 def test_other_rates_are_resampled_to_16k(node):
     audio_8k = speechlike(1.0)[::2].copy()                       # 1 s at 8 kHz
-    (feat,) = run_node(node, [Frame(kind="utterance", data=audio_8k, meta={"rate": 8000})]).on("features")
+    (feat,) = run_node(node, [Frame(kind="utterance", data=audio_8k, meta={"rate": 8000})], port="audio").on("features")
     assert feat.data.shape[0] == 51 and feat.meta["ms"] == pytest.approx(1000)
 
 
 def test_35_second_input_is_split_not_truncated(node):
     audio = speechlike(35.0)
-    (feat,) = run_node(node, [Frame(kind="utterance", data=audio, meta={"rate": RATE})]).on("features")
+    (feat,) = run_node(node, [Frame(kind="utterance", data=audio, meta={"rate": RATE})], port="audio").on("features")
     assert feat.meta["windows"] == [1500, 251]                   # 30 s window (capped) + 5 s window
     assert feat.data.shape[0] == 1751
     np.testing.assert_allclose(feat.data[1500:], node.encode(audio[30 * RATE:]), rtol=1e-5, atol=1e-5)
@@ -76,7 +76,7 @@ def test_35_second_input_is_refused_with_a_message(whisper_home, monkeypatch, ca
     monkeypatch.setenv(weights.HOME_ENV, str(whisper_home))
     node = WhisperEncoder({"checkpoint": "small", "over_limit": "refuse"})
     with caplog.at_level(logging.ERROR):
-        out = run_node(node, [Frame(kind="utterance", data=speechlike(35.0), meta={"rate": RATE})])
+        out = run_node(node, [Frame(kind="utterance", data=speechlike(35.0), meta={"rate": RATE})], port="audio")
     assert [f.kind for f in out.on("features")] == ["error"]         # no features: the turn gets an error
     assert "35.0 s" in out.on("features")[0].meta["error"]
     assert "35.0 s" in caplog.text and "over_limit: split" in caplog.text

@@ -42,7 +42,7 @@ def test_training_and_serving_features_are_identical(tmp_path):
     pcm = run_node(FileSource({"path": str(tmp_path / "q.wav")})).on("audio")     # what the graph's mic emits
     audio = np.concatenate([f.data for f in pcm])
     utterance = Frame(kind="utterance", data=audio, last=True, meta={"rate": pcm[0].meta["rate"]})
-    (served,) = run_node(WhisperEncoder({"checkpoint": str(whisper)}), [utterance]).on("features")
+    (served,) = run_node(WhisperEncoder({"checkpoint": str(whisper)}), [utterance], port="audio").on("features")
 
     assert trained.shape == served.data.shape == (frames_to_keep(len(audio)), dim) == (66, dim)
     np.testing.assert_array_equal(trained, served.data)
