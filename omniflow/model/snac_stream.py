@@ -89,14 +89,14 @@ def load_snac(path) -> nn.Module:
 
     from snac import SNAC
 
-    from omniflow.model.weights import missing_files
+    from omniflow.model.weights import SNAC_CONFIG_FILE, SNAC_WEIGHTS_FILE, missing_files
     path = Path(path)
     missing = missing_files("snac", path)                # of config.json, pytorch_model.bin
     if missing:
         raise FileNotFoundError(f"{path / missing[0]} is missing: a SNAC checkpoint directory holds "
                                 "config.json and pytorch_model.bin (run `omniflow fetch`)")
-    model = SNAC.from_config(str(path / "config.json"))
-    model.load_state_dict(torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True))
+    model = SNAC.from_config(str(path / SNAC_CONFIG_FILE))
+    model.load_state_dict(torch.load(path / SNAC_WEIGHTS_FILE, map_location="cpu", weights_only=True))
     hop = int(np.prod(model.encoder_rates))
     if hop * model.vq_strides[0] != SAMPLES_PER_FRAME or model.sampling_rate != SAMPLE_RATE:
         raise ValueError(f"this SNAC model has {hop * model.vq_strides[0]} samples per frame at "

@@ -10,7 +10,9 @@
 The names nodes and tools use are re-exported here: `from omniflow.model import weights;
 weights.resolve("snac")`. Nothing here imports torch until a demo writer runs.
 """
-from .components import (COMPONENTS, DEFAULT_HOME, DEMO_MARKER, FETCH_HINT, HOME_ENV, RUN_LATEST_FILE,
+from .components import (COMPONENTS, DEFAULT_HOME, DEMO_MARKER, FETCH_HINT, HOME_ENV,
+                         MINIOMNI_CONFIG_FILE, MINIOMNI_WEIGHTS_FILE, RUN_LATEST_FILE, SNAC_CONFIG_FILE,
+                         SNAC_WEIGHTS_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_FILES,
                          WHISPER_PREFIX, Component, component_dirs, describe, home, missing_files,
                          whisper_size)
 from .demo import (DEMO_SEED, INIT_STD, MINIOMNI_TRUNK, SNAC_CONFIG, WHISPER_DIMS, miniomni_config,
@@ -19,6 +21,8 @@ from .demo_tokenizer import write_demo_tokenizer
 from .resolve import WeightsNotFound, checkpoint_dir, is_demo, resolve, resolve_whisper, warn_if_demo
 
 __all__ = ["COMPONENTS", "DEFAULT_HOME", "DEMO_MARKER", "FETCH_HINT", "HOME_ENV", "RUN_LATEST_FILE",
+           "MINIOMNI_CONFIG_FILE", "MINIOMNI_WEIGHTS_FILE", "SNAC_CONFIG_FILE", "SNAC_WEIGHTS_FILE",
+           "TOKENIZER_CONFIG_FILE", "TOKENIZER_FILE", "TOKENIZER_FILES",
            "WHISPER_PREFIX",
            "Component", "component_dirs", "describe", "home", "missing_files", "whisper_size",
            "DEMO_SEED", "INIT_STD", "MINIOMNI_TRUNK", "SNAC_CONFIG", "WHISPER_DIMS", "miniomni_config",
