@@ -450,6 +450,7 @@ class Gateway(Node):
             raise ValueError("gateway max_sessions, max_backlog and max_message_bytes must be >= 1")
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.sessions: dict[str, _ClientSession] = {}
+        self.restarts_seen: dict[str, int] = {}  # node -> restarts, from the bus's health frames
         self.idle_since = time.monotonic()       # no client connected since (for idle_timeout_s)
         self.busy = False                        # an answer frame arrived since the last step
         self.serving = True
@@ -610,6 +611,24 @@ class Gateway(Node):
 
     def run_status(self, health) -> None:
         self.server.ops.run_status(health)             # the control bus's health: /healthz, /metrics
+        restarts = {name: int(n.get("restarts", 0)) for name, n in health.get("nodes", {}).items()}
+        restarted = sorted(name for name, n in restarts.items() if n > self.restarts_seen.get(name, 0))
+        self.restarts_seen = restarts
+        if restarted:                                  # what those nodes held for open turns is lost
+            self._fail_open_turns(f"the answer was lost: node {', '.join(restarted)} failed and restarted; "
+                                  "please ask again")
+
+    def _fail_open_turns(self, why: str) -> None:
+        """Every session whose current turn has not ended gets `why` as that turn's error."""
+        lost = 0
+        for session, s in self.sessions.items():
+            if s.turn >= 0 and s.turn > s.closed:
+                s.closed, s.ended = s.turn, set()
+                self.server.ops.turn_ended(session)
+                self.server.send(session, json.dumps({"type": "error", "turn": s.turn, "error": why}))
+                lost += 1
+        if lost:
+            self.log.warning("%s: %d turn(s) in flight get an error", why, lost)
 
     def finish(self):
         self.serving = False                           # end of stream: take no new clients

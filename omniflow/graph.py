@@ -8,7 +8,8 @@
         use: nodes.dsp:Gain
         params: {db: -6}
         inputs: {audio: src/audio}             # port: "node/port"
-        restart: on-failure                    # never | on-failure | always
+        restart: on-failure                    # never | on-failure | always (default: never;
+                                               # on-failure in a graph that serves clients)
         host: 10.0.0.2:47100                   # optional: outputs bind tcp on this host, ports
                                                # 47100, 47101, ... (no port: free ports, one machine)
         resources: {num_cpus: 1, num_gpus: 1}  # optional: what Ray / Kubernetes reserve for it
@@ -74,6 +75,7 @@ VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")   # ${name} in a param value
 # modules import; the launcher hands them to node processes (runtime.NodeConfig.sys_path)
 GRAPH_DIRS: list[str] = []
 RESTART_POLICIES = ("never", "on-failure", "always")
+SERVED_RESTART = "on-failure"   # the default of every node in a graph with a server (a Node with `listen`)
 QUEUE_POLICIES = ("lossless", "drop-oldest")
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 DEFAULT_DEPTH = 64           # frames buffered at each end of an edge before the producer blocks
@@ -202,6 +204,7 @@ class _Parser:
     def __init__(self, path: str):
         self.path = path
         self.errors: list[str] = []
+        self.explicit_restart: set[str] = set()     # nodes whose graph entry sets `restart:`
         self.vars: dict[str, Any] = {}       # the graph's variables, once parse() has read them
 
     def error(self, node: yaml.Node | int | None, msg: str, fix: str) -> None:
@@ -243,6 +246,10 @@ class _Parser:
             if spec is not None:
                 specs[name] = spec
         self.apply_overrides(specs, overrides)
+        if any(getattr(cls, "listen", None) for cls in classes.values()):
+            for name, spec in specs.items():          # a server heals: its nodes restart by default
+                if name not in self.explicit_restart:
+                    spec.restart = SERVED_RESTART
         for name, spec in specs.items():
             if name in classes:
                 spec.params = self.params(spec, classes[name], param_nodes[name])
@@ -312,6 +319,7 @@ class _Parser:
                 self.error(vnode, f"node '{spec.name}': unknown restart policy '{value}'",
                            f"use one of {', '.join(RESTART_POLICIES)}")
             spec.restart = value
+            self.explicit_restart.add(spec.name)
         for key, typ, low in (("max_restarts", int, 0), ("backoff_s", float, 0.0)):
             if key in items:
                 vnode = items[key][1]

@@ -46,6 +46,7 @@ from .transport import (Link, Wiring, bind_output, connect_input, recv_parts, se
                         send_or_drop)
 
 HEARTBEAT_S = 1.0          # a node reports liveness and metrics this often
+EOS_QUIET_S = 1.0          # a restarted node's input whose producer already ended: quiet this long = eos
 IDLE_POLL_MS = 100         # longest wait for input, so a stop request is seen within 0.1 s
 FLUSH_LINGER_MS = 5000     # at a normal end, time allowed for queued frames + eos to leave
 EXIT_OK, EXIT_FAILED, EXIT_SETUP_FAILED = 0, 1, 3
@@ -83,7 +84,7 @@ class NodeRuntime:
     def __init__(self, node: Node, wiring: Wiring, *, context: zmq.Context | None = None,
                  heartbeat_s: float = HEARTBEAT_S, parent_pid: int | None = None,
                  curve: Curve | None = None, taps: list[Tap] | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, restarted: int = 0):
         self.node, self.name, self.wiring = node, node.name, wiring
         self.metrics = Metrics()
         self.log = logging.getLogger(f"omniflow.{self.name}")
@@ -95,6 +96,8 @@ class NodeRuntime:
         self._stopping = False
         self._ended = False                       # eos sent on every output
         self._gate = TurnGate(node)               # turns, drops, resets, per-frame errors
+        self.restarted = restarted                # how many instances of this node ran before
+        self._quiet_eos: dict[zmq.Socket, float] = {}   # input -> when its producer was known ended
         self._authority: TurnAuthority | None = None   # turns allocated here when there is no bus
         self._control: list[Frame] = []           # control frames read, not yet applied
         self._taps = tuple(taps or ())            # observers of received frames (trace, record)
@@ -210,6 +213,10 @@ class NodeRuntime:
                     main.discard(sock)
                     feedback.discard(sock)
                     sock.close()                        # tells the producer it may exit
+            for sock in [s for s in self._quiet_eos if s in main and self._producer_gone(s)]:
+                poller.unregister(sock)                 # its eos went to our previous instance
+                main.discard(sock)
+                sock.close()
             for sock, frames in self._backlog.items():      # one frame per drop-oldest edge
                 if frames:
                     self._deliver(self._ins[sock], frames.popleft())
@@ -231,6 +238,8 @@ class NodeRuntime:
             for _, sock in outs:
                 send_blocking(sock, parts, self._should_stop)   # never dropped, even if lossy
         self._ended = True
+        if self._push is not None:      # the bus tells a consumer that restarts later (it missed this)
+            send_or_drop(self._push, encode(Frame(kind="control", meta={"op": "eos", "node": self.name})))
 
     # --- input -----------------------------------------------------------------------------
     def _read_input(self, sock: zmq.Socket) -> bool:
@@ -248,6 +257,8 @@ class NodeRuntime:
         frame = self._decode(parts, link.id)
         if frame is None:
             return False
+        if sock in self._quiet_eos:
+            self._quiet_eos[sock] = time.monotonic()    # still talking: not gone yet
         if frame.kind == "eos":
             return True
         if self._taps:
@@ -322,10 +333,25 @@ class NodeRuntime:
                 self._stopping = True
             elif op == "graph_ready":
                 self._held = False
+            elif op == "eos" and frame.meta.get("replay") and self.restarted:
+                self._producer_ended(str(frame.meta.get("node")))
             elif op == "health":
                 self.node.run_status(frame.meta)
             elif op in ANNOUNCE_OPS:
                 self._control.append(frame)
+
+    def _producer_ended(self, producer: str) -> None:
+        """A restarted node hears (the bus's replay) that `producer` sent its eos before this
+        instance started: that eos went to the previous instance. The edge counts as ended once
+        it has been quiet for EOS_QUIET_S (frames still queued for us are read first)."""
+        for sock, link in self._ins.items():
+            if link.id.split("/", 1)[0] == producer and not link.feedback and sock not in self._quiet_eos:
+                self.log.info("input %s: its producer ended before this restart; it ends here too", link.id)
+                self._quiet_eos[sock] = time.monotonic()
+
+    def _producer_gone(self, sock: zmq.Socket) -> bool:
+        since = self._quiet_eos.get(sock)
+        return since is not None and time.monotonic() - since >= EOS_QUIET_S
 
     def _apply_control(self) -> None:
         while self._control:
@@ -406,6 +432,7 @@ class NodeConfig(msgspec.Struct):
     trace_every: int = 1           # trace one frame in N per edge (plus each turn's first and last)
     record: dict[str, str] = {}    # input edge id -> file: record every frame received on it
     threads: int | None = None     # CPU threads for torch/OpenMP/MKL (graph key `threads`)
+    restarted: int = 0             # instances of this node that ran before this one (restarts)
     # every frame kind the launcher knew (its node classes registered theirs), so this process
     # decodes them whatever modules it imports itself
     kinds: dict[str, str] = msgspec.field(default_factory=lambda: dict(KINDS))
@@ -479,7 +506,7 @@ def run_config(cfg: NodeConfig, *, context: zmq.Context | None = None, curve: Cu
             curve = Curve.load(cfg.keys_dir)
         runtime = NodeRuntime(build_node(cfg.name, cfg.use, cfg.params), cfg.wiring, context=context,
                               parent_pid=parent_pid, curve=curve, taps=build_taps(cfg),
-                              threads=cfg.threads)
+                              threads=cfg.threads, restarted=cfg.restarted)
         if cfg.metrics_path:                            # the launcher reads and prints them
             runtime.metrics_level = logging.DEBUG
         if started is not None:

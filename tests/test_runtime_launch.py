@@ -269,3 +269,19 @@ def test_a_run_whose_every_turn_failed_does_not_succeed(tmp_path, in_process):
                    in_process=in_process)
     assert ok.ok, ok.message
     assert ok.metrics["check"]["turns"] == 3 and ok.metrics["check"]["failed_turns"] == 1
+
+
+def test_a_node_restarted_after_its_producer_ended_learns_it_and_the_run_ends(tone_wav, tmp_path):
+    """src sends its whole file and its eos at once (a deep edge); rec is killed while still
+    working through it: the eos went to the dead instance, and the new one hears it from the bus."""
+    wav, _ = tone_wav(seconds=2.5)
+    graph = f"""
+nodes:
+  src: {{use: "nodes.audio:FileSource", params: {{path: "{wav}", chunk_ms: 10}}}}
+  rec: {{use: "test_runtime_nodes:Recorder", params: {{path: "{tmp_path}/r.jsonl", delay_s: 0.02}},
+         inputs: {{in: {{from: src/audio, depth: 1000}}}}, restart: on-failure, backoff_s: 0.1}}
+"""
+    result, after_kill_s = run_and_kill(graph, "rec", after_s=2.5)
+    assert result.ok, result.message
+    assert result.restarts == {"src": 0, "rec": 1}
+    assert after_kill_s < 15                      # ended by itself, did not wait for a timeout

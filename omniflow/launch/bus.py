@@ -6,6 +6,9 @@ nowhere else. Heartbeats stop here (they go to `on_heartbeat`); a `stop` frame i
 reported to `on_stop`. The latest turn of every live session is replayed to a node that
 (re)joins, so a node that starts late or restarts still drops old turns. Sessions that asked for
 nothing for `turns.SESSION_IDLE_S` are ended by the bus (announced like a client's end).
+A node that ended its outputs says so ({"op": "eos"}); the bus replays that to every node that
+joins later, so a consumer restarted after its producer's eos went to its previous instance
+still ends (omniflow/runtime.py, `restarted`).
 
 Graph ready: a node's heartbeats begin when its setup() has finished. Once every node in `nodes`
 has sent one, the bus publishes {"op": "graph_ready"} (and replays it to any node that
@@ -78,6 +81,7 @@ class ControlBus:
         secure_bind(self.pull, in_address, curve)
         self.turns = TurnAuthority()
         self._latest: dict[str, list[bytes]] = {}    # session -> its latest announcement, encoded
+        self._ended_nodes: dict[str, list[bytes]] = {}   # node that sent eos -> its replay
         self._next_expiry = time.monotonic() + EXPIRE_EVERY_S
         if self.ready:
             self.on_ready()
@@ -154,6 +158,11 @@ class ControlBus:
                 self.beats[str(frame.meta.get("node"))] = (time.monotonic(), frame.meta)
                 self.on_heartbeat(frame.meta)
                 continue
+            if op == "eos":                # a node ended its outputs: tell consumers that restart later
+                node = str(frame.meta.get("node"))
+                self._ended_nodes[node] = [bytes(p) for p in encode(Frame(
+                    kind="control", meta={"op": "eos", "node": node, "replay": True}))]
+                continue
             if op in REQUEST_OPS:
                 announcement = self.turns.handle(frame)
                 if announcement is not None:
@@ -181,7 +190,7 @@ class ControlBus:
         if joined:
             if self.ready:
                 self.pub.send_multipart(GRAPH_READY)
-            for parts in self._latest.values():
+            for parts in [*self._latest.values(), *self._ended_nodes.values()]:
                 self.pub.send_multipart(parts)
 
 

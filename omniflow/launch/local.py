@@ -220,7 +220,7 @@ class LocalLauncher:
                           log_level=self.log_level, parent_pid=os.getpid(), keys_dir=self.keys_dir,
                           metrics_path=str(self.run_dir / "nodes" / f"{spec.name}.metrics.json"),
                           trace_path=self.trace, trace_every=self.trace_every, record=self.record,
-                          threads=self.plan.threads[spec.name])
+                          threads=self.plan.threads[spec.name], restarted=self.restarts.get(spec.name, 0))
 
     def _worker(self, spec: NodeSpec):
         cfg = self._node_config(spec)
