@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omniflow.model.tokens import CODES_PER_FRAME, LAYER_TO_CODEBOOK, N_AUDIO_LAYERS
+from omniflow.model.tokens import N_AUDIO_LAYERS, frames_to_codebooks
 
 from omniflow.model.units import SNAC_COARSE_STRIDE as STEPS_PER_FRAME   # latent steps per frame
 from omniflow.model.units import SNAC_HOP as HOP                          # output samples per latent step
@@ -48,16 +48,9 @@ SPECULATE = ("auto", "always", "first")
 
 # --- codes ---------------------------------------------------------------------------------
 def frames_to_codes(frames: np.ndarray) -> list[np.ndarray]:
-    """(F, 7) raw codes per frame -> SNAC's 3 codebook arrays (1, F), (1, 2F), (1, 4F), int64.
-
-    Layer i of a frame goes to codebook c at position p inside the frame (LAYER_TO_CODEBOOK).
-    """
-    frames = np.asarray(frames, dtype=np.int64).reshape(-1, N_AUDIO_LAYERS)
-    n = len(frames)
-    codes = [np.zeros((n, per), dtype=np.int64) for per in CODES_PER_FRAME]   # (F, 1), (F, 2), (F, 4)
-    for layer, (book, pos) in enumerate(LAYER_TO_CODEBOOK):
-        codes[book][:, pos] = frames[:, layer]
-    return [c.reshape(1, -1) for c in codes]                                  # (1, F·per)
+    """(F, 7) raw codes per frame -> SNAC's 3 codebook arrays (1, F), (1, 2F), (1, 4F), int64
+    (the packing of omniflow.model.tokens.frames_to_codebooks, with SNAC's batch dim)."""
+    return [c[None] for c in frames_to_codebooks(frames)]                    # (1, F·per)
 
 
 class Latent:

@@ -55,3 +55,29 @@ def layershift(raw_id, layer: int):
 def is_audio_code(raw_id: int) -> bool:
     """True for a real SNAC code (not a special) — only these may reach the vocoder."""
     return 0 <= raw_id < AUDIO_CODEBOOK
+
+
+# --- SNAC layer packing: the one place frames and SNAC's three codebooks are converted ------
+def frames_to_codebooks(frames):
+    """(F, 7) raw codes per frame -> [c0 (F,), c1 (2F,), c2 (4F,)] int64 numpy arrays.
+
+    Layer i of frame f goes to codebook c at position CODES_PER_FRAME[c]·f + p, (c, p) =
+    LAYER_TO_CODEBOOK[i] (REFERENCE.md §5.2).
+    """
+    import numpy as np
+
+    frames = np.asarray(frames, dtype=np.int64).reshape(-1, N_AUDIO_LAYERS)
+    books = [np.empty(len(frames) * per, dtype=np.int64) for per in CODES_PER_FRAME]
+    for layer, (book, pos) in enumerate(LAYER_TO_CODEBOOK):
+        books[book][pos::CODES_PER_FRAME[book]] = frames[:, layer]
+    return books
+
+
+def codebooks_to_frames(books):
+    """[c0 (F,), c1 (2F,), c2 (4F,)] int arrays (lengths already checked) -> (F, 7) int64 frames."""
+    import numpy as np
+
+    frames = np.empty((len(books[0]), N_AUDIO_LAYERS), dtype=np.int64)     # (F, 7)
+    for layer, (book, pos) in enumerate(LAYER_TO_CODEBOOK):
+        frames[:, layer] = books[book][pos::CODES_PER_FRAME[book]]
+    return frames

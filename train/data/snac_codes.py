@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from omniflow.model.tokens import AUDIO_CODEBOOK, CODES_PER_FRAME, LAYER_TO_CODEBOOK, N_AUDIO_LAYERS
+from omniflow.model.tokens import (AUDIO_CODEBOOK, CODES_PER_FRAME, N_AUDIO_LAYERS, codebooks_to_frames,
+                                   frames_to_codebooks)
 
 FRAME_SEPARATOR = "#"
 
@@ -28,20 +29,12 @@ def frames_from_codebooks(codebooks) -> np.ndarray:
         if len(cb) != n * per:
             raise ValueError(f"SNAC codebook {c} has {len(cb)} codes, expected {n * per} "
                              f"({per} per frame for {n} frames)")
-    frames = np.empty((n, N_AUDIO_LAYERS), dtype=np.int64)  # (F, 7)
-    for layer, (cb, pos) in enumerate(LAYER_TO_CODEBOOK):
-        frames[:, layer] = cbs[cb][pos::CODES_PER_FRAME[cb]]
-    return frames
+    return codebooks_to_frames(cbs)                          # (F, 7)
 
 
 def codebooks_from_frames(frames) -> list[np.ndarray]:
     """(F, 7) frames -> [c0 (F,), c1 (2F,), c2 (4F,)] (add a batch dim before `SNAC.decode`)."""
-    frames = check_frames(frames)
-    n = len(frames)
-    cbs = [np.empty(n * per, dtype=np.int64) for per in CODES_PER_FRAME]
-    for layer, (cb, pos) in enumerate(LAYER_TO_CODEBOOK):
-        cbs[cb][pos::CODES_PER_FRAME[cb]] = frames[:, layer]
-    return cbs
+    return frames_to_codebooks(check_frames(frames))
 
 
 def parse_snac_string(text: str) -> np.ndarray:
