@@ -77,10 +77,11 @@ def speech_graph(tmp: Path, *sets: str, edit=None):
 
 
 def graph_params(node: str) -> dict:
-    """The shipped graph's params of `node` (the direct model calls below use the same dtypes)."""
-    import yaml
+    """The shipped graph's params of `node` as the graph gives them (its variables filled in; the
+    direct model calls below use the same dtypes)."""
+    from omniflow.graph import load_graph
 
-    return yaml.safe_load(GRAPH.read_text())["nodes"][node].get("params") or {}
+    return load_graph(GRAPH).nodes[node].params
 
 
 def embeds_of(wav: Path, home: Path) -> list[np.ndarray]:
