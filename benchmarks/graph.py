@@ -97,12 +97,12 @@ def graph_defaults(path: str | Path = DEFAULT_GRAPH, overrides: dict | None = No
     ({role: {param: value}})."""
     import importlib
 
-    import yaml
+    from omniflow.graph import load_graph
 
-    spec = yaml.safe_load(Path(path).read_text())
+    graph = load_graph(path)                       # params as the graph gives them (variables filled in)
     out = {}
     for role, use in NODE_CLASSES.items():
-        found = [n for n in spec["nodes"].values() if n.get("use") == use]
+        found = [{"params": n.params} for n in graph.nodes.values() if n.use == use]
         if not found:
             raise ValueError(f"{path} has no {use} node: `omniflow bench graph` times a speech graph "
                              f"(whisper -> adapter -> backbone -> scheduler -> vocoder)")
