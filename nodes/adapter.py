@@ -19,6 +19,7 @@ from omniflow.model import weights
 from omniflow.model.dtypes import torch_dtype
 from omniflow.frame import Frame
 from omniflow.node import InputError, Node
+from omniflow.params import Device
 
 ADAPTER_PREFIX = "whisper_adapter."
 ADAPTER_KEYS = ("fc_1.weight", "fc_2.weight", "proj.weight")
@@ -51,7 +52,7 @@ class Adapter(Node):
 
     class Params(msgspec.Struct, forbid_unknown_fields=True):
         checkpoint: str | None = None        # Mini-Omni directory; None -> $OMNIFLOW_HOME/miniomni
-        device: str = "cpu"
+        device: Device = "cpu"
         dtype: Literal["float32", "float16", "bfloat16"] = "float32"   # checked when the graph loads
         runtime: Literal["torch", "onnx"] = "torch"   # onnx: onnxruntime (pip install 'omniflow[onnx]')
 

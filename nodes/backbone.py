@@ -33,18 +33,20 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import msgspec
 import numpy as np
 
 from omniflow.frame import Frame
-from omniflow.model.dtypes import DTYPES
+from omniflow.model.dtypes import Dtype
 from omniflow.model.units import SNAC_FRAME_S, WHISPER_FRAME_MS
 from omniflow.node import InputError, Node
+from omniflow.params import Device, NonNegative, Positive, UnitInterval
 
-SPEECH_TASKS = ("A1A2", "A1A2_SINGLE", "A1T2", "ASR")     # take embeds
-TEXT_TASKS = ("T1A2", "T1T2")                             # take a text prompt
+SpeechTask = Literal["A1A2", "A1A2_SINGLE", "A1T2", "ASR"]     # take embeds
+TextTask = Literal["T1A2", "T1T2"]                             # take a text prompt
+SPEECH_TASKS, TEXT_TASKS = get_args(SpeechTask), get_args(TextTask)
 QuantMode = Literal["none", "fp16", "int8", "int8dyn", "int4", "auto"]  # = omniflow.model.quant.MODES
 FEATURE_S = WHISPER_FRAME_MS / 1000   # one whisper frame (embeds row) = 20 ms of speech
 PROMPT_EXTRA = 3            # positions a prompt adds around its T frames / L tokens (REFERENCE §3)
@@ -69,40 +71,29 @@ class Backbone(Node):
 
     class Params(msgspec.Struct, forbid_unknown_fields=True):
         checkpoint: str | None = None      # Mini-Omni dir (lit_model.pth + model_config.yaml); None: cache
-        task: str = "A1A2"                 # speech input: A1A2 (batch-parallel) | A1A2_SINGLE | A1T2 | ASR
-        text_task: str = "T1A2"            # text input: T1A2 | T1T2
-        dtype: str = "float32"             # float32 (the original) | bfloat16 | float16
+        task: SpeechTask = "A1A2"          # speech input: A1A2 (batch-parallel) | A1A2_SINGLE | A1T2 | ASR
+        text_task: TextTask = "T1A2"       # text input: T1A2 | T1T2
+        dtype: Dtype = "float32"           # float32 (the original) | bfloat16 | float16
         quant: QuantMode = "none"          # weights of the decode/prefill GEMMs: none (exact) |
                                            # fp16 | int8 | int8dyn | int4 | auto (this device's
                                            # fastest; none on CUDA). See omniflow.model.quant
-        device: str = "cpu"
+        device: Device = "cpu"
         compile: bool = False              # torch.compile the decode step (compiled during setup)
-        max_sessions: int = 8              # sessions decoded together; more wait in a queue
-        max_new_tokens: int | None = None  # answer steps incl. the prefill (capped by the context
+        max_sessions: Positive = 8              # sessions decoded together; more wait in a queue
+        max_new_tokens: Positive | None = None  # answer steps incl. the prefill (capped by the context
                                            # left after the prompt); None: fill the context
-        temperature: float = 0.9           # the original's sampling: top_k 1 = greedy
-        top_k: int | None = 1
-        top_p: float = 1.0
+        temperature: NonNegative = 0.9           # the original's sampling: top_k 1 = greedy
+        top_k: Positive | None = 1
+        top_p: UnitInterval = 1.0
         seed: int | None = None
-        max_speed: float = 0.0             # decode at most this many times faster than real time
+        max_speed: NonNegative = 0.0             # decode at most this many times faster than real time
                                            # (1 step = one SNAC frame of speech); 0: as fast as possible.
                                            # Answers a listener hears in real time gain nothing from
                                            # racing ahead, and a paced answer leaves the CPU to others
 
     def __init__(self, params=None, name=None):
         super().__init__(params, name)
-        p = self.params
-        if p.task not in SPEECH_TASKS:
-            raise ValueError(f"task {p.task!r} does not take speech; task is one of {SPEECH_TASKS} "
-                             f"(text prompts use text_task: {TEXT_TASKS})")
-        if p.text_task not in TEXT_TASKS:
-            raise ValueError(f"text_task {p.text_task!r} must be one of {TEXT_TASKS}")
-        if p.dtype not in DTYPES:
-            raise ValueError(f"dtype {p.dtype!r} must be one of {DTYPES}")
-        if p.max_sessions < 1:
-            raise ValueError(f"max_sessions must be >= 1, got {p.max_sessions}")
-        if p.max_speed < 0:
-            raise ValueError(f"max_speed must be >= 0 (0 = unpaced), got {p.max_speed}")
+        # (task, text_task, dtype and the bounds are checked by Params' types when the graph loads)
         self._next_step_at = 0.0                     # time.monotonic() before which no step runs
         self.queue: deque[_Request] = deque()
         self.live: dict[str, _Request] = {}          # session -> its running turn

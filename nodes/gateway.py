@@ -62,16 +62,18 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
+from msgspec import Meta
 import numpy as np
 
 from omniflow.audio import PCM_DTYPES, as_float32, to_int16
 from omniflow.frame import Frame
 from omniflow.model.units import SNAC_RATE, WHISPER_RATE
 from omniflow.node import Node
+from omniflow.params import NonNegative, Port, Positive
 from omniflow.turns import ask_turn, end_session
 
 from . import ops, realtime, web
@@ -85,6 +87,7 @@ FORMATS = {"s16": "int16", "int16": "int16", "f32": "float32", "float32": "float
 DTYPES = PCM_DTYPES
 SHORT = {"int16": "s16", "float32": "f32"}        # the names the protocol reports
 MAX_RATE = 384_000             # Hz: anything higher is a client bug, not audio
+SampleRate = Annotated[int, Meta(ge=1, le=MAX_RATE)]   # Hz
 SNIFFED_MESSAGES = 4           # a session's first binary messages are checked for a wrong sample format
 
 
@@ -419,19 +422,19 @@ class Gateway(Node):
 
     class Params(msgspec.Struct, forbid_unknown_fields=True):
         host: str = "127.0.0.1"          # 0.0.0.0 to serve other machines
-        port: int = 8765                 # 0: a free port (logged; `Gateway.port` after setup)
-        rate: int = WHISPER_RATE         # Hz of client audio, unless its "start" message says otherwise
+        port: Port = 8765                 # 0: a free port (logged; `Gateway.port` after setup)
+        rate: SampleRate = WHISPER_RATE         # Hz of client audio, unless its "start" message says otherwise
         dtype: Literal["int16", "float32"] = "int16"          # client audio sample format (default)
         output_dtype: Literal["int16", "float32"] = "float32"  # answer audio format (default)
-        output_rate: int = SNAC_RATE     # Hz of the answer audio the graph sends back (SNAC 24 kHz)
+        output_rate: SampleRate = SNAC_RATE     # Hz of the answer audio the graph sends back (SNAC 24 kHz)
         # an answer ends ("end" message) once these inputs' last frames arrived: [pcm, text] in a
         # graph that streams text back too, so the client has everything when "end" comes
         end_after: list[Literal["pcm", "text"]] = msgspec.field(default_factory=lambda: ["pcm"])
-        max_sessions: int = 64           # clients connected at once; more are refused (try later)
-        max_message_bytes: int = 1 << 20  # largest client message (1 MiB = 32 s of 16 kHz int16)
-        max_backlog: int = 1024          # messages queued for a slow client before it is disconnected
-        max_prompt_chars: int = 4000     # longest typed prompt (the backbone also checks its tokens)
-        idle_timeout_s: float | None = None   # stop serving after this long with no client; None: never
+        max_sessions: Positive = 64           # clients connected at once; more are refused (try later)
+        max_message_bytes: Positive = 1 << 20  # largest client message (1 MiB = 32 s of 16 kHz int16)
+        max_backlog: Positive = 1024          # messages queued for a slow client before it is disconnected
+        max_prompt_chars: Positive = 4000     # longest typed prompt (the backbone also checks its tokens)
+        idle_timeout_s: NonNegative | None = None   # stop serving after this long with no client; None: never
         # who gets in (nodes/web.py): an API keys file (omniflow keys api create NAME --file FILE); web
         # pages of these origins besides the gateway's own ("*": any); TLS (wss:// and https://)
         api_keys: str | None = None

@@ -37,6 +37,7 @@ from omniflow.frame import Frame
 from omniflow.model.delay import Undelayer, valid_frames
 from omniflow.model.tokens import N_AUDIO_LAYERS
 from omniflow.node import Node
+from omniflow.params import Positive
 
 EMPTY_CHUNK = np.zeros((0, N_AUDIO_LAYERS), dtype=np.int64)   # (0, 7)
 
@@ -59,8 +60,8 @@ class SnacScheduler(Node):
     outputs = {"codes": "codes"}
 
     class Params(msgspec.Struct, forbid_unknown_fields=True):
-        first_chunk_frames: int = 1    # 1 frame = 85.3 ms of audio; sent 7 steps after prefill
-        chunk_frames: int = 4          # the original's stride: 341.3 ms per chunk
+        first_chunk_frames: Positive = 1    # 1 frame = 85.3 ms of audio; sent 7 steps after prefill
+        chunk_frames: Positive = 4          # the original's stride: 341.3 ms per chunk
 
     def __init__(self, params=None, name=None):
         super().__init__(params, name)

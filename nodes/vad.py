@@ -41,6 +41,7 @@ from omniflow.audio import to_float_mono
 from omniflow.frame import Frame
 from omniflow.model.units import WHISPER_RATE
 from omniflow.node import Node
+from omniflow.params import Fraction, NonNegative, PositiveFloat
 from omniflow.turns import ask_turn
 
 GRANT_POLL_S = 0.002         # an utterance waiting for its turn number checks this often
@@ -102,11 +103,11 @@ class SileroVAD(Node):
     drop_old_turns = False        # the pcm stream has no turns: the VAD is where they begin
 
     class Params(msgspec.Struct, forbid_unknown_fields=True):
-        threshold: float = 0.5              # speech probability above which a window is speech
-        min_speech_ms: float = 250          # shorter speech is ignored (and never barges in)
-        min_silence_ms: float = 600         # end-of-speech silence that closes an utterance
-        speech_pad_ms: float = 100          # audio kept before and after the speech
-        max_utterance_s: float = 30         # whisper's window: longer speech is cut here
+        threshold: Fraction = 0.5              # speech probability above which a window is speech
+        min_speech_ms: NonNegative = 250          # shorter speech is ignored (and never barges in)
+        min_silence_ms: NonNegative = 600         # end-of-speech silence that closes an utterance
+        speech_pad_ms: NonNegative = 100          # audio kept before and after the speech
+        max_utterance_s: PositiveFloat = 30         # whisper's window: longer speech is cut here
         early: bool = True                  # send the tentative utterance at the first silence (output early)
 
     def setup(self) -> None:

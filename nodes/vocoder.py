@@ -26,6 +26,7 @@ from omniflow.frame import Frame
 from omniflow.model.snac_stream import (NOISE_MODES, SAMPLE_RATE, SPECULATE, SnacStream,
                                         TurnStream, build_stream)
 from omniflow.node import Node
+from omniflow.params import Device, NonNegative
 
 
 class SnacVocoder(Node):
@@ -35,11 +36,11 @@ class SnacVocoder(Node):
 
     class Params(msgspec.Struct, forbid_unknown_fields=True):
         checkpoint: str | None = None     # SNAC dir (config.json + pytorch_model.bin); None: cache/fetch
-        crossfade_ms: float = 10.0        # speculated samples held back and cross-faded into exact ones
-        speculate: str = "auto"           # auto | always | first (module doc)
-        noise: str = "fixed"              # fixed | off | random (module doc)
+        crossfade_ms: NonNegative = 10.0        # speculated samples held back and cross-faded into exact ones
+        speculate: Literal[SPECULATE] = "auto"   # auto | always | first (module doc)
+        noise: Literal[NOISE_MODES] = "fixed"    # fixed | off | random (module doc)
         seed: int = 0                     # for noise="fixed"
-        device: str = "cpu"
+        device: Device = "cpu"
         runtime: Literal["torch", "onnx"] = "torch"
 
     def setup(self):

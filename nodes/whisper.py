@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
+from msgspec import Meta
 import numpy as np
 
 from omniflow.model import weights
 from omniflow.audio import to_float_mono
 from omniflow.frame import Frame
-from omniflow.model.whisper_encoder import WhisperFeatures, resolve_dtype
+from omniflow.model.whisper_encoder import WhisperFeatures, check_options, resolve_dtype
 from omniflow.node import InputError, Node
+from omniflow.params import Device
 
 from omniflow.model.units import WHISPER_RATE as SAMPLE_RATE
 from omniflow.model.units import WHISPER_WINDOW_S as WINDOW_SECONDS
@@ -41,12 +43,16 @@ class WhisperEncoder(Node):
 
     class Params(msgspec.Struct, forbid_unknown_fields=True):
         checkpoint: str = "small"                 # whisper size name, or path to a .pt file
-        device: str = "cpu"
+        device: Device = "cpu"
         runtime: Literal["torch", "onnx"] = "torch"   # onnx: onnxruntime (pip install 'omniflow[onnx]')
-        dtype: str = "float32"                   # float32 (the original) | bfloat16 | float16 | auto (model doc)
+        dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"                  # float32 (the original) | bfloat16 | float16 | auto (model doc)
         quantize: Literal["none", "int8"] = "none"   # int8: onnxruntime dynamic int8 (runtime: onnx)
-        max_seconds: float = WINDOW_SECONDS      # longest utterance encoded in one window (<= 30)
+        max_seconds: Annotated[float, Meta(gt=0, le=WINDOW_SECONDS)] = WINDOW_SECONDS   # longest utterance
+                                                 # encoded in one window
         over_limit: Literal["split", "refuse"] = "split"
+
+        def __post_init__(self):                  # choices that cannot go together fail at load
+            check_options(self.runtime, self.dtype, self.quantize)
 
     def setup(self) -> None:
         p = self.params

@@ -58,7 +58,7 @@ import re
 import sys
 import types
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import msgspec
 import yaml
@@ -183,14 +183,34 @@ def _items(node: yaml.MappingNode) -> dict[str, tuple[yaml.Node, yaml.Node]]:
 
 
 def _type_name(t: Any) -> str:
-    """A param's type as a graph author writes its value: str, int | None, 'torch' | 'onnx'."""
+    """A param's type as a graph author writes its value: str, int | None, 'torch' | 'onnx',
+    float in (0, 1)."""
     if t is type(None):
         return "None"
+    if get_origin(t) is Annotated:
+        base, *metas = get_args(t)
+        bounds = [_bounds(m) for m in metas if isinstance(m, msgspec.Meta)]
+        return " ".join([_type_name(base), *[b for b in bounds if b]])
     if get_origin(t) is Literal:                   # the choices, not the word "Literal"
         return " | ".join(repr(a) for a in get_args(t))
     if get_origin(t) in (Union, types.UnionType):
         return " | ".join(_type_name(a) for a in get_args(t))
     return getattr(t, "__name__", str(t))
+
+
+def _bounds(meta: msgspec.Meta) -> str:
+    """A msgspec.Meta's limits as a reader writes them: '>= 0', 'in (0, 1]', 'matching cpu | cuda'."""
+    if meta.description and meta.pattern:
+        return f"({meta.description})"
+    low = f"[{meta.ge}" if meta.ge is not None else f"({meta.gt}" if meta.gt is not None else None
+    high = f"{meta.le}]" if meta.le is not None else f"{meta.lt})" if meta.lt is not None else None
+    if low and high:
+        return f"in {low}, {high}"
+    if low:
+        return f">= {meta.ge}" if meta.ge is not None else f"> {meta.gt}"
+    if high:
+        return f"<= {meta.le}" if meta.le is not None else f"< {meta.lt}"
+    return f"({meta.description})" if meta.description else ""
 
 
 def _closest(word: str, choices) -> str:
@@ -437,25 +457,31 @@ class _Parser:
         return msgspec.to_builtins(validated)
 
     def param_error(self, spec: NodeSpec, Params, pnode, msg: str) -> None:
+        """Report every problem of one node's params: unknown names, missing ones, each value its
+        type refuses (with what is allowed), else the combination Params refused."""
         fields = {f.name: f for f in msgspec.structs.fields(Params)}
         signature = ", ".join(f"{n}: {_type_name(f.type)}" for n, f in fields.items())
         items = _items(pnode) if isinstance(pnode, yaml.MappingNode) else {}
         cls = spec.use.partition(":")[2]
-        if m := re.search(r"unknown field `([^`]*)`", msg):
-            key = m.group(1)
+        given = spec.params if isinstance(spec.params, dict) else {}
+        found = 0
+        for key in [k for k in given if k not in fields]:
             node = items.get(key, (pnode, None))[0]
             self.error(node, f"node '{spec.name}': {cls} has no param '{key}'",
                        f"use {_closest(key, fields)} (params: {signature or 'none'})")
-        elif m := re.search(r"missing required field `([^`]*)`", msg):
-            key = m.group(1)
+            found += 1
+        for key in [n for n, f in fields.items() if f.required and n not in given]:
             self.error(pnode, f"node '{spec.name}': {cls} needs param '{key}'",
                        f"add '{key}: ...' under params (params: {signature})")
-        else:
-            m = re.search(r"at `\$\.([^`\[]*)", msg)
-            key = m.group(1).split(".")[0] if m else ""
+            found += 1
+        for key, why in _bad_values(Params, given):       # every bad value, not just the first
             node = items.get(key, (pnode, None))[1]
-            self.error(node, f"node '{spec.name}': param '{key}': {msg.split(' - at')[0]}",
-                       f"give '{key}' a value of the right type (params: {signature})")
+            self.error(node, f"node '{spec.name}': param '{key}': {why}",
+                       f"give '{key}' {_type_name(fields[key].type)} (params: {signature})")
+            found += 1
+        if not found:                                     # each value fits alone: a combination does not
+            self.error(pnode, f"node '{spec.name}': {cls} params: {msg.split(' - at')[0]}",
+                       f"change one of the values it names (params: {signature})")
 
     def inputs(self, name: str, inode, specs, classes) -> list[Edge]:
         if inode is None:
@@ -556,6 +582,18 @@ class _Parser:
         for n in specs:
             if n not in state:
                 visit(n)
+
+
+def _bad_values(Params, params: dict[str, Any]) -> list[tuple[str, str]]:
+    """(param, why) for every given value that its field's type (Literal, bounds) refuses."""
+    bad = []
+    for f in msgspec.structs.fields(Params):
+        if f.name in params:
+            try:
+                msgspec.convert(params[f.name], f.type)
+            except msgspec.ValidationError as e:
+                bad.append((f.name, str(e).split(" - at")[0]))
+    return bad
 
 
 def split_host(host: str) -> tuple[str, int | None]:

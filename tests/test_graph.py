@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -112,7 +113,7 @@ def test_unknown_missing_and_mistyped_params():
             params: {}
     """)
     assert errs[0].startswith("g.yaml:7: node 'src': param 'rate': Expected `int`, got `str`. "
-                              "Fix: give 'rate' a value of the right type (params: path: str, rate: int")
+                              "Fix: give 'rate' int (params: path: str, rate: int")
     assert errs[1] == "g.yaml:10: node 'gain': Gain has no param 'dB'. Fix: use 'db' (params: db: float)"
     assert errs[2].startswith("g.yaml:13: node 'sink': WavSink needs param 'path'. Fix: add 'path: ...'")
 
@@ -215,3 +216,48 @@ nodes:
         """)
         assert len(errs) == 1 and "threads must be a whole number >= 1" in errs[0], errs
         assert "Fix: write e.g. 'threads: 1'" in errs[0]
+
+
+def test_validate_reports_every_bad_value_with_its_line_and_what_is_allowed():
+    errs = errors_of("""
+        nodes:
+          vad:
+            use: nodes.vad:SileroVAD
+            params:
+              threshold: 1.5
+              min_silence_ms: -3
+          whisper:
+            use: nodes.whisper:WhisperEncoder
+            params: {runtime: onnx, dtype: bfloat16}
+            inputs: {audio: vad/utterance}
+          backbone:
+            use: nodes.backbone:Backbone
+            params:
+              task: T1A2
+              dtype: bf16
+              top_p: 0
+              device: gpu
+    """)
+    assert len(errs) == 7, errs
+    assert errs[0].startswith("g.yaml:6: node 'vad': param 'threshold': Expected `float` < 1.0. "
+                              "Fix: give 'threshold' float in (0, 1)")
+    assert errs[1].startswith("g.yaml:7: node 'vad': param 'min_silence_ms': Expected `float` >= 0.0")
+    # a combination the whisper node cannot run is refused when the graph loads, not at run time
+    assert errs[2].startswith("g.yaml:10: node 'whisper': WhisperEncoder params: whisper runtime: onnx "
+                              "exports a float32 graph")
+    assert errs[3].startswith("g.yaml:15: node 'backbone': param 'task': Invalid enum value 'T1A2'. "
+                              "Fix: give 'task' 'A1A2' | 'A1A2_SINGLE' | 'A1T2' | 'ASR'")
+    assert errs[4].startswith("g.yaml:16: node 'backbone': param 'dtype': Invalid enum value 'bf16'. "
+                              "Fix: give 'dtype' 'float32' | 'bfloat16' | 'float16'")
+    assert any("g.yaml:17: node 'backbone': param 'top_p'" in e and "float in (0, 1]" in e for e in errs[5:])
+    assert any("g.yaml:18: node 'backbone': param 'device'" in e and "cpu | cuda | cuda:N | mps" in e
+               for e in errs[5:])
+
+
+def test_a_graph_with_a_server_restarts_its_nodes_by_default():
+    from omniflow.graph import load_graph
+
+    served = load_graph(Path(__file__).resolve().parent.parent / "graphs" / "serve.yaml")
+    assert {spec.restart for spec in served.nodes.values()} == {"on-failure"}
+    batch = load_graph(Path(__file__).resolve().parent.parent / "graphs" / "speech_to_speech.yaml")
+    assert {spec.restart for spec in batch.nodes.values()} == {"never"}

@@ -39,10 +39,12 @@ def test_checkpoint_comes_from_the_cache_by_default(ckpt, monkeypatch):
     assert node.path == ckpt
 
 
-def test_wrong_feature_width_is_dropped_with_a_message(ckpt, caplog):
+def test_wrong_feature_width_fails_that_turn_with_a_message(ckpt, caplog):
     with caplog.at_level(logging.ERROR):
         out = run_node(Adapter({"checkpoint": str(ckpt)}), [Frame(kind="features", data=np.zeros((5, 768), np.float32))])
-    assert out == [] and "expected (T, 64)" in caplog.text
+    [(port, error)] = out                                   # the turn's error goes downstream
+    assert port == "embeds" and error.kind == "error" and "expected (T, 64)" in error.meta["error"]
+    assert "expected (T, 64)" in caplog.text
 
 
 def test_missing_checkpoint_names_the_fetch_command(tmp_path, monkeypatch):

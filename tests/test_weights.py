@@ -169,3 +169,16 @@ def test_a_training_run_directory_resolves_to_its_latest_checkpoint(demo_home, t
     (run / weights.RUN_LATEST_FILE).write_text("step-000009\n")        # names a step that is gone
     with pytest.raises(weights.WeightsNotFound, match="step-000009"):
         weights.resolve("miniomni", run)
+
+
+def test_a_mistyped_local_path_is_an_error_not_a_hub_download(tmp_path, monkeypatch):
+    from omniflow.model import weights
+    from omniflow.model.weights import hub
+
+    def no_download(*args):
+        raise AssertionError("a local path must never be downloaded")
+    monkeypatch.setattr(hub, "fetch_miniomni", no_download)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()                        # the user's run directory; 'fnal' is a typo
+    with pytest.raises(weights.WeightsNotFound, match="runs/fnal"):
+        weights.resolve("miniomni", "runs/fnal")

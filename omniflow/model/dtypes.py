@@ -5,7 +5,10 @@ faster where the hardware has them. Names are checked here without importing tor
 """
 from __future__ import annotations
 
-DTYPES = ("float32", "bfloat16", "float16")
+from typing import Literal, get_args
+
+Dtype = Literal["float32", "bfloat16", "float16"]      # a Params field type: validate lists the choices
+DTYPES = get_args(Dtype)
 
 
 def check_dtype(name: str, what: str = "dtype") -> str:

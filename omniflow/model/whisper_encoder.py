@@ -125,6 +125,16 @@ def features(encoder, batch: list[np.ndarray], n_mels: int, dtype=None, device="
     return [out[b, :frames_to_keep(len(a))].float().cpu().numpy() for b, a in enumerate(batch)]
 
 
+def check_options(runtime: str, dtype: str, quantize: str) -> None:
+    """ValueError for runtime/dtype/quantize choices that cannot go together (checked when a graph
+    loads, from the whisper node's Params, and again by `WhisperFeatures.load`)."""
+    if quantize != "none" and runtime != "onnx":
+        raise ValueError(f"whisper quantize: {quantize} runs on onnxruntime: set runtime: onnx")
+    if runtime == "onnx" and dtype not in ("float32", "auto"):
+        raise ValueError(f"whisper runtime: onnx exports a float32 graph; set dtype: float32 or auto "
+                         f"(got {dtype}), or use runtime: torch for bfloat16/float16")
+
+
 class WhisperFeatures:
     """A loaded whisper encoder and how to run it: `feats = WhisperFeatures.load(path)(audio)`."""
 
@@ -143,8 +153,7 @@ class WhisperFeatures:
             raise ValueError(f"whisper runtime {runtime!r} must be one of {RUNTIMES}")
         if quantize not in QUANTIZE:
             raise ValueError(f"whisper quantize {quantize!r} must be one of {QUANTIZE}")
-        if quantize != "none" and runtime != "onnx":
-            raise ValueError(f"whisper quantize: {quantize} runs on onnxruntime: set runtime: onnx")
+        check_options(runtime, dtype, quantize)
         name = resolve_dtype(dtype, device, runtime)
         if runtime == "onnx" and name != "float32":
             raise ValueError(f"whisper runtime: onnx exports a float32 graph; set dtype: float32 or auto "

@@ -97,8 +97,10 @@ def resolve_whisper(checkpoint: str | os.PathLike) -> Path:
 
 def _is_repo_id(component: str, text: str) -> bool:
     """"org/name" that is not a local path, for a component that lives in a Hugging Face repo."""
+    # "runs/final" where ./runs exists is a mistyped local path, not a repo to download
     return (component in COMPONENTS and re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None
-            and not Path(text).expanduser().exists())
+            and not text.startswith(".") and not Path(text).expanduser().exists()
+            and not Path(text).parent.is_dir())
 
 
 def _from_hub(component: str, repo: str) -> Path:
