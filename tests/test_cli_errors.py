@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -14,9 +16,10 @@ def omniflow(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
                           text=True, timeout=240)
 
 
-def test_run_names_the_files_it_wrote_and_logs_metrics_once(tmp_path):
+@pytest.mark.parametrize("how", [[], ["--in-process"]])
+def test_run_names_the_files_it_wrote_and_logs_metrics_once(tmp_path, how):
     out = tmp_path / "quiet.wav"
-    done = omniflow("run", "graphs/demo.yaml", "--set", f"sink.path={out}")
+    done = omniflow("run", "graphs/demo.yaml", "--set", f"sink.path={out}", *how)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"wrote: {out} (" in done.stderr
     assert done.stderr.count("frames_in=") == 3                    # one line per node, not two

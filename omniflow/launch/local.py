@@ -136,10 +136,14 @@ class ThreadWorker:
         self._thread = threading.Thread(target=self.run_here, name=self.cfg.name, daemon=True)
         self._thread.start()
 
+    def _hosting(self, runtime: NodeRuntime) -> None:
+        self.runtime = runtime
+        runtime.metrics_level = logging.DEBUG     # the launcher prints them from self.metrics()
+
     def run_here(self) -> None:
         """Run the node on the calling thread until it ends (`start` calls it on a new thread)."""
         self.code, error = run_config(self.cfg, context=self.context, curve=self.curve,
-                                      started=lambda runtime: setattr(self, "runtime", runtime))
+                                      started=self._hosting)
         if error:
             self.tail.append(error)
 
