@@ -11,7 +11,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of both commands."""
     parser.add_argument("graph", help="graph file (YAML)")
     parser.add_argument("--set", action="append", default=[], metavar="NODE.PARAM=VALUE",
-                        help="override a node parameter before checking (repeatable)")
+                        help="override a node parameter (or, with no dot, a graph variable) before "
+                             "checking (repeatable)")
 
 
 def _load(args) -> Graph | None:

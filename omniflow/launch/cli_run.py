@@ -58,8 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in-process", action="store_true",
                         help="run every node as a thread of this process (debugging)")
     parser.add_argument("--set", action="append", default=[], metavar="NODE.PARAM=VALUE",
-                        help="override a node parameter, e.g. --set src.path=other.wav, or its math "
-                             "threads: --set backbone.threads=2 (repeatable)")
+                        help="override a node parameter, e.g. --set src.path=other.wav, its math "
+                             "threads: --set backbone.threads=2, or a graph variable (no dot): --set "
+                             "checkpoint=runs/final (repeatable)")
     serving = parser.add_argument_group("serving (the nodes whose params take them: the gateway)")
     serving.add_argument("--tls-cert", metavar="PEM", help="serve wss:// and https:// with this certificate "
                          "(chain); sets tls_cert on every node that has it")

@@ -476,7 +476,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     k8s.add_argument("--service-type", default="ClusterIP", choices=SERVICE_TYPES,
                      help="type of the Service that exposes a server node's port (default ClusterIP)")
     k8s.add_argument("--set", action="append", default=[], metavar="NODE.PARAM=VALUE",
-                     help="override a node parameter (repeatable)")
+                     help="override a node parameter (or, with no dot, a graph variable; repeatable)")
 
 
 def main(args: argparse.Namespace) -> int:
