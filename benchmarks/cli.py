@@ -11,6 +11,7 @@ BENCHMARKS = {
     "concurrency": "first-audio latency and decode step with 1, 2, 4 concurrent speakers",
     "train": "training step throughput",
     "live": "a real-time conversation with the shipped graphs as processes: first audio, stalls, RTF, CPU per node",
+    "whisper": "whisper encoder per 30 s window (torch fp32, onnx fp32, onnx int8) and feature error vs fp32",
     "vocoder": "SNAC vocoder CPU per frame (stream vs re-decoded context, torch vs onnx) and stream-vs-whole error",
 }
 
