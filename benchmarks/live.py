@@ -149,7 +149,13 @@ def machine() -> dict:
         flags = []
     from omniflow.launch.plan import available_cores
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return {"cpu": model, "cores": available_cores(), "isa": isa, "load_average": os.getloadavg()[0]}
+    try:                                      # the GPU, if any (without importing torch here)
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        gpu = None
+    return {"cpu": model, "cores": available_cores(), "isa": isa, "gpu": gpu,
+            "load_average": os.getloadavg()[0]}
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -536,12 +542,21 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="omniflow-live-") as tmp:
         if "serve" in graphs:
             results["graphs"]["serve"] = run_serve(args, to_int16(padded), speech_end, steps)
+            save_partial(args, results)
         if "speech" in graphs:
             results["graphs"]["speech"] = run_speech(args, padded, speech_end, steps, Path(tmp))
+            print(f"  {summary(results['graphs']['speech']['rounds'][0])}", file=sys.stderr)
+            save_partial(args, results)
     if args.original:
         results["original"] = run_original(question, speech_end, steps)
     results["machine"]["load_average_end"] = os.getloadavg()[0]
     return results
+
+
+def save_partial(args, results: dict) -> None:
+    """--json after each graph, so a run cut short still leaves what it measured."""
+    if args.json:
+        Path(args.json).write_text(json.dumps({**results, "partial": True}, indent=2))
 
 
 def _fmt(x, spec=".2f", unit="") -> str:
@@ -550,7 +565,8 @@ def _fmt(x, spec=".2f", unit="") -> str:
 
 def report(results: dict) -> str:
     m, q, o = results["machine"], results["question"], results.get("original")
-    lines = [f"omniflow bench live on {m['cpu']} ({m['cores']} cores; {', '.join(m['isa']) or 'no avx2'}); "
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    lines = [f"omniflow bench live on {m['cpu']} ({m['cores']} cores; {', '.join(m['isa']) or 'no avx2'}{gpu}); "
              f"load average {m['load_average']:.1f} at start, {m['load_average_end']:.1f} at end",
              f"question {q['seconds']:.2f} s (speech ends at {q['speech_ends_s']:.2f} s, then silence); "
              f"answers {results['answer_seconds']:.0f} s (max_new_tokens {results['max_new_tokens']}); "
