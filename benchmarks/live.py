@@ -190,13 +190,17 @@ def node_pids(run_pid: int) -> dict[str, int]:
 
 
 class CpuMeter:
-    """CPU seconds per node between `start()` and `stop()`."""
+    """CPU seconds per node between `start()` and `stop()`. A node process that ends meanwhile
+    (the speech graph's mic, VAD and whisper end before the answer does) counts with its last
+    reading: call `read()` every fraction of a second while it may end."""
 
     def __init__(self, pids: dict[str, int]):
         self.pids = pids
+        self.last: dict[str, float] = {}               # node -> its latest reading
 
     def read(self) -> dict[str, float]:
-        return {n: s for n, pid in self.pids.items() if (s := cpu_seconds(pid)) is not None}
+        self.last.update({n: s for n, pid in self.pids.items() if (s := cpu_seconds(pid)) is not None})
+        return dict(self.last)
 
     def start(self) -> None:
         self.t0, self.c0 = time.monotonic(), self.read()
@@ -232,7 +236,7 @@ class GraphRun:
         self._ready = threading.Event()
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})}, preexec_fn=die_with_parent())
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -270,6 +274,18 @@ class GraphRun:
                 self.proc.kill()
                 self.proc.wait()
         self._reader.join(timeout=2)
+
+
+def die_with_parent():
+    """A Popen preexec_fn (Linux): the `omniflow run` child gets SIGINT when the benchmark dies, so a
+    benchmark killed by a timeout leaves no graph running (its nodes follow their launcher). libc
+    is loaded here, in the parent: the child only makes the call. None where there is no prctl."""
+    try:
+        import ctypes
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, 2)                     # PR_SET_PDEATHSIG, SIGINT
 
 
 def free_port() -> int:
@@ -360,7 +376,7 @@ async def clients(port: int, question: np.ndarray, speech_end: int, n: int, stag
                  start_at=t + k * stagger_s, timeout_s=timeout_s) for k in range(n)]))
 
 
-def run_serve(args, question: np.ndarray, speech_end: int, steps: int) -> dict:
+def run_serve(args, question: np.ndarray, speech_end: int, steps: int, saved=lambda g: None) -> dict:
     port = free_port()
     sets = [f"gateway.port={port}", f"backbone.max_new_tokens={steps}",
             *sets_for(GRAPHS["serve"], args.set)]
@@ -386,6 +402,8 @@ def run_serve(args, question: np.ndarray, speech_end: int, steps: int) -> dict:
                 raise RuntimeError(f"graphs/serve.yaml failed during the round of {n}: {why}")
             rounds.append({"sessions": n, "clients": talks, "cpu": cpu})
             print(f"  {summary(rounds[-1])}", file=sys.stderr)
+            saved({"graph": "graphs/serve.yaml", "sets": sets, "ready_s": ready_s, "rounds": rounds,
+                   "plan": plan_line(run)})
     finally:
         run.stop()
     return {"graph": "graphs/serve.yaml", "sets": sets, "ready_s": ready_s, "rounds": rounds,
@@ -427,6 +445,7 @@ def run_speech(args, question: np.ndarray, speech_end: int, steps: int, tmp: Pat
             records = read_trace(trace)
             utterances = utterance_turns(records)
             turns = speaker_turns(records)
+            meter.read()                               # nodes that end early keep their count
             if len(utterances) == 2 and any(last for *_, last in turns.get(utterances[1], [])):
                 break                                  # the measured answer has ended
             time.sleep(0.25)
@@ -524,6 +543,13 @@ def summary(rnd: dict) -> str:
     return f"{rnd['sessions']} session(s): worst first audio {worst}, stalls {stalls:.2f} s"
 
 
+def cpu_per_answer_s(rnd: dict) -> float | None:
+    """CPU seconds the graph's processes spent per second of answer audio in a round: real time
+    on C cores needs less than C (on a starved machine it is what the answer cost, not its speed)."""
+    answer = sum(c["answer_s"] for c in rnd["clients"])
+    return sum(rnd["cpu"]["per_node"].values()) / answer if answer > 0 else None
+
+
 def run(args: argparse.Namespace) -> dict:
     question = load_question(args.audio)
     speech_end = last_voiced_sample(question)
@@ -541,7 +567,9 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(f"--graphs: unknown {sorted(unknown)}; choose from {sorted(GRAPHS)}")
     with tempfile.TemporaryDirectory(prefix="omniflow-live-") as tmp:
         if "serve" in graphs:
-            results["graphs"]["serve"] = run_serve(args, to_int16(padded), speech_end, steps)
+            results["graphs"]["serve"] = run_serve(
+                args, to_int16(padded), speech_end, steps,
+                lambda g: save_partial(args, {**results, "graphs": {**results["graphs"], "serve": g}}))
             save_partial(args, results)
         if "speech" in graphs:
             results["graphs"]["speech"] = run_speech(args, padded, speech_end, steps, Path(tmp))
@@ -572,9 +600,10 @@ def report(results: dict) -> str:
              f"answers {results['answer_seconds']:.0f} s (max_new_tokens {results['max_new_tokens']}); "
              f"weights {results['weights']}",
              "first audio: after the last voiced sample of the question; stall: gaps a listener hears; "
-             "RTF: answer s / arrival span (>= 1 keeps up)",
+             "RTF: answer s / arrival span (>= 1 keeps up); cores: CPU s of the graph's processes / wall s "
+             "(what it got); CPU/ans s: CPU s per s of answer audio (what real time needs: < cores)",
              f"{'graph':<8}{'N':>3}{'first audio worst':>19}{'median':>8}{'stall s':>9}{'stalls':>8}"
-             f"{'RTF min':>9}{'cores':>7}{'first vs orig':>15}"]
+             f"{'RTF min':>9}{'cores':>7}{'CPU/ans s':>10}{'first vs orig':>15}"]
     for name, g in results["graphs"].items():
         for rnd in g["rounds"]:
             cs = rnd["clients"]
@@ -586,10 +615,10 @@ def report(results: dict) -> str:
                          f"{_fmt(statistics.median(firsts) if firsts else None, '.2f'):>8}"
                          f"{sum(c['stall_s'] for c in cs):>9.2f}{sum(c['stalls'] for c in cs):>8}"
                          f"{_fmt(min(rtfs) if rtfs else None, '.2f'):>9}{rnd['cpu']['cores_busy']:>7.2f}"
-                         f"{ratio:>15}")
+                         f"{_fmt(cpu_per_answer_s(rnd), '.2f'):>10}{ratio:>15}")
     if o:
         lines.append(f"{'original':<8}{1:>3}{_fmt(o['first_audio_s'], '.2f', ' s'):>19}{'':>8}"
-                     f"{o['stall_s']:>9.2f}{o['stalls']:>8}{_fmt(o['rtf'], '.2f'):>9}{'':>7}{'1.00x':>15}"
+                     f"{o['stall_s']:>9.2f}{o['stalls']:>8}{_fmt(o['rtf'], '.2f'):>9}{'':>7}{'':>10}{'1.00x':>15}"
                      f"   (float32, {o['threads']} threads, decode step {o['step_ms']:.0f} ms; "
                      "clock starts when it holds the utterance)")
     for name, g in results["graphs"].items():
@@ -633,8 +662,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> int:
+    import signal
+
     from benchmarks.graph import bench_main
-    return bench_main(argv, "omniflow bench live", __doc__, add_arguments, run, report)
+    from omniflow.runtime import interrupt_once
+    signal.signal(signal.SIGTERM, interrupt_once)   # a timeout's SIGTERM stops the graph it runs
+    try:
+        return bench_main(argv, "omniflow bench live", __doc__, add_arguments, run, report)
+    except KeyboardInterrupt:
+        print("omniflow bench live: interrupted; the graph it ran is stopped (--json keeps the "
+              "rounds that finished)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
