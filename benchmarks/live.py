@@ -509,9 +509,13 @@ def speaker_turns(records) -> dict[int, list[tuple[float, int, bool]]]:
 
 # --- the original, on the same weights ----------------------------------------------------------
 
-def run_original(question: np.ndarray, speech_end: int, steps: int) -> dict:
-    """The reference loop on $OMNIFLOW_HOME's weights (float32), after a short warm-up answer."""
+def run_original(question: np.ndarray, speech_end: int, steps: int, threads: int | None = None) -> dict:
+    """The reference loop on $OMNIFLOW_HOME's weights (float32), after a short warm-up answer;
+    torch's default threads (as the original runs) unless `threads`."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from benchmarks.concurrency import original_answer
     from omniflow.model.snac_stream import SnacDecoder
@@ -576,7 +580,7 @@ def run(args: argparse.Namespace) -> dict:
             print(f"  {summary(results['graphs']['speech']['rounds'][0])}", file=sys.stderr)
             save_partial(args, results)
     if args.original:
-        results["original"] = run_original(question, speech_end, steps)
+        results["original"] = run_original(question, speech_end, steps, args.original_threads)
     results["machine"]["load_average_end"] = os.getloadavg()[0]
     return results
 
@@ -658,6 +662,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds an answer may take before the round is reported as timed out")
     parser.add_argument("--original", default=True, action=argparse.BooleanOptionalAction,
                         help="time the original Mini-Omni loop on the same weights (the baseline)")
+    parser.add_argument("--original-threads", type=int, default=None, metavar="N",
+                        help="torch threads of the original (default: torch's, as the original runs; "
+                             "on a busy machine its spinning OpenMP threads slow it far more than the "
+                             "graph's passive ones)")
     parser.add_argument("--json", default=None, help="also write the results here")
 
 
