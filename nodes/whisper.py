@@ -103,6 +103,12 @@ class WhisperEncoder(Node):
         meta.update(ms=seconds * 1000, frames=len(data), windows=windows, early=hit)
         yield "features", frame.follow("features", data, meta=meta, last=frame.last)
 
+    def end(self, session: str):
+        """The session is over: forget its tentative encode and its last turn."""
+        self.early.pop(session, None)
+        self.finished.pop(session, None)
+        return ()
+
     def _features(self, frame: Frame, audio: np.ndarray) -> tuple[np.ndarray, list[int]]:
         """(N,) 16 kHz -> ((T, d) features, rows per window); split or refused past max_seconds."""
         seconds = len(audio) / SAMPLE_RATE
