@@ -450,6 +450,13 @@ class RealtimeSession:
         if not self.config.server_vad:
             if event == "stopped" and "audio" in self.awaiting:
                 self._bind(turn, "audio")
+            elif event == "silence" and "audio" in self.awaiting:    # committed audio without speech
+                self.awaiting.remove("audio")
+                self.error("the committed audio holds no speech the VAD heard: nothing to answer",
+                           code="no_speech")
+                if self.response is not None and self.response.turn is None and not self.awaiting:
+                    self._finish("failed", {"type": "failed", "error": {"type": "invalid_request_error",
+                                                                       "code": "no_speech"}})
             return
         if event == "started":
             self.speech_item = _id("item")

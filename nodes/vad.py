@@ -27,7 +27,9 @@ speech resumes instead, the tentative is simply never confirmed (the final one d
 Speech events (output `speech`, for clients that show them, e.g. the gateway's Realtime API): a
 frame {"event": "started", "audio_ms"} when an utterance's speech is confirmed (with the pcm
 stream's turn: the utterance's own is not granted yet), and {"event": "stopped", "audio_ms"} with the utterance's turn when the
-utterance is sent; audio_ms counts the session's input stream from its start (pads excluded).
+utterance is sent; {"event": "silence"} when a stream is flushed (a pcm frame with last=True,
+or end of stream) without having given any utterance. audio_ms counts the session's input stream
+from its start (pads excluded).
 """
 from __future__ import annotations
 
@@ -88,6 +90,7 @@ class StreamState:
     rate: int = RATE
     origin: int = 0               # samples of the session's input before this stream (earlier flushes)
     early_sent: bool = False      # the tentative end of the current silence was sent (output `early`)
+    utterances: int = 0           # utterances this stream gave (a flush of none says "silence")
 
 
 @dataclass
@@ -272,6 +275,7 @@ class SileroVAD(Node):
             yield from self._announce(frame, s)
         audio = self._audio(s)[seg.start - s.audio_start: seg.end - s.audio_start].copy()
         session = frame.session
+        s.utterances += 1
         self.count[session] = self.count.get(session, 0) + 1
         meta = {"rate": RATE, "start_s": seg.start / RATE, "end_s": seg.end / RATE,
                 "speech_ms": seg.speech_ms}
@@ -302,6 +306,9 @@ class SileroVAD(Node):
             s.kept[-1] = s.kept[-1][: len(s.kept[-1]) - (WINDOW - tail)]
         if s.triggered:
             yield from self._close(frame, s, s.silence_start or s.position)
+        if not s.utterances:             # a flushed stream with no speech: say so (a client that
+            yield "speech", Frame(kind="speech", session=frame.session, turn=frame.turn,   # waits for an answer)
+                                  meta={"event": "silence", "audio_ms": self._ms(s, s.position)})
         s = self.streams.pop(frame.session, None)
         if s is not None:
             self.heard[frame.session] = s.origin + s.position

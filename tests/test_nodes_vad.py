@@ -151,7 +151,7 @@ def test_no_speech_gives_no_utterance(kind):
     rng = np.random.default_rng(0)
     audio = silence(4.0) if kind == "silence" else (0.05 * rng.standard_normal(4 * RATE)).astype(np.float32)
     out = run_node(SileroVAD(), chunks(audio, 1600))
-    assert out == []
+    assert [(port, f.meta["event"]) for port, f in out] == [("speech", "silence")]   # no utterance, no turn
 
 
 def test_speech_in_progress_is_flushed_at_end_of_stream(dialogue):

@@ -178,6 +178,14 @@ def test_turn_detection_none_buffers_until_commit_and_response_create():
     assert w.node({"type": "speech", "event": "stopped", "turn": 0, "audio_ms": 250}) == []
     assert types(w.node(np.ones(8, np.float32), turn=0)) == ["response.output_audio.delta"]
     assert w.node(json.dumps({"type": "end", "turn": 0}))[-1]["response"]["status"] == "completed"
+    # committed audio in which the VAD hears no speech: an error and a failed response, not a hang
+    w.client("input_audio_buffer.append", audio=pcm_b64(np.zeros(1600, np.int16)))
+    w.client("input_audio_buffer.commit")
+    assert types(w.client("response.create"))[0] == "response.created"
+    events = w.node({"type": "speech", "event": "silence", "turn": 0, "audio_ms": 350})
+    assert events[0]["type"] == "error" and events[0]["error"]["code"] == "no_speech"
+    assert events[-1]["type"] == "response.done" and events[-1]["response"]["status"] == "failed"
+    assert types(w.client("response.cancel")) == ["error"]                 # nothing left in progress
 
 
 def test_random_client_events_get_replies_or_errors_never_a_crash():

@@ -98,6 +98,15 @@ def test_browser_hands_free_hears_the_answer_and_shows_the_transcript(demo_home,
                                        " && window.omniflowStats.samplesCut > 0", timeout=30_000)
                 page.wait_for_function("() => window.omniflowStats.turns > 2", timeout=150_000)
                 barge = page.evaluate("() => JSON.parse(JSON.stringify(window.omniflowStats))")
+                # press to talk: hold the button over a whole loop of the fake microphone (question + silence)
+                page.select_option("#mode", "press-to-talk")
+                page.wait_for_function("() => !document.getElementById('talk').disabled", timeout=10_000)
+                page.hover("#talk")
+                page.mouse.down()
+                page.wait_for_timeout(10_000)
+                page.mouse.up()
+                page.wait_for_function("() => window.omniflowStats.answered.press > 0", timeout=150_000)
+                held = page.evaluate("() => JSON.parse(JSON.stringify(window.omniflowStats))")
                 result["shown"] = page.inner_text("#transcript")
                 result["labels"] = page.locator(".lat").all_inner_texts()      # first-audio latency per answer
                 shot = os.environ.get("OMNIFLOW_SCREENSHOT")
@@ -106,9 +115,9 @@ def test_browser_hands_free_hears_the_answer_and_shows_the_transcript(demo_home,
                 page.click("#connect")                           # disconnect: the graph ends by itself
             finally:
                 browser.close()
-            return result, barge
+            return result, barge, held
 
-    stats, barge = run_server(graph, browse, in_process=True)
+    stats, barge, held = run_server(graph, browse, in_process=True)
     assert stats["events"].get("input_audio_buffer.speech_started", 0) >= 1
     assert stats["events"].get("response.output_audio.delta", 0) >= 1
     assert stats["samplesPlayed"] > 0 and stats["turns"] >= 1
@@ -118,3 +127,6 @@ def test_browser_hands_free_hears_the_answer_and_shows_the_transcript(demo_home,
     # typed, then typed over that answer while it played: its playback stopped and it was cancelled
     assert barge["stops"] >= 1 and barge["samplesCut"] > 0 and barge["cancelled"] >= 1
     assert barge["turns"] >= 3
+    # press to talk (turn_detection null): the held audio was committed and answered
+    assert held["answered"].get("press", 0) >= 1, held["answered"]
+    assert barge["answered"].get("typed", 0) >= 1 and stats["answered"].get("voice", 0) >= 1
