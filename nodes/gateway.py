@@ -508,8 +508,8 @@ class Gateway(Node):
         if s is None:
             return
         if kind == "pcm":
-            _, _, audio, rate, t_ns = event
-            yield "audio", self._pcm(session, s, audio, rate, t_ns)
+            _, _, audio, rate, t_ns, *meta = event          # (meta: e.g. the Realtime API's segment: client)
+            yield "audio", self._pcm(session, s, audio, rate, t_ns, meta=meta[0] if meta else None)
         elif kind == "flush":
             _, _, rate, t_ns = event
             self.server.ops.turn_asked(session)
@@ -531,9 +531,9 @@ class Gateway(Node):
                 self.idle_since = time.monotonic()
 
     def _pcm(self, session: str, s: _ClientSession, audio: np.ndarray, rate: int, t_ns: int,
-             last: bool = False) -> Frame:
+             last: bool = False, meta: dict | None = None) -> Frame:
         frame = Frame(kind="pcm", session=session, turn=max(s.turn, 0), seq=s.seq, last=last, data=audio,
-                      meta={"rate": rate}, stamps=[(f"{self.name}:ws", t_ns)])
+                      meta={**(meta or {}), "rate": rate}, stamps=[(f"{self.name}:ws", t_ns)])
         s.seq = 0 if last else s.seq + 1               # a flushed stream starts again at seq 0
         return frame
 

@@ -20,7 +20,8 @@ Client events
                                     or null; instructions, voice and tools are ignored with a warning
     input_audio_buffer.append       {audio: base64 pcm16 little-endian}
     input_audio_buffer.commit       server_vad: the utterance in progress ends here (the VAD flushes);
-                                    none: the buffered audio becomes a user item (answered at response.create)
+                                    none: the buffered audio becomes a user item, answered at response.create
+                                    as one utterance (pcm meta segment: client: the VAD trims, never splits)
     input_audio_buffer.clear        none: drop the buffered audio (server_vad: audio already went to the
                                     VAD as it came, so only the reply is sent)
     conversation.item.create        {item: {type: message, role: user, content: [{type: input_text, text}]}}
@@ -307,7 +308,7 @@ class RealtimeSession:
             self.committed.clear()
             step = self.config.input_rate // 10                          # 100 ms events
             for i in range(0, len(audio), step):
-                self.to_node("pcm", audio[i:i + step], self.config.input_rate, now)
+                self.to_node("pcm", audio[i:i + step], self.config.input_rate, now, {"segment": "client"})
             self.to_node("flush", self.config.input_rate, now)
             self.awaiting.append("audio")
         if self.pending_text:

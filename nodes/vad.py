@@ -9,7 +9,10 @@ silero's `VADIterator`, plus a minimum speech length and a maximum utterance len
   the utterance ends `speech_pad_ms` after the first silent window;
 * utterances whose speech (without pads) is shorter than `min_speech_ms` are dropped (coughs, clicks);
 * an utterance reaching `max_utterance_s` is cut there and the next one starts at once;
-* at end of stream (or a pcm frame with last=True), an utterance in progress is flushed.
+* at end of stream (or a pcm frame with last=True), an utterance in progress is flushed;
+* a stream whose frames say meta {"segment": "client"} (its client decides where a turn ends: the
+  Realtime API's turn_detection null) is not split at silences: its speech, first to last, is one
+  utterance, sent when the stream is flushed.
 
 Turns and barge-in: every utterance is a new turn of its session. The VAD does not number turns:
 as soon as an utterance's speech is confirmed (`min_speech_ms` of it heard) it asks the control
@@ -91,6 +94,7 @@ class StreamState:
     origin: int = 0               # samples of the session's input before this stream (earlier flushes)
     early_sent: bool = False      # the tentative end of the current silence was sent (output `early`)
     utterances: int = 0           # utterances this stream gave (a flush of none says "silence")
+    whole: bool = False           # segment: client (no split at silences; the flush ends it)
 
 
 @dataclass
@@ -135,6 +139,7 @@ class SileroVAD(Node):
         s = self.streams.get(frame.session)
         if s is None:
             s = self.streams[frame.session] = StreamState(origin=self.heard.pop(frame.session, 0))
+        s.whole = s.whole or frame.meta.get("segment") == "client"
         audio = self._to_16k(frame, s)
         s.pending = np.concatenate([s.pending, audio])
         n = len(s.pending) // WINDOW * WINDOW
@@ -204,7 +209,7 @@ class SileroVAD(Node):
         elif prob < p.threshold - HYSTERESIS and s.triggered:
             if not s.silence_start:
                 s.silence_start = start
-            if s.position - s.silence_start >= self.min_silence:
+            if s.position - s.silence_start >= self.min_silence and not s.whole:
                 yield from self._close(frame, s, s.silence_start)
         if s.triggered and s.silence_start and p.early and not s.early_sent:
             yield from self._tentative(frame, s)

@@ -255,3 +255,16 @@ def test_a_confirmed_tentative_gives_the_features_of_the_plain_path(dialogue, wh
     for a, b in zip(feats, plain):
         np.testing.assert_array_equal(a.data, b.data)
         assert not b.meta["early"] and a.turn == b.turn
+
+
+def test_a_client_segmented_stream_is_one_utterance_from_first_to_last_speech(dialogue):
+    audio, truth = dialogue
+    frames = chunks(audio, 800)
+    for f in frames:
+        f.meta["segment"] = "client"                 # the client decides where its turn ends
+    out = run_node(SileroVAD(), frames)
+    [utt] = out.on("utterance")                      # the silence between the phrases does not split it
+    pad = SileroVAD.Params().speech_pad_ms / 1000
+    assert utt.meta["start_s"] == pytest.approx(truth[0][0] - pad, abs=TOLERANCE_S)
+    assert utt.meta["end_s"] == pytest.approx(truth[1][1] + pad, abs=TOLERANCE_S)
+    assert [f.meta["event"] for f in out.on("speech")] == ["started", "stopped"]

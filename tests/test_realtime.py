@@ -172,6 +172,7 @@ def test_turn_detection_none_buffers_until_commit_and_response_create():
     w.client("response.create")
     sent = [e for e in w.to_node if e[0] == "pcm"]
     assert np.array_equal(np.concatenate([e[1] for e in sent]), audio) and {e[2] for e in sent} == {16000}
+    assert all(e[4] == {"segment": "client"} for e in sent)      # one utterance: the VAD does not split it
     assert w.to_node[-1][0] == "flush"
     # the VAD's speech events are not the client's in this mode; "stopped" says which turn answers
     assert w.node({"type": "speech", "event": "started", "turn": 0, "audio_ms": 0}) == []
