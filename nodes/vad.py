@@ -211,7 +211,8 @@ class SileroVAD(Node):
                 s.silence_start = start
             if s.position - s.silence_start >= self.min_silence and not s.whole:
                 yield from self._close(frame, s, s.silence_start)
-        if s.triggered and s.silence_start and p.early and not s.early_sent:
+        if s.triggered and s.silence_start and p.early and not s.early_sent and not s.whole:   # (whole: no
+            # silence ends it, so a tentative end would only make whisper encode twice)
             yield from self._tentative(frame, s)
         if s.triggered:
             speech_end = s.silence_start or s.position

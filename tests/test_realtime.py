@@ -250,8 +250,10 @@ def wait_listening(port: int, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
+            up = probe.connect_ex(("127.0.0.1", port)) == 0
+        if up:
+            http_get(port, "/healthz")            # (a whole request: no half-open handshake in the log)
+            return
         assert time.monotonic() < deadline, "the gateway never listened"
         time.sleep(0.05)
 

@@ -33,6 +33,15 @@ def chromium() -> str:
     return path
 
 
+def wait_for(page, condition: str, timeout: float) -> None:
+    """page.wait_for_function, failing with the page's stats (what did happen) instead of a bare timeout."""
+    try:
+        page.wait_for_function(condition, timeout=timeout)
+    except Exception as e:                                  # playwright's TimeoutError
+        stats = page.evaluate("() => JSON.stringify(window.omniflowStats || null)")
+        raise AssertionError(f"the page never reached {condition}: {type(e).__name__}; stats: {stats}") from None
+
+
 def fake_mic(tmp: Path) -> Path:
     """The question, then 6 s of silence (the page answers before Chromium loops the file), at 48 kHz."""
     import soxr
@@ -70,6 +79,7 @@ def test_browser_hands_free_hears_the_answer_and_shows_the_transcript(demo_home,
     port = free_port()
     graph = serve_graph(tmp_path, port)
     graph.nodes["gateway"].params["idle_timeout_s"] = 10.0
+    graph.nodes["backbone"].params["max_speed"] = 1.0      # answers arrive as they play: one can be cut mid-way
     mic = fake_mic(tmp_path)
 
     def browse():
@@ -81,31 +91,31 @@ def test_browser_hands_free_hears_the_answer_and_shows_the_transcript(demo_home,
                 page = browser.new_page()
                 page.goto(f"http://127.0.0.1:{port}/")
                 page.click("#connect")
-                page.wait_for_function("() => window.omniflowStats.samplesPlayed > 0 && "
+                wait_for(page, "() => window.omniflowStats.samplesPlayed > 0 && "
                                        "window.omniflowStats.transcript.length > 0", timeout=150_000)
-                page.wait_for_function("() => window.omniflowStats.turns > 0", timeout=60_000)
+                wait_for(page, "() => window.omniflowStats.turns > 0", timeout=60_000)
                 result = page.evaluate("() => JSON.parse(JSON.stringify(window.omniflowStats))")
                 # barge in over the next answer (typed: the fake microphone cannot be made to speak on
                 # cue; a spoken barge-in takes the same stopPlayback path at speech_started)
                 page.fill("#text", "What is the capital of France?")
                 page.click("#send")
-                page.wait_for_function("() => window.omniflowStats.turns > 1", timeout=150_000)
-                page.wait_for_function("() => window.omniflowStats.samplesQueued > window.omniflowStats.samplesPlayed"
-                                       " + window.omniflowStats.samplesCut", timeout=30_000)   # it is playing
+                wait_for(page, "() => window.omniflowStats.turns > 1", timeout=150_000)
+                wait_for(page, "() => window.omniflowStats.answering && window.omniflowStats.samplesQueued > "
+                         "window.omniflowStats.samplesPlayed + window.omniflowStats.samplesCut", timeout=60_000)
                 page.fill("#text", "And of Italy?")
                 page.click("#send")
-                page.wait_for_function("() => window.omniflowStats.stops > 0 && window.omniflowStats.cancelled > 0"
+                wait_for(page, "() => window.omniflowStats.stops > 0 && window.omniflowStats.cancelled > 0"
                                        " && window.omniflowStats.samplesCut > 0", timeout=30_000)
-                page.wait_for_function("() => window.omniflowStats.turns > 2", timeout=150_000)
+                wait_for(page, "() => window.omniflowStats.turns > 2", timeout=150_000)
                 barge = page.evaluate("() => JSON.parse(JSON.stringify(window.omniflowStats))")
                 # press to talk: hold the button over a whole loop of the fake microphone (question + silence)
                 page.select_option("#mode", "press-to-talk")
-                page.wait_for_function("() => !document.getElementById('talk').disabled", timeout=10_000)
+                wait_for(page, "() => !document.getElementById('talk').disabled", timeout=10_000)
                 page.hover("#talk")
                 page.mouse.down()
                 page.wait_for_timeout(10_000)
                 page.mouse.up()
-                page.wait_for_function("() => window.omniflowStats.answered.press > 0", timeout=150_000)
+                wait_for(page, "() => window.omniflowStats.answered.press > 0", timeout=150_000)
                 held = page.evaluate("() => JSON.parse(JSON.stringify(window.omniflowStats))")
                 result["shown"] = page.inner_text("#transcript")
                 result["labels"] = page.locator(".lat").all_inner_texts()      # first-audio latency per answer
