@@ -39,13 +39,13 @@ echo "[1/3] decode step at $DECODE_SESSIONS sessions (budget ${DECODE_BUDGET} s)
 timeout $((DECODE_BUDGET + 60)) "$PY" - "$WORK/decode.json" "$DEVICE" "$DECODE_SESSIONS" "${N_LAYER:-}" "$DECODE_BUDGET" <<'EOF' || echo "decode timing did not finish (timeout or failure): what ran is kept" >&2
 import json, sys, time
 import torch
-from benchmarks.decode import DTYPES, REAL_TIME_STEPS_PER_S, bench_prefill, bench_step, random_model
+from benchmarks.decode import REAL_TIME_STEPS_PER_S, bench_prefill, bench_step, random_model
 from omniflow.model.config import Config
 
 out, device, sessions, n_layer, budget = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5])
 t0 = time.monotonic()
 cfg = Config() if not n_layer else Config(n_layer=int(n_layer))
-model = random_model(cfg, DTYPES["bfloat16"], device)
+model = random_model(cfg, torch.bfloat16, device)
 res = {"dtype": "bfloat16", "device": device, "n_layer": cfg.n_layer, "torch": torch.__version__,
        "real_time_step_ms": 1000 / REAL_TIME_STEPS_PER_S,
        "prefill_ms": 1000 * bench_prefill(model, device)["prefill_s"], "steps": {}}
@@ -68,6 +68,9 @@ for n in counts:                                   # eager first: always afforda
     save()
 for n in counts:                                   # CUDA graphs: compiling costs tens of seconds each
     entry = res["steps"][str(n)]
+    if not device.startswith("cuda"):
+        entry["graphs_ms"], entry["graphs_skipped"] = None, "CUDA graphs need a CUDA device"
+        continue
     if time.monotonic() - t0 > budget:
         entry["graphs_ms"] = None
         entry["graphs_skipped"] = "time budget spent"

@@ -78,3 +78,25 @@ def test_bench_live_on_demo_weights_reports_every_field(demo_home, tmp_path):
     o = r["original"]
     assert o["first_audio_s"] > 0 and o["answer_s"] > 0 and o["rtf"] > 0
     assert "first vs orig" in proc.stdout and "original" in proc.stdout
+
+
+def test_gpu_script_times_decode_steps_on_cpu_and_writes_one_json(tmp_path):
+    """benchmarks/gpu.sh's pieces on CPU (2 layers, no time left for the served graph): it still
+    writes its one JSON, with a decode point per session count and the skipped part said."""
+    import os
+    from pathlib import Path
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "DEVICE": "cpu", "N_LAYER": "2", "DECODE_SESSIONS": "1,2", "BUDGET_S": "70",
+           "PYTHON": sys.executable, "PYTHONPATH": str(repo), "OMNIFLOW_HOME": str(tmp_path)}
+    proc = subprocess.run(["bash", str(repo / "benchmarks" / "gpu.sh"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    steps = r["decode"]["steps"]
+    assert set(steps) == {"1", "2"}, r["decode"]
+    for e in steps.values():
+        assert e["eager_ms"] > 0 and e["best_ms"] == e["eager_ms"] and e["graphs_ms"] is None
+        assert "CUDA" in e["graphs_skipped"]
+    assert r["decode"]["complete"] and r["decode"]["n_layer"] == 2
+    assert r["sessions_held_without_stalls"] == 0 and "error" in r["live"]     # no time was left
