@@ -53,6 +53,7 @@ class _Turn:
     dropped: int = 0                                           # frames with specials, never sent
     chunks: int = 0                                            # chunks sent so far this turn
     closed: bool = False                                       # last chunk sent: ignore the rest
+    warned: bool = False                                       # a gap in its steps was logged (once)
 
 
 class SnacScheduler(Node):
@@ -85,9 +86,11 @@ class SnacScheduler(Node):
         if ids.shape != (N_AUDIO_LAYERS + 1,):
             raise ValueError(f"tokens frame of session {frame.session!r} has shape {ids.shape}; "
                              f"expected ({N_AUDIO_LAYERS + 1},): 7 audio ids then the text id")
-        if "step" in frame.meta and frame.meta["step"] != state.undelayer.step:
-            self.log.warning("session %s: tokens step %s arrived, expected step %s (lost or reordered "
-                             "frames?)", frame.session, frame.meta["step"], state.undelayer.step)
+        if "step" in frame.meta and frame.meta["step"] != state.undelayer.step and not state.warned:
+            state.warned = True                                   # once per turn, not once per step
+            self.log.warning("session %s turn %d: tokens step %s arrived, expected step %s (lost or "
+                             "reordered frames?); not repeated for this turn", frame.session, frame.turn,
+                             frame.meta["step"], state.undelayer.step)
         new = state.undelayer.push(ids[:N_AUDIO_LAYERS])          # (k, 7) completed frames
         keep = valid_frames(new)
         state.dropped += int((~keep).sum())

@@ -54,23 +54,28 @@ class SnacVocoder(Node):
         self.stream: SnacStream = build_stream(path, runtime=p.runtime, device=p.device, noise=p.noise,
                                                seed=p.seed, crossfade_ms=p.crossfade_ms, speculate=p.speculate)
         self.states: dict[str, TurnStream] = {}
+        self.gaps: dict[str, int] = {}            # session -> turn whose lost frames were logged
 
     def process(self, port, frame: Frame):
         state = self.states.get(frame.session)
         if state is None or state.turn != frame.turn:
             state = self.states[frame.session] = TurnStream(turn=frame.turn)
         first = frame.meta.get("first_frame", state.frames)
-        if first != state.frames:
-            self.log.warning("session %s: chunk starts at frame %s, expected %s (lost chunk?)",
-                             frame.session, first, state.frames)
+        if first != state.frames and self.gaps.get(frame.session) != frame.turn:
+            self.gaps[frame.session] = frame.turn                 # logged once per turn
+            self.log.warning("session %s turn %d: chunk starts at frame %s, expected %s: frames lost "
+                             "upstream (a restart?); not repeated for this turn", frame.session,
+                             frame.turn, first, state.frames)
         start_sample = state.sent
         pcm = self.stream.push_frames(state, frame.data, last=frame.last)
         if frame.last:
             self.states.pop(frame.session, None)
+            self.gaps.pop(frame.session, None)
         if len(pcm) or frame.last:
             yield "pcm", frame.follow("pcm", pcm, last=frame.last,
                                       meta={"rate": SAMPLE_RATE, "first_sample": start_sample})
 
     def reset(self, session: str, turn: int):
         self.states.pop(session, None)
+        self.gaps.pop(session, None)
         return ()
