@@ -7,6 +7,7 @@ import importlib
 BENCHMARKS = {
     "transport": "one-hop and 6-hop latency/throughput of omniflow edges vs raw pyzmq",
     "decode": "backbone decode steps per second",
+    "quality": "logits and greedy tokens of each fast numeric path (bf16, quantized weights) vs fp32",
     "graph": "speech-to-speech graph latency",
     "concurrency": "first-audio latency and decode step with 1, 2, 4 concurrent speakers",
     "train": "training step throughput",

@@ -167,6 +167,24 @@ def bench_step(model: MiniOmni, sessions: int, steps: int, device: str, **kw) ->
     return timed(step, steps, warmup=3)
 
 
+def bench_join(model: MiniOmni, chunk: int, device: str, quant: str = "none") -> dict:
+    """A live session's step times while a second A1A2 session (PROMPT_FRAMES prompt) joins with
+    prefill chunks of `chunk` positions: the longest step (what the live listener waits at worst)
+    and how many steps the join took."""
+    eng = Engine(model, max_sessions=2, quant=quant, prefill_chunk=chunk)
+    eng.start("live", "A1A2", embeds=random_embeds(model, BATCH_PROMPT_FRAMES, device))
+    for _ in range(2):
+        eng.step()
+    eng.begin("join", "A1A2", embeds=random_embeds(model, PROMPT_FRAMES, device))
+    times = []
+    while "join" in eng and eng.sessions["join"].pending is not None:
+        t0 = time.perf_counter()
+        eng.step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return dict(chunk=chunk, max_step_s=max(times), join_steps=len(times))
+
+
 def random_embeds(model: MiniOmni, frames: int, device: str) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     with torch.inference_mode():
@@ -201,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the engine's decode step")
     p.add_argument("--n-layer", type=int, default=None, help="fewer layers for a quick smoke run")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--join-chunks", default="16",
+                   help="prefill chunk sizes to time a join under (comma list; empty: skip)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     if args.threads:
@@ -260,6 +280,13 @@ def main(argv: list[str] | None = None) -> int:
             if fp32 and label != "float32" and n in fp32["steps"]:
                 line += f" | float32 {fp32['steps'][n] / step_s:.2f}x faster"
             print(line)
+        row["joins"] = []
+        for chunk in [int(c) for c in args.join_chunks.split(",") if c]:
+            join = bench_join(model, chunk, args.device, quant=mode)
+            row["joins"].append(join)
+            print(f"omniflow  a session joins (prefill {PROMPT_FRAMES + 3} positions in chunks of {chunk}) while one "
+                  f"decodes: its longest step {join['max_step_s'] * 1e3:7.1f} ms over {join['join_steps']} steps "
+                  f"(unchunked: one {pre['prefill_s'] * 1e3:.0f} ms stall)")
         if label == "float32":
             fp32 = row
         report["paths"].append(row)

@@ -14,7 +14,9 @@ Output
             the end of the turn.
 
 Scheduling (through `omniflow.model.engine.Engine`): `process()` prefills a new turn at once and
-emits its step 0, so a new utterance joins the running batch at the next `step()`; `step()` runs
+emits its step 0, so a new utterance joins the running batch at the next `step()` (with
+`prefill_chunk: N` its prompt is prefilled N positions per `step()` instead, so the sessions
+already speaking never wait for a join; the step that completes it emits its step 0); `step()` runs
 ONE batched decode step for every live session and emits one frame per session. A turn that
 finds no free cache slot waits in a FIFO queue and starts as soon as a session ends — never
 dropped. A new turn of a session that is still answering replaces the old one (barge-in);
@@ -33,9 +35,10 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
+from msgspec import Meta
 import numpy as np
 
 from omniflow.frame import Frame
@@ -86,6 +89,9 @@ class Backbone(Node):
         top_k: Positive | None = 1
         top_p: UnitInterval = 1.0
         seed: int | None = None
+        prefill_chunk: Annotated[int, Meta(ge=0)] = 0  # >0: a joining turn's prompt is prefilled this many
+                                           # positions per decode step of the live sessions
+                                           # (chunked prefill: joins never stall them); 0: at once
         max_speed: NonNegative = 0.0             # decode at most this many times faster than real time
                                            # (1 step = one SNAC frame of speech); 0: as fast as possible.
                                            # Answers a listener hears in real time gain nothing from
@@ -115,7 +121,8 @@ class Backbone(Node):
         model, self.cfg = load_model(self.ckpt_dir, device=self.params.device,
                                      dtype=getattr(torch, self.params.dtype))
         p = self.params
-        self.engine = Engine(model, max_sessions=p.max_sessions, compile=p.compile, quant=p.quant)
+        self.engine = Engine(model, max_sessions=p.max_sessions, compile=p.compile, quant=p.quant,
+                             **({"prefill_chunk": p.prefill_chunk} if p.prefill_chunk else {}))
         if p.quant != "none":
             self.log.info("backbone weights: quant %s (%s requested)", self.engine.quant, p.quant)
         self.sampling = Sampling(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed)
@@ -205,11 +212,18 @@ class Backbone(Node):
         return len(eng.sessions) < eng.max_sessions and eng.n_rows + len(get_task(task).rows) <= eng.max_rows
 
     def _admit(self):
-        """Prefill queued turns while the engine has room; each emits its step-0 tokens."""
+        """Admit queued turns while the engine has room. Prefilled at once, each emits its step-0
+        tokens here; chunked (prefill_chunk > 0), the step() that completes its prompt does."""
         while self.queue and self._has_room(self.queue[0].task):
             req = self.queue.popleft()
-            out = self.engine.start(req.session, req.task, embeds=req.embeds, text_ids=req.text_ids,
-                                    sampling=self.sampling, max_new_tokens=self._max_new_tokens(req))
+            kw = dict(embeds=req.embeds, text_ids=req.text_ids, sampling=self.sampling,
+                      max_new_tokens=self._max_new_tokens(req))
+            if self.params.prefill_chunk:
+                self.engine.begin(req.session, req.task, **kw)
+                req.embeds = None                    # the engine holds the prompt's embeddings
+                self.live[req.session] = req
+                continue
+            out = self.engine.start(req.session, req.task, **kw)
             req.embeds = None                        # the prompt is in the KV cache now
             self.live[req.session] = req
             yield self._emit(req, out)

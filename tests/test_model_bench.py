@@ -42,3 +42,26 @@ def test_benchmark_runs_on_a_one_layer_model(capsys):
     out = capsys.readouterr().out
     assert "original (re-created)" in out and "1 session(s)" in out and "prefill 154 positions" in out
     assert "== float32+auto" in out and "| float32 " in out        # the quantized path's ratio to fp32
+
+
+@pytest.mark.slow
+def test_quality_benchmark_reports_every_path_on_tiny_and_trained_weights(tmp_path, capsys):
+    import json
+
+    from benchmarks.quality import main as quality
+    from omniflow.model import weights
+    from train.data.make_espeak_set import espeak_available
+
+    ckpt = weights.write_demo_miniomni(tmp_path / "m", size="tiny")
+    argv = ["--checkpoint", str(ckpt), "--steps", "4", "--paths", "bfloat16,float32+fp16", "--json", str(tmp_path / "q.json")]
+    if espeak_available():
+        argv += ["--make-trained", str(tmp_path / "t"), "--sentences", "2", "--train-steps", "3", "--max-new-tokens", "6"]
+    assert quality(argv) == 0
+    report = json.loads((tmp_path / "q.json").read_text())
+    rows = report["real_size"]
+    assert [r["path"] for r in rows] == ["bfloat16", "float32+fp16"]
+    for r in rows:
+        assert 0 <= r["text_rel_err"] < 1 and 0 <= r["text_top1"] <= 1 and len(r["audio_top1"]) == 7
+    if espeak_available():
+        for r in report["trained"]["rows"]:
+            assert 0 <= r["identical"] <= r["samples"] == 10 and 0 <= r["prefix_agreement"] <= 1

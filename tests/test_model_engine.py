@@ -265,3 +265,55 @@ def test_packed_and_plain_heads_give_the_same_tokens(model):
     packed = answer(Engine(model, max_sessions=1, pack_heads=True), "A1A2", embeds=e, max_new_tokens=15)
     plain = answer(Engine(model, max_sessions=1, pack_heads=False), "A1A2", embeds=e, max_new_tokens=15)
     assert packed == plain
+
+
+@pytest.mark.parametrize("chunk,static", [(1, False), (3, False), (64, False), (3, True)])
+def test_chunked_prefill_gives_the_whole_prefill_tokens_while_others_decode(model, chunk, static):
+    """`begin` spreads a prompt over the next steps, `chunk` positions per step, while a live
+    session keeps decoding every step; every session's tokens equal its solo unchunked run."""
+    e1, e2 = embeds_for(model, 5, 1), embeds_for(model, 9, 2)
+    jobs = {
+        "live": dict(task="A1A2", embeds=e1, max_new_tokens=30),
+        "a1a2": dict(task="A1A2", embeds=e2, max_new_tokens=10),    # shared-prefix rows
+        "t1a2": dict(task="T1A2", text_ids=TEXT, max_new_tokens=10),
+        "a1t2": dict(task="A1T2", embeds=e2, max_new_tokens=10),
+    }
+    eng = Engine(model, max_sessions=4, prefill_chunk=chunk, static_shapes=static)  # static: the CUDA step
+    got = {sid: [] for sid in jobs}
+
+    def collect(outs):
+        for sid, o in outs.items():
+            if o.kept:
+                got[sid].append(o.tokens)
+
+    collect({"live": eng.start("live", **jobs["live"])})
+    steps_live = []
+    for sid in ("a1a2", "t1a2", "a1t2"):
+        eng.begin(sid, **jobs[sid])
+        assert sid in eng and eng.sessions[sid].pending is not None
+        for _ in range(2):
+            outs = eng.step()
+            steps_live.append("live" in outs)
+            collect(outs)
+    while eng.sessions:
+        outs = eng.step()
+        collect(outs)
+    assert all(steps_live)                                  # the live session decoded every step
+    for sid, job in jobs.items():
+        want = solo(model, job["task"], **{k: v for k, v in job.items() if k != "task"})
+        assert got[sid] == want, sid
+
+
+def test_chunked_prefill_alone_runs_the_whole_prompt_in_one_step_and_can_be_stopped(model):
+    eng = Engine(model, max_sessions=2, prefill_chunk=2)
+    eng.begin("a", "A1A2", embeds=embeds_for(model, 9, 2), max_new_tokens=5)
+    assert eng.n_rows == 2
+    outs = eng.step()                                       # nobody decoding: no reason to wait
+    assert outs["a"].step == 0 and eng.sessions["a"].pending is None
+    eng.begin("b", "T1A2", text_ids=TEXT, max_new_tokens=5)
+    eng.stop("b")                                           # barge-in while prefilling
+    assert "b" not in eng and eng.n_rows == 2
+    eng.stop("a")
+    assert eng.n_rows == 0
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        Engine(model, prefill_chunk=0)

@@ -97,6 +97,33 @@ def test_a_session_joins_the_running_batch_at_the_next_step(ckpt, n_embd):
     assert got["b"] == direct_tokens(ckpt, "A1A2", embeds=b[1].data)
 
 
+def test_chunked_prefill_keeps_the_live_session_stepping_while_another_joins(ckpt, n_embd):
+    node = backbone(ckpt, prefill_chunk=4, max_new_tokens=30)
+    node.setup()
+    a, b = embeds_frame(n_embd, "a", seed=1), embeds_frame(n_embd, "b", seed=2)   # 20 frames: 23 positions
+    log = list(node.process(*a))                       # nobody else decoding: a's whole prompt...
+    assert log == []                                   # ...runs in the next step
+    log += node.step()
+    assert [f.meta["step"] for _, f in log] == [0]
+    log += node.step()
+    assert list(node.process(*b)) == []                # b joins: its prompt goes 4 positions a step
+    steps = 0
+    while True:
+        outs = list(node.step())
+        log += outs
+        steps += 1
+        sessions = {f.session for _, f in outs}
+        assert "a" in sessions                         # a steps every time b's prompt advances
+        if "b" in sessions:
+            break
+    assert steps >= 23 // 4                            # b's prefill was spread over several steps
+    while node.has_work():
+        log += node.step()
+    got = {s: [f.data.tolist() for _, f in log if f.session == s and f.data is not None] for s in "ab"}
+    assert got["a"] == direct_tokens(ckpt, "A1A2", embeds=a[1].data, steps=30)
+    assert got["b"] == direct_tokens(ckpt, "A1A2", embeds=b[1].data, steps=30)
+
+
 def test_sessions_beyond_capacity_wait_and_are_never_dropped(ckpt, n_embd):
     frames = [embeds_frame(n_embd, f"s{i}", seed=i) for i in range(3)]
     out = run_node(backbone(ckpt, max_sessions=1), frames)

@@ -77,10 +77,22 @@ class _Session:
     step: int = 0
     length: int = 0            # filled cache positions (= position of the next input)
     text_end: bool = False
+    pending: "_Prefill | None" = None  # set while a chunked prefill is under way (`Engine.begin`)
 
     @property
     def n_rows(self) -> int:
         return len(self.task.rows)
+
+
+@dataclass
+class _Prefill:
+    """A prompt being prefilled in chunks: rows 0..first-1 run positions done.. of x."""
+
+    input_ids: torch.Tensor    # (R, 8, S)
+    x: torch.Tensor            # (first, S, C) the prompt's averaged embeddings
+    shared: int                # positions rows 1.. copy from row 0 (0: every row runs the chunks)
+    first: int                 # rows that run the chunks
+    done: int = 0              # positions in the cache
 
 
 def prepare_for_decode(model: MiniOmni) -> None:
@@ -99,7 +111,8 @@ class Engine:
     so the decode step has one shape (for CUDA graphs / `torch.compile`); default on CUDA only;
     pack_heads: on CPU keep oneDNN copies of the heads (+ head-size memory; faster head GEMMs
     above 4 rows); quant: `omniflow.model.quant` mode for the trunk projections and the heads
-    (none: the exact weights; the mode in effect is `self.quant`); calibrate: on an fp32 CPU
+    (none: the exact weights; the mode in effect is `self.quant`); prefill_chunk: prompt
+    positions a `begin` session prefills per `step()` while other sessions decode; calibrate: on an fp32 CPU
     engine, time the few-row GEMM kernels once per shape and thread count (`gpt.calibrate_few_rows`). `prepare_for_decode` fuses the
     model's MLP gate/up weights (values unchanged).
     """
@@ -114,11 +127,15 @@ class Engine:
         pack_heads: bool = True,
         quant: str = "none",
         calibrate: bool = True,
+        prefill_chunk: int = 32,
     ) -> None:
         self.model = model.eval()
         cfg = self.cfg = model.config
         self.device, self.dtype = model.device, model.dtype
         self.max_sessions = max_sessions
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 prompt positions per step, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.max_rows = max_rows or 2 * max_sessions
         self.static_shapes = (self.device.type == "cuda") if static_shapes is None else static_shapes
         shape = (cfg.n_layer, self.max_rows, cfg.n_query_groups, cfg.block_size, cfg.head_size)
@@ -206,22 +223,8 @@ class Engine:
         self.positions.zero_()
 
     # --- prefill -----------------------------------------------------------------------------
-    @torch.inference_mode()
-    def start(
-        self,
-        session_id: str,
-        task: str,
-        embeds: torch.Tensor | None = None,
-        text_ids: list[int] | None = None,
-        sampling: Sampling = Sampling(),
-        max_new_tokens: int | None = None,
-    ) -> StepOut:
-        """Prefill one session and return its step-0 tokens.
-
-        embeds: adapter output (T, n_embd) (or (R, T, n_embd)) for audio-input tasks;
-        text_ids: tokenized prompt for text-input tasks; max_new_tokens: answer steps including
-        this prefill step (default block_size - prompt length, the original's bound).
-        """
+    def _check_start(self, session_id, task, embeds, text_ids, max_new_tokens):
+        """Validate a new session: -> (input_ids (R, 8, S), embeds, n_frames, max_new_tokens)."""
         if session_id in self.sessions:
             raise ValueError(f"session {session_id!r} is already running; stop() it before restarting")
         spec = get_task(task)
@@ -259,13 +262,71 @@ class Engine:
         if not 1 <= max_new_tokens <= limit:
             raise ValueError(f"max_new_tokens must be in [1, {limit}] for a {S}-position prompt, got {max_new_tokens}")
 
+        return input_ids, embeds, n_frames, max_new_tokens
+
+    @torch.inference_mode()
+    def start(
+        self,
+        session_id: str,
+        task: str,
+        embeds: torch.Tensor | None = None,
+        text_ids: list[int] | None = None,
+        sampling: Sampling = Sampling(),
+        max_new_tokens: int | None = None,
+    ) -> StepOut:
+        """Prefill one session at once and return its step-0 tokens (`begin` spreads a prefill
+        over the next steps instead).
+
+        embeds: adapter output (T, n_embd) (or (R, T, n_embd)) for audio-input tasks;
+        text_ids: tokenized prompt for text-input tasks; max_new_tokens: answer steps including
+        this prefill step (default block_size - prompt length, the original's bound).
+        """
+        input_ids, embeds, n_frames, max_new_tokens = self._check_start(
+            session_id, task, embeds, text_ids, max_new_tokens)
+        R, _, S = input_ids.shape
         row0 = self.n_rows
         last = self._prefill(row0, input_ids, embeds, n_frames)  # (R, C)
         self.positions[row0: row0 + R] = S
         self.n_rows += R
-        s = _Session(session_id, spec, row0, S, max_new_tokens, sampling, sampling.generator(self.device),
+        s = _Session(session_id, get_task(task), row0, S, max_new_tokens, sampling, sampling.generator(self.device),
                      length=S)
         self.sessions[session_id] = s
+        return self._first_step(s, last)
+
+    @torch.inference_mode()
+    def begin(
+        self,
+        session_id: str,
+        task: str,
+        embeds: torch.Tensor | None = None,
+        text_ids: list[int] | None = None,
+        sampling: Sampling = Sampling(),
+        max_new_tokens: int | None = None,
+    ) -> None:
+        """Admit a session whose prompt is prefilled by the next `step()`s, `prefill_chunk`
+        positions per step (chunked prefill: the live sessions keep decoding meanwhile). The step
+        that completes it returns the session's step-0 tokens among its outputs. Same arguments
+        and errors as `start`; the cache rows are taken now."""
+        input_ids, embeds, n_frames, max_new_tokens = self._check_start(
+            session_id, task, embeds, text_ids, max_new_tokens)
+        R, _, S = input_ids.shape
+        shared = self._shared_prefix(input_ids, embeds, n_frames)
+        first = 1 if shared else R  # rows that run the chunks; the others copy the shared prefix
+        if embeds is not None and embeds.dim() == 3:
+            embeds = embeds[:first]
+        x = self.model.embed(input_ids[:first], embeds, [n_frames] * first if n_frames else None)  # (first, S, C)
+        row0 = self.n_rows
+        # Until the prompt is in, a static-shape step writes these rows' garbage k/v at the last
+        # slot, which a session only attends to after writing it itself.
+        self.positions[row0: row0 + R] = self.cfg.block_size - 1
+        self.n_rows += R
+        s = _Session(session_id, get_task(task), row0, S, max_new_tokens, sampling, sampling.generator(self.device),
+                     length=0, pending=_Prefill(input_ids, x, shared, first))
+        self.sessions[session_id] = s
+
+    def _first_step(self, s: "_Session", last: torch.Tensor) -> StepOut:
+        """Step 0 of a prefilled session from its final hidden states last (R, C)."""
+        spec, session_id = s.task, s.id
         text_logits = self._text_head(last[spec.text_row: spec.text_row + 1])  # (1, 152000)
         audio_logits = None
         if spec.audio_out:
@@ -287,13 +348,7 @@ class Engine:
         each. That halves the prefill of an A1A2 session.
         """
         R, _, S = input_ids.shape
-        same = (input_ids[1:] == input_ids[:1]).all(dim=1)  # (R-1, S) position equal to row 0
-        shared = int(same.all(dim=0).long().cumprod(0).sum()) if R > 1 else 0  # common prefix
-        per_row_embeds = embeds is not None and embeds.dim() == 3 and not bool((embeds == embeds[:1]).all())
-        audio_end = (n_frames or 0) + 1  # whisper frames sit at positions 1..T
-        if R > 1 and (per_row_embeds or shared < audio_end):
-            shared = 0  # nothing to share: one batched full-prompt forward
-        shared = min(shared, S - 1)  # the last position always runs (its hidden state is needed)
+        shared = self._shared_prefix(input_ids, embeds, n_frames)
         first = 1 if shared else R
         if embeds is not None and embeds.dim() == 3:
             embeds = embeds[:first]
@@ -303,6 +358,23 @@ class Engine:
             self.v_cache[layer, row0: row0 + first, :, :S] = v
         if first == R:
             return x[:, -1]  # (R, C)
+        return self._other_rows(row0, input_ids, shared, x[:, -1])
+
+    def _shared_prefix(self, input_ids, embeds, n_frames) -> int:
+        """Prompt positions all rows share with row 0 (0: nothing to share, one batched forward)."""
+        R, _, S = input_ids.shape
+        same = (input_ids[1:] == input_ids[:1]).all(dim=1)  # (R-1, S) position equal to row 0
+        shared = int(same.all(dim=0).long().cumprod(0).sum()) if R > 1 else 0  # common prefix
+        per_row_embeds = embeds is not None and embeds.dim() == 3 and not bool((embeds == embeds[:1]).all())
+        audio_end = (n_frames or 0) + 1  # whisper frames sit at positions 1..T
+        if R > 1 and (per_row_embeds or shared < audio_end):
+            return 0
+        return min(shared, S - 1)  # the last position always runs (its hidden state is needed)
+
+    def _other_rows(self, row0: int, input_ids, shared: int, last0: torch.Tensor) -> torch.Tensor:
+        """Rows 1.. of a prompt whose first `shared` positions row 0 has in the cache: copy them,
+        run the positions where the rows differ; -> final hidden states (R, C) (row 0: last0 (1, C))."""
+        R, _, S = input_ids.shape
         rest = slice(row0 + 1, row0 + R)
         self.k_cache[:, rest, :, :shared] = self.k_cache[:, row0: row0 + 1, :, :shared]
         self.v_cache[:, rest, :, :shared] = self.v_cache[:, row0: row0 + 1, :, :shared]
@@ -311,7 +383,7 @@ class Engine:
             pos = torch.full((R - 1,), p, dtype=torch.long, device=self.device)
             h = self._trunk(input_ids[1:, :, p], pos, self.k_cache[:, rest, :, : p + 1],
                             self.v_cache[:, rest, :, : p + 1], rows, p + 1)  # (R-1, C)
-        return torch.cat([x[:, -1], h])  # (R, C)
+        return torch.cat([last0, h])  # (R, C)
 
     # --- decode ------------------------------------------------------------------------------
     def _trunk(self, ids, pos, k_cache, v_cache, rows, n_slots: int):
@@ -326,22 +398,32 @@ class Engine:
 
     @torch.inference_mode()
     def step(self, sessions: list[str] | None = None) -> dict[str, StepOut]:
-        """One decode step for all live sessions (or the named subset), batched together."""
+        """One decode step for all decoding sessions (or the named subset), batched together,
+        then up to `prefill_chunk` prompt positions of the sessions `begin` admitted (all of them
+        when nobody is decoding: no one waits). A session whose prefill completes here reports its
+        step 0 in the result."""
         if sessions is None:
-            chosen = list(self.sessions.values())
+            chosen = [s for s in self.sessions.values() if s.pending is None]
         else:
             missing = [sid for sid in sessions if sid not in self.sessions]
             if missing:
                 raise KeyError(f"no live session(s) {missing}; start() them first (or they already ended)")
-            chosen = sorted((self.sessions[sid] for sid in sessions), key=lambda s: s.row0)
-        if not chosen:
-            return {}
-        all_rows = len(chosen) == len(self.sessions)
+            chosen = sorted((self.sessions[sid] for sid in sessions if self.sessions[sid].pending is None),
+                            key=lambda s: s.row0)
+        outs = self._decode(chosen) if chosen else {}
+        outs.update(self._prefill_some(self.prefill_chunk if chosen else None))
+        return outs
+
+    def _decode(self, chosen: list[_Session]) -> dict[str, StepOut]:
+        # Rows 0..R-1 exactly (the usual case: sessions still prefilling sit after the decoding
+        # ones) decode on views of the cache; scattered rows on a gathered copy.
+        all_rows = chosen[0].row0 == 0 and all(a.row0 + a.n_rows == b.row0 for a, b in zip(chosen, chosen[1:]))
+        R_all = chosen[-1].row0 + chosen[-1].n_rows if all_rows else None
         if self.static_shapes:
             # One shape every step: all rows, all slots (idle rows compute harmless garbage).
             R, n_slots, rows = self.max_rows, self.cfg.block_size, self._row_index
         elif all_rows:
-            R, n_slots, rows = self.n_rows, max(s.length for s in chosen) + 1, self._row_index[: self.n_rows]
+            R, n_slots, rows = R_all, max(s.length for s in chosen) + 1, self._row_index[:R_all]
         else:
             R = sum(s.n_rows for s in chosen)
             n_slots = max(s.length for s in chosen) + 1
@@ -393,8 +475,8 @@ class Engine:
             else:
                 text, audio = self._sample_one(s, text_logits[i], None if a is None else audio_logits[a])
             outs[s.id] = self._advance(s, audio, text, check_stops=True)
-        if all_rows:
-            self.positions[: self.n_rows] += 1
+        if all_rows and not self.static_shapes:
+            self.positions[:R_all] += 1
         else:
             for s in chosen:
                 self.positions[s.row0: s.row0 + s.n_rows] += 1
@@ -404,6 +486,42 @@ class Engine:
             if out.done:
                 self.stop(sid)
         return outs
+
+    def _prefill_some(self, budget: int | None) -> dict[str, StepOut]:
+        """Run up to `budget` prompt positions (None: all) of the sessions `begin` admitted, in
+        admission order; -> the step-0 outputs of those whose prompt is now complete."""
+        outs = {}
+        for s in [s for s in self.sessions.values() if s.pending is not None]:
+            if budget is not None and budget <= 0:
+                break
+            p = s.pending
+            S = p.input_ids.size(-1)
+            n = S - p.done if budget is None else min(budget, S - p.done)
+            last = self._prefill_chunk(s, p.done, p.done + n)  # (first, C)
+            if budget is not None:
+                budget -= n
+            if p.done < S:
+                continue
+            if p.first < s.n_rows:
+                last = self._other_rows(s.row0, p.input_ids, p.shared, last)  # (R, C)
+            s.pending = None
+            self.positions[s.row0: s.row0 + s.n_rows] = S
+            s.length = S
+            outs[s.id] = self._first_step(s, last)
+        return outs
+
+    def _prefill_chunk(self, s: _Session, start: int, end: int) -> torch.Tensor:
+        """Prompt positions start..end-1 of a `begin` session through the trunk, attending to the
+        cache it already holds; -> final hidden states (first, C) at position end - 1."""
+        p, m = s.pending, self.model
+        rows = slice(s.row0, s.row0 + p.first)
+        x = p.x[:, start:end]  # (first, T, C)
+        cos, sin = m.rope_cos[start:end], m.rope_sin[start:end]  # (T, n_elem)
+        for layer, block in enumerate(m.transformer.h):
+            x = block.prefill_chunk(x, cos, sin, self.k_cache[layer, rows, :, :end],
+                                    self.v_cache[layer, rows, :, :end], start)
+        p.done = s.length = end
+        return m.transformer.ln_f(x[:, -1])  # (first, C)
 
     # --- heads -------------------------------------------------------------------------------
     def _head(self, x: torch.Tensor, weight: torch.Tensor, packed, out: torch.Tensor, quant=None) -> torch.Tensor:

@@ -204,6 +204,27 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size)  # (B, T, nh * hs)
         return project(self.proj, y), k, v
 
+    def prefill_chunk(self, x, cos, sin, k_cache, v_cache, start: int):
+        """Positions start..start+T-1 of a prompt whose first `start` positions are in the cache.
+
+        x (B, T, C); cos/sin (T, n_elem) at those positions; k_cache/v_cache (B, G, start + T, hs)
+        views of the engine's cache. Writes the chunk's k/v, attends causally over the cache.
+        """
+        c = self.cfg
+        B, T, _ = x.shape
+        q, k, v = self._split_seq(x, cos, sin)  # q (B, G, qpk, T, hs); k, v (B, G, T, hs)
+        k_cache[:, :, start:] = k
+        v_cache[:, :, start:] = v
+        L = start + T
+        # Query t (at position start + t) sees slots <= start + t; the q_per_kv heads of a group
+        # take the query axis together, so the cache is never expanded to n_head heads.
+        mask = torch.arange(L, device=x.device)[None, :] <= start + torch.arange(T, device=x.device)[:, None]  # (T, L)
+        y = F.scaled_dot_product_attention(q.reshape(B, c.n_query_groups, c.q_per_kv * T, c.head_size),
+                                           k_cache, v_cache, attn_mask=mask.repeat(c.q_per_kv, 1),
+                                           scale=self.scale)  # (B, G, qpk * T, hs)
+        y = y.reshape(B, c.n_head, T, c.head_size).transpose(1, 2).reshape(B, T, c.n_head * c.head_size)
+        return project(self.proj, y)  # (B, T, C)
+
     def decode(self, x, cos, sin, k_cache, v_cache, rows, pos, mask):
         """One new position per row, attending over that row's filled cache prefix.
 
@@ -238,6 +259,11 @@ class Block(nn.Module):
         h, k, v = self.attn(self.norm_1(x), cos, sin)
         x = x + h
         return x + self.mlp(self.norm_2(x)), k, v
+
+    def prefill_chunk(self, x, cos, sin, k_cache, v_cache, start: int):
+        """x (B, T, C) at positions start.. -> (B, T, C), writing the chunk's k/v to the cache."""
+        x = x + self.attn.prefill_chunk(self.norm_1(x), cos, sin, k_cache, v_cache, start)
+        return x + self.mlp(self.norm_2(x))
 
     def decode(self, x, cos, sin, k_cache, v_cache, rows, pos, mask):
         x = x + self.attn.decode(self.norm_1(x), cos, sin, k_cache, v_cache, rows, pos, mask)
