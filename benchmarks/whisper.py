@@ -32,11 +32,12 @@ def main(argv=None) -> int:
     import torch
 
     from omniflow.model import weights
+    from omniflow.model.units import WHISPER_RATE
     from omniflow.model.whisper_encoder import WhisperFeatures
 
     path = weights.resolve_whisper(args.checkpoint)
     rng = np.random.default_rng(0)
-    t = np.arange(int(args.seconds * 16000)) / 16000
+    t = np.arange(int(args.seconds * WHISPER_RATE)) / WHISPER_RATE
     audio = (0.3 * rng.standard_normal(len(t)) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t))).astype(np.float32)
     ways = {"torch float32": {}, "onnx float32": {"runtime": "onnx"},
             "onnx int8": {"runtime": "onnx", "quantize": "int8"}}
