@@ -17,7 +17,7 @@ original, `omniflow bench quality` measures their error):
             activation scale is shared, a session's logits can depend on which rows share its step.
 * `int4`    weight-only int4, asymmetric, one scale/zero per INT4_GROUP inputs of a channel
             (`torch.ops.aten._weight_int4pack_mm_for_cpu`, CPU).
-* `auto`    `resolve`: the mode chosen for this device (see AUTO_CPU; `none` on CUDA, where the
+* `auto`    `resolve`: the mode chosen for this device (AUTO_CPU; `none` on CUDA, where the
             dense bf16 GEMMs are already bandwidth-bound and these CPU kernels do not exist).
 
 A mode whose kernel this torch build or device lacks falls back to `none` with a warning that
@@ -31,7 +31,9 @@ import torch
 import torch.nn as nn
 
 MODES = ("none", "fp16", "int8", "int8dyn", "int4", "auto")
-AUTO_CPU = "int8dyn"      # measured fastest on x86 CPUs (`omniflow bench decode`); quality: bench quality
+# auto on x86 CPUs: fp16 streams half of fp32's bytes at near-fp32 logits (`omniflow bench quality`);
+# int8dyn is faster still but its per-call activation scale costs too much accuracy on real activations.
+AUTO_CPU = "fp16"
 AUTO_CPU_FALLBACK = "int8"  # where fbgemm is missing (e.g. ARM builds)
 INT4_GROUP = 32           # inputs per int4 scale/zero (896 and 4864 are multiples)
 INT8_MAX = 127
