@@ -78,8 +78,8 @@ class Backbone(Node):
         text_task: TextTask = "T1A2"       # text input: T1A2 | T1T2
         dtype: Dtype = "float32"           # float32 (the original) | bfloat16 | float16
         quant: QuantMode = "none"          # weights of the decode/prefill GEMMs: none (exact) |
-                                           # fp16 | int8 | int8dyn | int4 | auto (this device's
-                                           # fastest; none on CUDA). See omniflow.model.quant
+                                           # fp16 | int8 | int8dyn | int4 | auto (fp16 on x86
+                                           # CPUs, none on CUDA). See omniflow.model.quant
         device: Device = "cpu"
         compile: bool = False              # torch.compile the decode step (compiled during setup)
         max_sessions: Positive = 8              # sessions decoded together; more wait in a queue
