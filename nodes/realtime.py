@@ -418,7 +418,9 @@ class RealtimeSession:
                 self._finish("completed")
         elif kind == "turn":                          # a new turn began: an older answer is over
             r = self.response
-            if r is not None and r.turn is not None and turn > r.turn:
+            # (with server_vad the VAD's speech_started follows on its own path and cancels it then,
+            # so the client sees speech_started before response.done, as from OpenAI's server)
+            if r is not None and r.turn is not None and turn > r.turn and not self.config.server_vad:
                 self._finish("cancelled", {"type": "cancelled", "reason": "turn_detected"})
         elif kind == "accepted":                      # the node took a typed prompt as `turn`
             self._bind(turn, "text")

@@ -363,3 +363,15 @@ def test_openai_sdk_spoken_barge_in_and_typed_exchanges(demo_home, tmp_path):
     kinds, audio, transcript, [done] = response(log[barge:])
     assert kinds[:2] == ["conversation.item.added", "conversation.item.done"] and "response.created" in kinds
     assert done.response.status == "completed" and len(audio) > 0 and transcript
+
+
+def test_a_barge_in_whose_turn_notice_comes_first_still_says_speech_started_before_the_cancel():
+    w = Wire()
+    w.node({"type": "speech", "event": "started", "turn": 0, "audio_ms": 0})
+    w.node({"type": "speech", "event": "stopped", "turn": 0, "audio_ms": 900})
+    w.node(np.ones(8, np.float32), turn=0)
+    assert w.node(json.dumps({"type": "turn", "turn": 1})) == []          # the bus's notice, before the VAD's event
+    events = w.node({"type": "speech", "event": "started", "turn": 0, "audio_ms": 2000})
+    assert types(events)[0] == "input_audio_buffer.speech_started"
+    assert events[-1]["type"] == "response.done" and events[-1]["response"]["status"] == "cancelled"
+    assert w.node(np.ones(8, np.float32), turn=0) == []
