@@ -48,3 +48,20 @@ def demo_home(demo_weights):
     mp.setenv("OMNIFLOW_HOME", str(demo_weights))
     yield demo_weights
     mp.undo()
+
+
+@pytest.fixture
+def gateway():
+    """Start Gateway nodes on free ports; torn down after the test."""
+    from nodes.gateway import Gateway
+
+    started = []
+
+    def start(**params):
+        node = Gateway({"port": 0, **params})
+        node.setup()
+        started.append(node)
+        return node
+    yield start
+    for node in started:
+        node.teardown()

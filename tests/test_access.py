@@ -21,18 +21,6 @@ from nodes.gateway import Gateway  # noqa: E402
 from omniflow.apikeys import KeyFile  # noqa: E402
 
 
-@pytest.fixture
-def gateway():
-    started = []
-
-    def start(**params) -> Gateway:
-        node = Gateway({"port": 0, **params})
-        node.setup()
-        started.append(node)
-        return node
-    yield start
-    for node in started:
-        node.teardown()
 
 
 def refused_status(url: str, **options) -> int:

@@ -36,19 +36,6 @@ STEPS = 40                      # max_new_tokens per answer in the end-to-end te
 RECV_S = 5.0                    # a message the server owes us arrives within this
 
 
-@pytest.fixture
-def gateway():
-    """Start Gateway nodes on free ports; torn down after the test."""
-    started = []
-
-    def start(**params) -> Gateway:
-        node = Gateway({"port": 0, **params})
-        node.setup()
-        started.append(node)
-        return node
-    yield start
-    for node in started:
-        node.teardown()
 
 
 def url(node: Gateway, session: str | None = None) -> str:

@@ -283,15 +283,21 @@ class Engine:
         """
         input_ids, embeds, n_frames, max_new_tokens = self._check_start(
             session_id, task, embeds, text_ids, max_new_tokens)
+        S = input_ids.shape[-1]
+        last = self._prefill(self.n_rows, input_ids, embeds, n_frames)  # (R, C)
+        s = self._take_rows(session_id, task, input_ids, max_new_tokens, sampling, position=S, length=S)
+        return self._first_step(s, last)
+
+    def _take_rows(self, session_id, task, input_ids, max_new_tokens, sampling, position, **state) -> "_Session":
+        """Give a new session the next R cache rows at `position` and register it."""
         R, _, S = input_ids.shape
         row0 = self.n_rows
-        last = self._prefill(row0, input_ids, embeds, n_frames)  # (R, C)
-        self.positions[row0: row0 + R] = S
+        self.positions[row0: row0 + R] = position
         self.n_rows += R
         s = _Session(session_id, get_task(task), row0, S, max_new_tokens, sampling, sampling.generator(self.device),
-                     length=S)
+                     **state)
         self.sessions[session_id] = s
-        return self._first_step(s, last)
+        return s
 
     @torch.inference_mode()
     def begin(
@@ -309,20 +315,16 @@ class Engine:
         and errors as `start`; the cache rows are taken now."""
         input_ids, embeds, n_frames, max_new_tokens = self._check_start(
             session_id, task, embeds, text_ids, max_new_tokens)
-        R, _, S = input_ids.shape
+        R = input_ids.shape[0]
         shared = self._shared_prefix(input_ids, embeds, n_frames)
         first = 1 if shared else R  # rows that run the chunks; the others copy the shared prefix
         if embeds is not None and embeds.dim() == 3:
             embeds = embeds[:first]
         x = self.model.embed(input_ids[:first], embeds, [n_frames] * first if n_frames else None)  # (first, S, C)
-        row0 = self.n_rows
         # Until the prompt is in, a static-shape step writes these rows' garbage k/v at the last
         # slot, which a session only attends to after writing it itself.
-        self.positions[row0: row0 + R] = self.cfg.block_size - 1
-        self.n_rows += R
-        s = _Session(session_id, get_task(task), row0, S, max_new_tokens, sampling, sampling.generator(self.device),
-                     length=0, pending=_Prefill(input_ids, x, shared, first))
-        self.sessions[session_id] = s
+        self._take_rows(session_id, task, input_ids, max_new_tokens, sampling, position=self.cfg.block_size - 1,
+                        length=0, pending=_Prefill(input_ids, x, shared, first))
 
     def _first_step(self, s: "_Session", last: torch.Tensor) -> StepOut:
         """Step 0 of a prefilled session from its final hidden states last (R, C)."""
