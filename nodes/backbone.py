@@ -42,7 +42,7 @@ from msgspec import Meta
 import numpy as np
 
 from omniflow.frame import Frame
-from omniflow.model.dtypes import Dtype
+from omniflow.model.dtypes import AutoDtype, resolve_auto
 from omniflow.model.units import SNAC_FRAME_S, WHISPER_FRAME_MS
 from omniflow.node import InputError, Node
 from omniflow.params import Device, NonNegative, Positive, UnitInterval
@@ -76,7 +76,8 @@ class Backbone(Node):
         checkpoint: str | None = None      # Mini-Omni dir (lit_model.pth + model_config.yaml); None: cache
         task: SpeechTask = "A1A2"          # speech input: A1A2 (batch-parallel) | A1A2_SINGLE | A1T2 | ASR
         text_task: TextTask = "T1A2"       # text input: T1A2 | T1T2
-        dtype: Dtype = "float32"           # float32 (the original) | bfloat16 | float16
+        dtype: AutoDtype = "float32"       # float32 (the original) | bfloat16 | float16 | auto
+                                           # (bf16 on CUDA and on CPUs with native bf16, else float32)
         quant: QuantMode = "none"          # weights of the decode/prefill GEMMs: none (exact) |
                                            # fp16 | int8 | int8dyn | int4 | auto (fp16 on x86
                                            # CPUs, none on CUDA). See omniflow.model.quant
@@ -118,13 +119,13 @@ class Backbone(Node):
 
         self.ckpt_dir = weights.resolve("miniomni", self.params.checkpoint)
         weights.warn_if_demo(self.ckpt_dir, self.log)
-        model, self.cfg = load_model(self.ckpt_dir, device=self.params.device,
-                                     dtype=getattr(torch, self.params.dtype))
         p = self.params
+        self.dtype = resolve_auto(p.dtype, p.device)
+        model, self.cfg = load_model(self.ckpt_dir, device=p.device, dtype=getattr(torch, self.dtype))
         self.engine = Engine(model, max_sessions=p.max_sessions, compile=p.compile, quant=p.quant,
                              **({"prefill_chunk": p.prefill_chunk} if p.prefill_chunk else {}))
-        if p.quant != "none":
-            self.log.info("backbone weights: quant %s (%s requested)", self.engine.quant, p.quant)
+        if p.quant != "none" or p.dtype == "auto":
+            self.log.info("backbone %s, quant %s (%s requested)", self.dtype, self.engine.quant, p.quant)
         self.sampling = Sampling(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed)
         if p.compile:
             self._compile_now()

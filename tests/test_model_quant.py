@@ -54,13 +54,13 @@ def test_packed_weight_dequantizes_close_to_fp32_and_the_kernel_multiplies_by_it
     g = torch.Generator().manual_seed(0)
     w = torch.randn(96, 128, generator=g)                     # (N, K)
     bias = torch.randn(96, generator=g)
-    x = torch.randn(2, 3, 128, generator=g)                   # (..., K)
+    x = torch.randn(2, 2, 128, generator=g)                   # (..., K): 4 rows, the packed kernel
     lin = quant.pack(w, mode, bias)
     deq = lin.dequantized()
     assert deq.shape == w.shape
     assert rel(deq, w) < WEIGHT_ERR[mode]
     y = lin(x)
-    assert y.shape == (2, 3, 96) and y.dtype == x.dtype
+    assert y.shape == (2, 2, 96) and y.dtype == x.dtype
     assert rel(y, x @ deq.T + bias) < KERNEL_ERR[mode]
     assert rel(y, x @ w.T + bias) < WEIGHT_ERR[mode] + KERNEL_ERR[mode]
     assert 0 < lin.nbytes <= 2 * w.numel()                    # never more than bf16 bytes
@@ -94,13 +94,34 @@ def test_quantized_model_logits_stay_within_a_bounded_error_of_fp32(mode):
         assert quant.quantize_model_(model, mode) == mode
         for block in model.transformer.h:
             assert block.attn.attn.packed.mode == mode and block.mlp._gate_up_packed.mode == mode
-        got = model(ids)
+        got = model(ids)                                      # 12 rows: the dense weights
+        few = model(ids[..., :quant.PACKED_MAX_ROWS])         # the packed kernels
     assert got.shape == want.shape
-    assert rel(got, want) < 2 * (WEIGHT_ERR[mode] + KERNEL_ERR[mode])
+    assert torch.equal(got, want)
+    assert rel(few, want[:, :quant.PACKED_MAX_ROWS]) < 2 * (WEIGHT_ERR[mode] + KERNEL_ERR[mode])
     assert quant.packed_mode(model) == mode
     assert quant.quantize_model_(model, "none") == "none"        # back to the exact weights
     with torch.inference_mode():
         assert torch.equal(model(ids), want)
+
+
+def test_calls_of_more_rows_than_the_crossover_take_the_exact_dense_weight(mode):
+    w, b = torch.randn(48, 64), torch.randn(48)
+    packed = quant.pack(w, mode, b)
+    few, many = torch.randn(quant.PACKED_MAX_ROWS, 64), torch.randn(2, 5, 64)   # packed; 10 rows: dense
+    with torch.inference_mode():
+        assert rel(packed(few), few @ packed.dequantized().T + b) < KERNEL_ERR[mode]
+        assert torch.equal(packed(many), torch.nn.functional.linear(many, w, b))   # a prefill is exact
+
+
+def test_quantized_prefill_is_the_exact_one(mode):
+    ref, model = tiny_model(), tiny_model()
+    embeds = torch.randn(20, 64)                              # a 23-position prompt, 2 rows
+    e_ref, eng = Engine(ref, max_sessions=1), Engine(model, max_sessions=1, quant=mode)
+    e_ref.start("s", "A1A2", embeds=embeds), eng.start("s", "A1A2", embeds=embeds)   # (step-0 tokens: packed heads)
+    # row 0 holds the whole 23-position prompt (dense); row 1 only re-runs its last few positions
+    # (the batch trick's differing tail: few rows, the packed kernel)
+    assert torch.equal(eng.k_cache[:, 0, :, :23], e_ref.k_cache[:, 0, :, :23])
 
 
 def test_engine_decodes_with_quantized_trunk_and_heads(mode):

@@ -200,6 +200,17 @@ def test_bfloat16_node_equals_the_bfloat16_model_called_directly(ckpt, n_embd):
         assert tokens_of(out, session) == direct_tokens(ckpt, "A1A2", embeds=frame.data, dtype=torch.bfloat16)
 
 
+def test_dtype_auto_is_bfloat16_only_where_the_cpu_computes_it(ckpt, n_embd, monkeypatch):
+    from omniflow.model import dtypes
+
+    for fast, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(dtypes, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        node = backbone(ckpt, dtype="auto")
+        run_node(node, [embeds_frame(n_embd, "a", seed=1)])
+        assert node.engine.dtype == want
+    assert dtypes.resolve_auto("auto", "cuda:0") == "bfloat16"
+
+
 @pytest.mark.slow       # torch.compile of the decode step: ~10-30 s even for the tiny model on 2 cores
 def test_compiled_node_compiles_in_setup_and_gives_the_same_tokens(ckpt, n_embd, caplog):
     a, b = embeds_frame(n_embd, "a", seed=1), embeds_frame(n_embd, "b", seed=2)

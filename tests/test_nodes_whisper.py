@@ -137,7 +137,8 @@ def test_bad_dtype_names_the_choices(whisper_home, monkeypatch):
 
 
 def test_auto_dtype_is_bf16_only_where_the_cpu_has_it(tmp_path):
-    from omniflow.model.whisper_encoder import cpu_has_fast_bf16, resolve_dtype
+    from omniflow.model.dtypes import cpu_has_fast_bf16
+    from omniflow.model.whisper_encoder import resolve_dtype
     for flags, fast in (("fpu avx2 avx512f avx512_bf16", True), ("fpu avx2 amx_bf16", True), ("fpu avx2 fma", False)):
         (tmp_path / "cpuinfo").write_text(f"flags\t\t: {flags}\n")
         assert cpu_has_fast_bf16(tmp_path / "cpuinfo") == fast

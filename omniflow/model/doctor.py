@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Callable
 
 from omniflow.doctor import FAIL, OK, WARN, Check, check_packages
+from omniflow.model.dtypes import BF16_FLAGS      # CPU instructions that make bfloat16 fast
 from omniflow.plugins import MODEL_INSTALL
 
 CPUINFO = Path("/proc/cpuinfo")
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")         # CPU instructions that make bfloat16 fast
 # the model stack's packages (the [model] extra) -> import name; torch and onnxruntime have rows of
 # their own below
 MODEL_PACKAGES = {"soundfile": "soundfile", "soxr": "soxr", "snac": "snac", "openai-whisper": "whisper",

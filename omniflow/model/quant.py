@@ -20,6 +20,12 @@ original, `omniflow bench quality` measures their error):
 * `auto`    `resolve`: the mode chosen for this device (AUTO_CPU; `none` on CUDA, where the
             dense bf16 GEMMs are already bandwidth-bound and these CPU kernels do not exist).
 
+Only a decode step's few rows go through a packed kernel: these kernels dequantize per row, so
+their time grows with the rows while a dense GEMM's stays flat (it is bound by reading the
+weight). A call with more than PACKED_MAX_ROWS rows (a prefill, a batch of more than two A1A2
+sessions) runs the model's own dense weight instead: the prefill is exact. A fixed bound, not a
+timing taken at load, so the same input always takes the same kernels (reproducible answers).
+
 A mode whose kernel this torch build or device lacks falls back to `none` with a warning that
 names the reason, so one graph file runs unchanged on CPU and CUDA.
 """
@@ -29,6 +35,7 @@ import warnings
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 MODES = ("none", "fp16", "int8", "int8dyn", "int4", "auto")
 # auto on x86 CPUs: fp16 streams half of fp32's bytes at near-fp32 logits (`omniflow bench quality`);
@@ -38,6 +45,8 @@ AUTO_CPU_FALLBACK = "int8"  # where fbgemm is missing (e.g. ARM builds)
 INT4_GROUP = 32           # inputs per int4 scale/zero (896 and 4864 are multiples)
 INT8_MAX = 127
 INT4_LEVELS = 15
+PACKED_MAX_ROWS = 4       # rows per call up to which the packed kernel runs (2 A1A2 sessions'
+                          # trunk rows); above it the dense weight is faster (bench decode --paths)
 
 
 class QuantUnavailable(RuntimeError):
@@ -61,12 +70,15 @@ class QuantLinear:
     """
 
     mode = "none"
+    max_rows: int | None = PACKED_MAX_ROWS   # calls of more rows run the dense weight (None: never)
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         if weight.dim() != 2:
             raise ValueError(f"QuantLinear needs a 2-D (out, in) weight, got {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
         self.device = weight.device
+        self.dense = weight.detach()   # the model's own (N, K) weight, not a copy: for calls of many rows
+        self.dense_bias = None if bias is None else bias.detach()
         self.bias = None if bias is None else bias.detach().float()
         with torch.no_grad():
             self._pack(weight.detach().float().contiguous())
@@ -93,7 +105,12 @@ class QuantLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = self._mm(x.reshape(-1, self.in_features))  # (M, N)
+        x2d = x.reshape(-1, self.in_features)  # (M, K)
+        if self.max_rows is not None and x2d.size(0) > self.max_rows:
+            w = self.dense
+            b = None if self.dense_bias is None else self.dense_bias.to(w.dtype)
+            return F.linear(x.to(w.dtype), w, b).to(x.dtype)  # (..., N) the dense GEMM
+        y = self._mm(x2d)  # (M, N)
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
@@ -253,9 +270,9 @@ def packed_mode(model: nn.Module) -> str:
 
 
 def quantize_model_(model: nn.Module, mode: str) -> str:
-    """Pack every GEMM of the decode step and prefill for `mode` (in place); returns the mode
-    in effect. `none` removes the packs (the exact weights again); packing the mode the model
-    already has is free.
+    """Pack every GEMM of the decode step for `mode` (in place); returns the mode in effect.
+    `none` removes the packs (the exact weights again); packing the mode the model already has
+    is free. Calls of more than PACKED_MAX_ROWS rows keep the dense weights (module doc).
 
     Sets `packed` on attn.attn, attn.proj and mlp.proj, `_gate_up_packed` on the MLP (the fused
     gate/up weight), which `gpt.project` and `LLaMAMLP` use, and `model.head_packed` = (text
@@ -272,7 +289,9 @@ def quantize_model_(model: nn.Module, mode: str) -> str:
         packs = []
         for block in model.transformer.h:
             mlp = block.mlp
-            gate_up = torch.cat([mlp.fc_1.weight, mlp.fc_2.weight], dim=0)  # (2 * hidden, C)
+            gate_up = getattr(mlp, "_gate_up", None)  # the fused (2 * hidden, C) weight prepare_for_decode made
+            if gate_up is None or gate_up.data_ptr() != mlp.fc_1.weight.data_ptr():
+                gate_up = torch.cat([mlp.fc_1.weight, mlp.fc_2.weight], dim=0)  # (2 * hidden, C)
             packs += [pack(block.attn.attn.weight, mode, block.attn.attn.bias),
                       pack(block.attn.proj.weight, mode, block.attn.proj.bias),
                       pack(gate_up, mode), pack(mlp.proj.weight, mode)]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from omniflow.model.dtypes import DTYPES
+from omniflow.model.dtypes import DTYPES, resolve_auto
 from omniflow.model.units import WHISPER_FRAME_MS, WHISPER_RATE, WHISPER_WINDOW_FRAMES
 
 QUANTIZE = ("none", "int8")
@@ -76,29 +76,14 @@ def cast_encoder(encoder, dtype):
     return encoder
 
 
-def cpu_has_fast_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """True when the CPU computes bfloat16 natively (avx512_bf16 or AMX); elsewhere torch emulates it."""
-    from omniflow.model.doctor import BF16_FLAGS
-
-    try:
-        flags = set(cpuinfo.read_text().split())
-    except OSError:
-        return False
-    return any(f in flags for f in BF16_FLAGS)
-
-
 def resolve_dtype(dtype: str, device: str = "cpu", runtime: str = "torch", fast_bf16: bool | None = None) -> str:
-    """"auto" -> the fastest dtype this machine runs well (module doc); other names are checked.
-    fast_bf16: whether the CPU has native bf16 (None: read /proc/cpuinfo)."""
-    if dtype == "auto":
-        if runtime == "onnx":
-            return "float32"
-        if str(device).startswith("cuda"):
-            return "float16"
-        return "bfloat16" if (cpu_has_fast_bf16() if fast_bf16 is None else fast_bf16) else "float32"
-    if dtype not in DTYPES:
+    """"auto" -> the fastest dtype this machine runs well (module doc: float32 for onnx, float16 on
+    CUDA, bf16 on a CPU with native bf16); other names are checked."""
+    if dtype == "auto" and runtime == "onnx":
+        return "float32"
+    if dtype not in ("auto",) + DTYPES:
         raise ValueError(f"whisper dtype {dtype!r} must be one of {('auto',) + DTYPES}")
-    return dtype
+    return resolve_auto(dtype, device, cuda="float16", fast_bf16=fast_bf16)
 
 
 def log_mel(audio: np.ndarray, n_mels: int):
