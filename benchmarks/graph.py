@@ -119,6 +119,7 @@ class Omniflow:
         import torch
 
         from omniflow.model.engine import Engine
+        from omniflow.model.dtypes import resolve_auto
         from omniflow.model.whisper_encoder import cast_encoder, resolve_dtype
 
         self.defaults = d = defaults
@@ -134,9 +135,10 @@ class Omniflow:
             self.encoder = encoder if self.whisper_dtype == torch.float32 else \
                 cast_encoder(copy.deepcopy(encoder), self.whisper_dtype)
         self.adapter = copy.deepcopy(model.whisper_adapter).to(getattr(torch, d["adapter"].dtype))
-        self.model = model.to(getattr(torch, d["backbone"].dtype))
+        self.model = model.to(getattr(torch, resolve_auto(d["backbone"].dtype)))
         t0 = time.perf_counter()
-        self.engine = Engine(self.model, max_sessions=d["backbone"].max_sessions, compile=d["backbone"].compile)
+        self.engine = Engine(self.model, max_sessions=d["backbone"].max_sessions, compile=d["backbone"].compile,
+                             quant=d["backbone"].quant)
         self.compile_s = 0.0
         if d["backbone"].compile:        # the node compiles in setup(): time it, keep it out of first audio
             with torch.inference_mode():
@@ -407,7 +409,7 @@ def settings(defaults: dict) -> str:
     """One line naming what omniflow's path runs with (the graph's params after any overrides)."""
     d = defaults
     return (f"whisper {d['whisper'].dtype} ({d['whisper'].runtime}), adapter {d['adapter'].dtype}, "
-            f"backbone {d['backbone'].dtype}{' compiled' if d['backbone'].compile else ''}, first chunk "
+            f"backbone {d['backbone'].dtype} quant {d['backbone'].quant}{' compiled' if d['backbone'].compile else ''}, first chunk "
             f"{d['scheduler'].first_chunk_frames} frame(s), vocoder speculate {d['vocoder'].speculate}")
 
 

@@ -6,7 +6,10 @@ complete MAX_DELAY steps after its first layer. This node owns that delay (`Unde
 the completed frames into chunks:
 
     first chunk   `first_chunk_frames` frames  (small: audio starts sooner)
-    later chunks  `chunk_frames` frames        (larger: fewer vocoder calls)
+    later chunks  as many frames as were already sent, up to `chunk_frames` (1, 1, 2, 4, 4, ...
+                  with the defaults): a chunk never waits for more frames than the listener has
+                  queued, so while decoding keeps real time the start of an answer has no gaps;
+                  then `chunk_frames` (larger: fewer vocoder calls)
     last chunk    whatever is left when the turn ends (`last=True` or the model's end of audio):
                   the tail is always flushed, unlike the original, which drops up to 3 frames
 
@@ -51,7 +54,6 @@ class _Turn:
     pending: list[np.ndarray] = field(default_factory=list)    # completed frames not yet sent, (7,) each
     emitted: int = 0                                           # frames sent so far this turn
     dropped: int = 0                                           # frames with specials, never sent
-    chunks: int = 0                                            # chunks sent so far this turn
     closed: bool = False                                       # last chunk sent: ignore the rest
     warned: bool = False                                       # a gap in its steps was logged (once)
 
@@ -103,7 +105,7 @@ class SnacScheduler(Node):
     def _chunks(self, frame: Frame, state: _Turn, flush: bool):
         """Send every full chunk that is ready; on `flush` also the remainder, marked last."""
         while True:
-            size = self.params.first_chunk_frames if state.chunks == 0 else self.params.chunk_frames
+            size = min(self.params.chunk_frames, max(self.params.first_chunk_frames, state.emitted))
             if len(state.pending) < size and not flush:
                 return
             take = state.pending[:size]
@@ -114,7 +116,6 @@ class SnacScheduler(Node):
             if last:
                 meta.update(frames_total=state.emitted + len(codes), dropped=state.dropped)
             state.emitted += len(codes)
-            state.chunks += 1
             yield "codes", frame.follow("codes", codes, meta=meta, last=last)
             if last:
                 return

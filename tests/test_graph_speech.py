@@ -100,17 +100,19 @@ def embeds_of(wav: Path, home: Path) -> list[np.ndarray]:
 
 
 def direct_tokens(embeds: np.ndarray, steps: int = STEPS) -> list[list[int]]:
-    """Mini-Omni called directly, one session alone, no graph: the kept steps' 8 tokens (in the
-    graph's backbone dtype: bfloat16 tokens are compared with bfloat16 tokens)."""
+    """Mini-Omni called directly, one session alone, no graph: the kept steps' 8 tokens (with the
+    graph's backbone dtype and quant: bfloat16 int4 tokens are compared with bfloat16 int4 tokens)."""
     import torch
 
     from omniflow.model import weights
     from omniflow.model.checkpoint import load_model
+    from omniflow.model.dtypes import resolve_auto
     from omniflow.model.engine import Engine
 
-    dtype = getattr(torch, graph_params("backbone").get("dtype", "float32"))
+    params = graph_params("backbone")
+    dtype = getattr(torch, resolve_auto(params.get("dtype", "float32")))
     model, _ = load_model(weights.resolve("miniomni"), dtype=dtype)
-    engine = Engine(model, max_sessions=1)
+    engine = Engine(model, max_sessions=1, quant=params.get("quant", "none"))
     outs = [engine.start("x", "A1A2", embeds=torch.from_numpy(np.array(embeds)), max_new_tokens=steps)]
     while not outs[-1].done:
         outs += engine.step().values()

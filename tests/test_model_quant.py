@@ -150,12 +150,19 @@ def test_auto_resolves_per_device_and_unavailable_kernels_fall_back_with_a_warni
     assert quant.resolve("int4", "cpu") == "int4"
     with pytest.raises(ValueError, match="must be one of"):
         quant.resolve("int3", "cpu")
+    assert quant.resolve("auto", "cpu") == quant.AUTO_CPU[0]
     monkeypatch.setattr(quant, "_fbgemm_ready", lambda: "no fbgemm here")
-    assert quant.resolve("auto", "cpu") == quant.AUTO_CPU_FALLBACK
     model = tiny_model()
     with pytest.warns(UserWarning, match="no fbgemm here"):
         assert quant.quantize_model_(model, "int8dyn") == "none"
     assert all("packed" not in block.attn.attn.__dict__ for block in model.transformer.h)
+
+    def no_int4(*args):
+        raise quant.QuantUnavailable("no int4pack kernel here")
+    monkeypatch.setitem(quant.KERNELS, "int4", no_int4)
+    with pytest.warns(UserWarning, match="no int4pack kernel here.*trying 'int8'"):
+        assert quant.quantize_model_(model, "auto") == "int8"          # auto: the next that works
+    assert all(block.attn.attn.packed.mode == "int8" for block in model.transformer.h)
 
 
 def test_node_quant_param_lists_the_modes_and_runs(tmp_path):

@@ -39,11 +39,12 @@ def test_round_trip_with_delay(n_frames):
     assert out.on("codes")[-1].meta["frames_total"] == n_frames
 
 
-def test_chunk_sizes_first_then_steady_then_tail():
-    frames = random_codes(12)
+def test_chunk_sizes_first_then_ramp_then_steady_then_tail():
+    """Each chunk holds at most the frames already sent (the listener's queue), up to chunk_frames."""
+    frames = random_codes(14)
     out = run_node(SnacScheduler({"first_chunk_frames": 1, "chunk_frames": 4}), step_frames(delay(frames)))
-    assert [len(c) for c in codes_of(out)] == [1, 4, 4, 3]     # tail of 3 flushed, not dropped
-    assert [f.meta["first_frame"] for f in out.on("codes")] == [0, 1, 5, 9]
+    assert [len(c) for c in codes_of(out)] == [1, 1, 2, 4, 4, 2]     # tail of 2 flushed, not dropped
+    assert [f.meta["first_frame"] for f in out.on("codes")] == [0, 1, 2, 4, 8, 12]
 
 
 def test_first_chunk_leaves_after_seven_steps():

@@ -17,8 +17,10 @@ original, `omniflow bench quality` measures their error):
             activation scale is shared, a session's logits can depend on which rows share its step.
 * `int4`    weight-only int4, asymmetric, one scale/zero per INT4_GROUP inputs of a channel
             (`torch.ops.aten._weight_int4pack_mm_for_cpu`, CPU).
-* `auto`    `resolve`: the mode chosen for this device (AUTO_CPU; `none` on CUDA, where the
-            dense bf16 GEMMs are already bandwidth-bound and these CPU kernels do not exist).
+* `auto`    on a CPU the first of AUTO_CPU whose kernel this build has (int4: the fewest bytes
+            per step, the only mode that decodes two sessions in real time on one core of a
+            2-core CPU; `omniflow bench quality` states its error), `none` on CUDA, where the
+            dense bf16 GEMMs are already bandwidth-bound and these CPU kernels do not exist.
 
 Only a decode step's few rows go through a packed kernel: these kernels dequantize per row, so
 their time grows with the rows while a dense GEMM's stays flat (it is bound by reading the
@@ -38,10 +40,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MODES = ("none", "fp16", "int8", "int8dyn", "int4", "auto")
-# auto on x86 CPUs: fp16 streams half of fp32's bytes at near-fp32 logits (`omniflow bench quality`);
-# int8dyn is faster still but its per-call activation scale costs too much accuracy on real activations.
-AUTO_CPU = "fp16"
-AUTO_CPU_FALLBACK = "int8"  # where fbgemm is missing (e.g. ARM builds)
+# auto on a CPU: the first mode whose kernel works here. int8dyn is left out: its per-call activation
+# scale ties a session's logits to the rows sharing its step.
+AUTO_CPU = ("int4", "int8", "fp16")
 INT4_GROUP = 32           # inputs per int4 scale/zero (896 and 4864 are multiples)
 INT8_MAX = 127
 INT4_LEVELS = 15
@@ -238,14 +239,18 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def resolve(mode: str, device: torch.device | str) -> str:
-    """`auto` -> the mode for this device; other modes are returned as given."""
+def candidates(mode: str, device: torch.device | str) -> tuple[str, ...]:
+    """The modes `mode` stands for on `device`, to try in order: auto -> AUTO_CPU on a CPU,
+    none elsewhere; any other mode -> itself."""
     check_mode(mode)
     if mode != "auto":
-        return mode
-    if torch.device(device).type != "cpu":
-        return "none"
-    return AUTO_CPU if _fbgemm_ready() is None else AUTO_CPU_FALLBACK
+        return (mode,)
+    return AUTO_CPU if torch.device(device).type == "cpu" else ("none",)
+
+
+def resolve(mode: str, device: torch.device | str) -> str:
+    """`auto` -> the first mode it tries on this device; other modes are returned as given."""
+    return candidates(mode, device)[0]
 
 
 def pack(weight: torch.Tensor, mode: str, bias: torch.Tensor | None = None) -> QuantLinear:
@@ -276,29 +281,40 @@ def quantize_model_(model: nn.Module, mode: str) -> str:
 
     Sets `packed` on attn.attn, attn.proj and mlp.proj, `_gate_up_packed` on the MLP (the fused
     gate/up weight), which `gpt.project` and `LLaMAMLP` use, and `model.head_packed` = (text
-    head, audio heads) for the engine. A mode this device lacks warns and leaves `none`.
+    head, audio heads) for the engine. A mode this device lacks warns and tries the next of
+    `candidates` (auto), else leaves `none`.
     """
-    mode = resolve(mode, model.device)
-    if mode == packed_mode(model):
-        return mode
+    tries = candidates(mode, model.device)
+    if packed_mode(model) in tries[:1]:
+        return tries[0]
     for module, attr in _packs(model):
         module.__dict__.pop(attr, None)
-    if mode == "none":
+    for mode in tries:
+        if mode == "none":
+            return mode
+        try:
+            packs = _pack_all(model, mode)
+        except QuantUnavailable as err:
+            warnings.warn(f"quant {mode!r} unavailable ({err}); "
+                          + (f"trying {tries[tries.index(mode) + 1]!r}" if mode != tries[-1]
+                             else "the backbone runs unquantized"))
+            continue
+        for (module, attr), packed in zip(_packs(model), packs):
+            module.__dict__[attr] = packed
         return mode
-    try:
-        packs = []
-        for block in model.transformer.h:
-            mlp = block.mlp
-            gate_up = getattr(mlp, "_gate_up", None)  # the fused (2 * hidden, C) weight prepare_for_decode made
-            if gate_up is None or gate_up.data_ptr() != mlp.fc_1.weight.data_ptr():
-                gate_up = torch.cat([mlp.fc_1.weight, mlp.fc_2.weight], dim=0)  # (2 * hidden, C)
-            packs += [pack(block.attn.attn.weight, mode, block.attn.attn.bias),
-                      pack(block.attn.proj.weight, mode, block.attn.proj.bias),
-                      pack(gate_up, mode), pack(mlp.proj.weight, mode)]
-        packs.append(tuple(pack(w, mode) for w in model.head_weights()))  # (152000, C), (29120, C)
-    except QuantUnavailable as err:
-        warnings.warn(f"quant {mode!r} unavailable ({err}); the backbone runs unquantized")
-        return "none"
-    for (module, attr), packed in zip(_packs(model), packs):
-        module.__dict__[attr] = packed
-    return mode
+    return "none"
+
+
+def _pack_all(model: nn.Module, mode: str) -> list:
+    """Every decode GEMM of `model` packed for `mode`, in `_packs` order; raises QuantUnavailable."""
+    packs = []
+    for block in model.transformer.h:
+        mlp = block.mlp
+        gate_up = getattr(mlp, "_gate_up", None)  # the fused (2 * hidden, C) weight prepare_for_decode made
+        if gate_up is None or gate_up.data_ptr() != mlp.fc_1.weight.data_ptr():
+            gate_up = torch.cat([mlp.fc_1.weight, mlp.fc_2.weight], dim=0)  # (2 * hidden, C)
+        packs += [pack(block.attn.attn.weight, mode, block.attn.attn.bias),
+                  pack(block.attn.proj.weight, mode, block.attn.proj.bias),
+                  pack(gate_up, mode), pack(mlp.proj.weight, mode)]
+    packs.append(tuple(pack(w, mode) for w in model.head_weights()))  # (152000, C), (29120, C)
+    return packs
