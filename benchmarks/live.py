@@ -75,6 +75,7 @@ VOICED_BELOW_PEAK_DB = 35.0   # a window is voiced when its RMS is within this o
 READY_TIMEOUT_S = 600.0       # weights load: minutes on a slow disk
 QUIET_CORES = 0.15            # the graph counts as idle below this CPU use (a round starts then)
 WARMUP_ANSWER_S = 1.0         # the warm-up conversation ends after this much answer audio
+MAX_STALLS_LISTED = 20        # stalls whose time and length the JSON lists per client
 
 
 # --- the signal and the listener ---------------------------------------------------------------
@@ -101,20 +102,22 @@ def playback(arrivals: list[tuple[float, int]], rate: int = RATE_OUT) -> dict:
     after everything before it has played is a stall (the listener hears a gap until it comes)."""
     pieces = [(t, n) for t, n in arrivals if n > 0]
     if not pieces:
-        return {"first_t": None, "answer_s": 0.0, "stall_s": 0.0, "stalls": 0, "rtf": None}
+        return {"first_t": None, "answer_s": 0.0, "stall_s": 0.0, "stalls": 0, "rtf": None, "stalls_at": []}
     first_t = pieces[0][0]
     played_until = first_t                       # when the buffer runs dry if nothing else comes
-    stall_s, stalls = 0.0, 0
+    stall_s, stalls, stalls_at = 0.0, 0, []
     for t, n in pieces:
         if t > played_until and played_until > first_t:
             stalls += 1
             stall_s += t - played_until
+            if len(stalls_at) < MAX_STALLS_LISTED:  # (s after the first sample, s of silence)
+                stalls_at.append((round(played_until - first_t, 3), round(t - played_until, 3)))
             played_until = t
         played_until = max(played_until, t) + n / rate
     answer_s = sum(n for _, n in pieces) / rate
     span = pieces[-1][0] - first_t
     return {"first_t": first_t, "answer_s": answer_s, "stall_s": stall_s, "stalls": stalls,
-            "rtf": answer_s / span if span > 0 else None}
+            "rtf": answer_s / span if span > 0 else None, "stalls_at": stalls_at}
 
 
 def answer_steps(seconds: float) -> int:

@@ -31,6 +31,7 @@ def test_playback_counts_every_time_the_buffer_runs_dry():
     play = playback([(0.0, 1000), (1.5, 1000), (2.0, 1000)], rate)
     assert play["first_t"] == 0.0 and play["answer_s"] == 3.0
     assert play["stalls"] == 1 and play["stall_s"] == pytest.approx(0.5)
+    assert play["stalls_at"] == [(1.0, 0.5)]                            # dry 1 s in, for 0.5 s
     assert play["rtf"] == pytest.approx(3.0 / 2.0)
 
 
