@@ -2,7 +2,8 @@
 
 Inputs
     embeds  adapter output of one utterance, float32 (T, n_embd): starts a speech-input turn
-            (task `params.task`, or the frame's meta["task"]).
+            (task `params.task`, or the frame's meta["task"]); with meta["tentative"] (the VAD's
+            tentative end of the utterance) it starts it speculatively (Speculation, below).
     text    a text prompt in meta["text"]: starts a text-input turn (task `params.text_task`, or
             meta["task"]); tokenized with the checkpoint's tokenizer.json.
 Output
@@ -29,12 +30,29 @@ Speed: `dtype: float32` is the original's arithmetic (token-for-token golden par
 bfloat16` is faster where the hardware has bf16 instructions. `compile: true` runs the decode step
 through `torch.compile`, compiled in `setup()` on a throw-away session so that the first user does
 not pay for it. `omniflow bench decode` / `bench graph` measure them (README, Performance).
+
+Speculation (`speculate: true`, the default): the VAD sends a tentative utterance at the first
+`speech_pad_ms` of silence and the final one only after `min_silence_ms`; whisper and the adapter
+pass the tentative on (embeds meta tentative: true, same session and turn). Waiting for the final
+would put whisper, the adapter, the prefill and the first decode steps after the end of the turn;
+started on the tentative, they run inside the VAD's hang-over instead, so the first audio can leave
+as soon as the turn is confirmed. A speculative turn is admitted like any other (prefill, step 0,
+decode steps), but its token frames are HELD, never emitted, and after `speculate_steps` steps
+(enough for the scheduler's first SNAC frame) it is paused: not decoded, so a user who goes on
+talking costs nothing more than its cache rows. When the final embeds of that session and turn
+arrive equal to the speculated ones (np.array_equal), the held frames go out at once and decoding
+goes on (no second prefill: the tokens are exactly those of the final alone); otherwise the
+speculation is cancelled and the final starts as usual. A newer tentative of the same turn (the
+user paused again) replaces it; `reset` (a newer turn, barge-in, the end of the session) cancels
+it. A speculation never waits in the queue and never keeps a confirmed turn waiting: a confirmed
+turn that finds no room drops speculations first. stats() counts `speculation_hits` (confirmed)
+and `speculation_misses` (cancelled unconfirmed).
 """
 from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, get_args
 
 import msgspec
@@ -42,6 +60,7 @@ from msgspec import Meta
 import numpy as np
 
 from omniflow.frame import Frame
+from omniflow.model.delay import MAX_DELAY
 from omniflow.model.dtypes import AutoDtype, resolve_auto
 from omniflow.model.units import SNAC_FRAME_S, WHISPER_FRAME_MS
 from omniflow.node import InputError, Node
@@ -53,6 +72,10 @@ SPEECH_TASKS, TEXT_TASKS = get_args(SpeechTask), get_args(TextTask)
 QuantMode = Literal["none", "fp16", "int8", "int8dyn", "int4", "auto"]  # = omniflow.model.quant.MODES
 FEATURE_S = WHISPER_FRAME_MS / 1000   # one whisper frame (embeds row) = 20 ms of speech
 PROMPT_EXTRA = 3            # positions a prompt adds around its T frames / L tokens (REFERENCE §3)
+# decode steps (1 step = 1 SNAC frame = 85.33 ms of speech) a speculative turn runs ahead, step 0
+# included: layer i of SNAC frame f comes out at step f + DELAYS[i], so frame 0 (the scheduler's
+# first chunk at first_chunk_frames: 1) is complete after steps 0..MAX_DELAY
+SPECULATE_STEPS = 1 + MAX_DELAY                               # 8
 
 
 @dataclass
@@ -65,6 +88,13 @@ class _Request:
     embeds: Any = None             # torch (T, n_embd) for speech tasks
     text_ids: list[int] | None = None
     origin: Frame | None = None    # the input frame: its session/turn/stamps follow every output
+    speculative: bool = False      # started on a tentative utterance: outputs held until confirmed
+    tentative: Any = None          # numpy (T, n_embd) the speculation started from (to compare)
+    held: list = field(default_factory=list)    # engine StepOuts of a speculation, not yet emitted
+
+    def paused(self, steps: int) -> bool:
+        """A speculation that holds `steps` steps (or its whole answer) decodes no further."""
+        return self.speculative and (len(self.held) >= steps or bool(self.held and self.held[-1].done))
 
 
 class Backbone(Node):
@@ -97,6 +127,10 @@ class Backbone(Node):
                                            # (1 step = one SNAC frame of speech); 0: as fast as possible.
                                            # Answers a listener hears in real time gain nothing from
                                            # racing ahead, and a paced answer leaves the CPU to others
+        speculate: bool = True             # start a turn on the VAD's tentative utterance (embeds meta
+                                           # tentative), its output held until the final confirms it
+        speculate_steps: Positive = SPECULATE_STEPS  # decode steps (85.33 ms of speech each, step 0
+                                           # included) a speculation runs before it pauses
 
     def __init__(self, params=None, name=None):
         super().__init__(params, name)
@@ -111,6 +145,7 @@ class Backbone(Node):
         import torch
 
         self.decode_steps, self.decode_s = 0, 0.0          # batched steps and their seconds (stats())
+        self.speculation_hits = self.speculation_misses = 0   # speculations confirmed / cancelled
 
         from omniflow.model import weights
         from omniflow.model.checkpoint import load_model
@@ -162,10 +197,57 @@ class Backbone(Node):
         running = self.live.get(frame.session)
         if running is not None and frame.turn < running.turn:
             return                                   # a late frame of an older turn
+        if port == "embeds" and frame.meta.get("tentative"):
+            yield from self._speculate(frame)
+            return
         request = self._request(port, frame)     # InputError: this turn fails, the others go on
+        if running is not None and running.speculative and self._confirms(running, request):
+            yield from self._confirm(running, frame)
+            return
         self._cancel(frame.session)                  # a new turn replaces whatever the session had
         self.queue.append(request)
         yield from self._admit()
+
+    # --- speculation -------------------------------------------------------------------------
+    def _speculate(self, frame: Frame):
+        """Start the turn of a tentative utterance now, its outputs held (module doc). Skipped
+        when speculation is off, the session already has a confirmed turn, or the engine has no
+        free slot (or confirmed turns are waiting for one): the final then starts as usual."""
+        if not self.params.speculate:
+            return
+        session = frame.session
+        running = self.live.get(session)
+        if (running is not None and not running.speculative) or any(r.session == session for r in self.queue):
+            return
+        try:
+            req = self._request("embeds", frame)
+        except InputError as e:                      # the final utterance reports it to its user
+            self.log.debug("session %s turn %d: no speculation: %s", session, frame.turn, e)
+            return
+        self._cancel(session)                        # a newer tentative replaces the old speculation
+        if self.queue or not self._has_room(req.task):
+            self.log.debug("session %s turn %d: no free slot to speculate", session, frame.turn)
+            return
+        req.speculative, req.tentative = True, np.asarray(frame.data)
+        self.log.debug("session %s turn %d: speculating on %d tentative frames", session, frame.turn,
+                       len(req.tentative))
+        yield from self._start(req)
+
+    def _confirms(self, spec: _Request, final: _Request) -> bool:
+        """Is `final` the very turn `spec` speculated on (same turn, task and embeds)?"""
+        return (final.turn == spec.turn and final.task == spec.task and final.embeds is not None
+                and np.array_equal(np.asarray(final.origin.data), spec.tentative))
+
+    def _confirm(self, req: _Request, final: Frame):
+        """The final utterance is the speculated one: emit the held steps at once (stamped with
+        the final frame's path) and go on decoding it as a confirmed turn."""
+        held, req.held = req.held, []
+        req.speculative, req.tentative, req.origin = False, None, final
+        self.speculation_hits += 1
+        self.log.debug("session %s turn %d: speculation confirmed, %d steps ready", req.session,
+                       req.turn, len(held))
+        for out in held:
+            yield self._frame(req, out)
 
     def _request(self, port: str, frame: Frame) -> _Request:
         import torch
@@ -213,21 +295,33 @@ class Backbone(Node):
         return len(eng.sessions) < eng.max_sessions and eng.n_rows + len(get_task(task).rows) <= eng.max_rows
 
     def _admit(self):
-        """Admit queued turns while the engine has room. Prefilled at once, each emits its step-0
-        tokens here; chunked (prefill_chunk > 0), the step() that completes its prompt does."""
-        while self.queue and self._has_room(self.queue[0].task):
-            req = self.queue.popleft()
-            kw = dict(embeds=req.embeds, text_ids=req.text_ids, sampling=self.sampling,
-                      max_new_tokens=self._max_new_tokens(req))
-            if self.params.prefill_chunk:
-                self.engine.begin(req.session, req.task, **kw)
-                req.embeds = None                    # the engine holds the prompt's embeddings
-                self.live[req.session] = req
+        """Admit queued turns while the engine has room, dropping speculations to make room (a
+        confirmed turn never waits for one)."""
+        while self.queue:
+            if not self._has_room(self.queue[0].task):
+                spec = next((r for r in self.live.values() if r.speculative and r.session in self.engine), None)
+                if spec is None:
+                    return
+                self.log.debug("session %s turn %d: speculation dropped for a confirmed turn",
+                               spec.session, spec.turn)
+                self._cancel(spec.session)
                 continue
-            out = self.engine.start(req.session, req.task, **kw)
-            req.embeds = None                        # the prompt is in the KV cache now
+            yield from self._start(self.queue.popleft())
+
+    def _start(self, req: _Request):
+        """Put a turn into the engine. Prefilled at once, it emits its step-0 tokens here;
+        chunked (prefill_chunk > 0), the step() that completes its prompt does."""
+        kw = dict(embeds=req.embeds, text_ids=req.text_ids, sampling=self.sampling,
+                  max_new_tokens=self._max_new_tokens(req))
+        if self.params.prefill_chunk:
+            self.engine.begin(req.session, req.task, **kw)
+            req.embeds = None                        # the engine holds the prompt's embeddings
             self.live[req.session] = req
-            yield self._emit(req, out)
+            return
+        out = self.engine.start(req.session, req.task, **kw)
+        req.embeds = None                            # the prompt is in the KV cache now
+        self.live[req.session] = req
+        yield from self._emit(req, out)
 
     def _max_new_tokens(self, req: _Request) -> int | None:
         """params.max_new_tokens, capped by what the context has left after this prompt."""
@@ -236,26 +330,44 @@ class Backbone(Node):
         prompt = (len(req.embeds) if req.embeds is not None else len(req.text_ids)) + PROMPT_EXTRA
         return max(1, min(self.params.max_new_tokens, self.cfg.block_size - prompt + 1))
 
+    def _decoding(self) -> list[str]:
+        """Sessions the next step() advances: all live turns but paused speculations."""
+        return [s for s, r in self.live.items() if not r.paused(self.params.speculate_steps)]
+
     def has_work(self) -> bool:
-        return bool(self.live)
+        return bool(self._decoding())
 
     def step(self):
-        if self.params.max_speed > 0:
+        decoding = self._decoding()
+        confirmed = any(not self.live[s].speculative for s in decoding)
+        if self.params.max_speed > 0 and confirmed:   # (a speculation alone races ahead: nobody hears it yet)
             time.sleep(max(0.0, self._next_step_at - time.monotonic()))
             self._next_step_at = time.monotonic() + SNAC_FRAME_S / self.params.max_speed
         t0 = time.perf_counter()
-        outs = self.engine.step()
+        outs = self.engine.step(sessions=None if len(decoding) == len(self.live) else decoding)
         self.decode_s += time.perf_counter() - t0
         self.decode_steps += 1
         for session, out in outs.items():
-            yield self._emit(self.live[session], out)
+            yield from self._emit(self.live[session], out)
         yield from self._admit()
 
     def stats(self) -> dict[str, float]:
-        """Batched decode steps so far and their total time (the gateway's /metrics: mean step time)."""
-        return {"decode_steps": self.decode_steps, "decode_seconds": self.decode_s}
+        """Batched decode steps so far and their total time (the gateway's /metrics: mean step
+        time); speculations confirmed and cancelled unconfirmed."""
+        return {"decode_steps": self.decode_steps, "decode_seconds": self.decode_s,
+                "speculation_hits": self.speculation_hits, "speculation_misses": self.speculation_misses}
 
-    def _emit(self, req: _Request, out) -> tuple[str, Frame]:
+    def _emit(self, req: _Request, out):
+        """One engine step of `req`: its tokens frame, or held while `req` is a speculation."""
+        if req.speculative:
+            req.held.append(out)
+            if req.paused(self.params.speculate_steps):
+                self.log.debug("session %s turn %d: speculation paused after %d steps", req.session,
+                               req.turn, len(req.held))
+            return
+        yield self._frame(req, out)
+
+    def _frame(self, req: _Request, out) -> tuple[str, Frame]:
         meta: dict[str, Any] = {"step": out.step, "task": req.task}
         data = np.asarray(out.tokens, dtype=np.int64)                      # (8,) 7 audio + text
         if out.done:
@@ -267,8 +379,12 @@ class Backbone(Node):
 
     def _cancel(self, session: str) -> None:
         self.queue = deque(r for r in self.queue if r.session != session)
-        if self.live.pop(session, None) is not None:
-            self.engine.stop(session)
+        req = self.live.pop(session, None)
+        if req is not None:
+            self.engine.stop(session)                # (a speculation that already ended: no-op)
+            if req.speculative:
+                self.speculation_misses += 1
+                self.log.debug("session %s turn %d: speculation cancelled", session, req.turn)
 
     def reset(self, session: str, turn: int):
         self._cancel(session)          # (the gate calls this only for a turn newer than any it saw)

@@ -23,9 +23,14 @@ When the session ends (`end`: its client left) its stream state is freed.
 
 Early end (output `early`, `early: true`): when speech is followed by its first `speech_pad_ms` of
 silence, the utterance it would close is sent at once as a tentative (meta tentative: true, same
-turn and samples as the final one if the silence lasts `min_silence_ms`), so whisper encodes it
-while the hang-over runs; the final utterance still follows on `utterance` as before, and if the
-speech resumes instead, the tentative is simply never confirmed (the final one differs from it).
+turn and samples as the final one if the silence lasts `min_silence_ms`). The end-of-turn silence
+must stay long (people pause mid-sentence), but waiting it out before any work would put the whole
+answer's start after it; with the tentative, whisper encodes it and passes it on, and the backbone
+starts the answer speculatively (prefill and its first decode steps, output held), all while the
+hang-over runs. The final utterance still follows on `utterance` as before: equal to the
+tentative, it confirms the work done (the held answer goes out at once); if the speech resumes
+instead, the tentative is simply never confirmed (the final one differs from it) and the work on
+it is dropped.
 
 Speech events (output `speech`, for clients that show them, e.g. the gateway's Realtime API): a
 frame {"event": "started", "audio_ms"} when an utterance's speech is confirmed (with the pcm

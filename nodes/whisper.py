@@ -14,6 +14,14 @@ fails with an error to its user (and one log line) that says how long it was and
 Weights: `checkpoint` is an openai-whisper size ("small", "base", ...) looked up through
 omniflow.model.weights (explicit path -> $OMNIFLOW_HOME/whisper-<size>/<size>.pt -> `omniflow fetch`), or
 a path to a `.pt` file in openai-whisper's format. Only the encoder is kept in memory.
+
+Early encode (input `early`, the VAD's tentative utterances): the VAD sends the utterance it would
+close at the first `speech_pad_ms` of silence, `min_silence_ms - speech_pad_ms` before the final
+one. Its features are computed at once and sent on `features` with meta tentative: true (same
+session and turn), so the adapter and the backbone can start the turn speculatively inside the
+VAD's hang-over (nodes/backbone.py: its output is held until the final confirms it). They are also
+kept: when the final utterance of that turn has the same samples, its features are the kept ones
+(meta early: true; no second encode), so the backbone sees the very embeds it speculated on.
 """
 from __future__ import annotations
 
@@ -82,26 +90,32 @@ class WhisperEncoder(Node):
 
     def process(self, port, frame: Frame):
         """`audio`: an utterance -> its features. `early`: a tentative utterance (the VAD's first
-        silence after speech): encoded now and kept; when the final utterance of the same turn
-        comes with the same samples, its features go out without encoding again. A tentative the
-        final does not match (speech resumed) is dropped."""
+        silence after speech): encoded now, sent on (meta tentative) and kept; when the final
+        utterance of the same turn comes with the same samples, its features go out without
+        encoding again. A tentative the final does not match (speech resumed) is dropped."""
         audio, rate = self._as_16k_mono(frame)
         if port == "early":
             if frame.turn > self.finished.get(frame.session, frame.turn - 1):     # not answered yet
                 try:
-                    self.early[frame.session] = (frame.turn, audio, self._features(frame, audio))
+                    features = self._features(frame, audio)
                 except InputError:             # too long: the final utterance reports it to its user
-                    pass
+                    return
+                self.early[frame.session] = (frame.turn, audio, features)
+                yield self._send(frame, audio, features, tentative=True)
             return
         self.finished[frame.session] = frame.turn
         kept = self.early.pop(frame.session, None)
         hit = kept is not None and kept[0] == frame.turn and np.array_equal(kept[1], audio)
-        data, windows = kept[2] if hit else self._features(frame, audio)
         self.early_hits += hit
-        seconds = len(audio) / SAMPLE_RATE
+        yield self._send(frame, audio, kept[2] if hit else self._features(frame, audio), early=hit)
+
+    def _send(self, frame: Frame, audio: np.ndarray, features: tuple[np.ndarray, list[int]], **flags):
+        """The features output of utterance `frame`: meta as the utterance's (less its rate) plus
+        ms, frames, windows and `flags` (early: reused a tentative encode; tentative: is one)."""
+        data, windows = features
         meta = {k: v for k, v in frame.meta.items() if k != "rate"}
-        meta.update(ms=seconds * 1000, frames=len(data), windows=windows, early=hit)
-        yield "features", frame.follow("features", data, meta=meta, last=frame.last)
+        meta.update(ms=len(audio) / SAMPLE_RATE * 1000, frames=len(data), windows=windows, **flags)
+        return "features", frame.follow("features", data, meta=meta, last=frame.last)
 
     def end(self, session: str):
         """The session is over: forget its tentative encode and its last turn."""

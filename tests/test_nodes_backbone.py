@@ -222,3 +222,120 @@ def test_compiled_node_compiles_in_setup_and_gives_the_same_tokens(ckpt, n_embd,
     out = run_node(node, [a, b], setup=False)
     for session, (_, frame) in (("a", a), ("b", b)):
         assert tokens_of(out, session) == direct_tokens(ckpt, "A1A2", embeds=frame.data)
+
+
+# --- speculation on the VAD's tentative utterance ---------------------------------------------
+
+def tentative_of(item):
+    """The tentative twin of an embeds input: the same session, turn and data, meta tentative."""
+    port, frame = item
+    return port, Frame(kind="embeds", session=frame.session, turn=frame.turn, data=frame.data.copy(),
+                       meta={**frame.meta, "tentative": True}, last=True)
+
+
+def drive(node, *items):
+    """Each (port, frame) through process() and then step() until idle, as the runtime does with
+    nothing else arriving; -> the outputs that followed each item."""
+    outputs = []
+    for item in items:
+        out = list(node.process(*item))
+        while node.has_work():
+            out += node.step()
+        outputs.append(out)
+    return outputs
+
+
+def data_of(outputs, session="s"):
+    return [f.data.tolist() for _, f in outputs if f.session == session and f.data is not None]
+
+
+@pytest.mark.parametrize("prefill_chunk", [0, 4])
+def test_a_confirmed_speculation_emits_nothing_before_the_final_and_the_tokens_of_the_final_alone(
+        ckpt, n_embd, prefill_chunk):
+    from nodes.backbone import SPECULATE_STEPS
+    final = embeds_frame(n_embd, seed=1)
+    node = backbone(ckpt, prefill_chunk=prefill_chunk)
+    node.setup()
+    starts = []
+    for name in ("start", "begin"):                     # count the prefills
+        def spy(*a, _real=getattr(node.engine, name), **k):
+            starts.append(a[0])
+            return _real(*a, **k)
+        setattr(node.engine, name, spy)
+    (before,) = drive(node, tentative_of(final))
+    assert before == []                                 # nothing of a speculation goes out...
+    assert node.engine.sessions["s"].step == SPECULATE_STEPS == 8     # ...it ran ahead, then paused
+    (after,) = drive(node, final)
+    assert data_of(after) == direct_tokens(ckpt, "A1A2", embeds=final[1].data)
+    assert [f.meta["step"] for _, f in after] == list(range(len(after))) and after[-1][1].last
+    assert starts == ["s"]                              # the final did not prefill again
+    assert node.stats()["speculation_hits"] == 1 and node.stats()["speculation_misses"] == 0
+
+
+def test_a_speculation_stops_decoding_at_speculate_steps(ckpt, n_embd):
+    final = embeds_frame(n_embd, seed=1)
+    node = backbone(ckpt, speculate_steps=3)
+    node.setup()
+    (before,) = drive(node, tentative_of(final))
+    assert before == [] and not node.has_work()         # paused: the runtime does not step it
+    assert node.engine.sessions["s"].step == 3
+    assert len(node.live["s"].held) == 3
+    (after,) = drive(node, final)
+    assert data_of(after) == direct_tokens(ckpt, "A1A2", embeds=final[1].data)
+
+
+def test_a_final_unlike_the_tentative_is_answered_as_if_alone(ckpt, n_embd):
+    tentative, final = tentative_of(embeds_frame(n_embd, seed=1)), embeds_frame(n_embd, seed=2, frames=25)
+    node = backbone(ckpt)
+    out = run_node(node, [tentative, final])
+    assert tokens_of(out, "s") == direct_tokens(ckpt, "A1A2", embeds=final[1].data)
+    assert [f.meta["step"] for f in out.on("tokens")] == list(range(len(out.on("tokens"))))
+    assert node.stats()["speculation_hits"] == 0 and node.stats()["speculation_misses"] == 1
+
+
+def test_a_newer_tentative_of_the_turn_replaces_the_speculation(ckpt, n_embd):
+    final = embeds_frame(n_embd, seed=2, frames=30)     # the user paused, went on, paused again
+    node = backbone(ckpt)
+    out = run_node(node, [tentative_of(embeds_frame(n_embd, seed=1)), tentative_of(final), final])
+    assert tokens_of(out, "s") == direct_tokens(ckpt, "A1A2", embeds=final[1].data)
+    assert node.stats()["speculation_hits"] == 1 and node.stats()["speculation_misses"] == 1
+
+
+def test_a_newer_turn_cancels_the_speculation_and_nothing_of_it_goes_out(ckpt, n_embd):
+    node = backbone(ckpt)
+    newer = Frame(kind="control", session="s", turn=1, meta={"op": "turn"})     # the bus: turn 1 began
+    out = run_node(node, [tentative_of(embeds_frame(n_embd, turn=0)), newer])
+    assert out.on("tokens") == []
+    assert "s" not in node.engine and not node.live and node.stats()["speculation_misses"] == 1
+
+
+def test_a_confirmed_turn_takes_the_slot_of_a_speculation(ckpt, n_embd):
+    a, b = embeds_frame(n_embd, "a", seed=1), embeds_frame(n_embd, "b", seed=2)
+    node = backbone(ckpt, max_sessions=1)
+    out = run_node(node, [tentative_of(a), b, a])       # b is confirmed while a speculates: b first
+    assert tokens_of(out, "b") == direct_tokens(ckpt, "A1A2", embeds=b[1].data)
+    assert tokens_of(out, "a") == direct_tokens(ckpt, "A1A2", embeds=a[1].data)
+    order = [f.session for f in out.on("tokens")]
+    assert order.index("a") > max(i for i, s in enumerate(order) if s == "b")
+    assert node.stats()["speculation_hits"] == 0 and node.stats()["speculation_misses"] == 1
+
+
+def test_a_paused_speculation_leaves_another_sessions_answer_unchanged(ckpt, n_embd):
+    a, b = embeds_frame(n_embd, "a", seed=1), embeds_frame(n_embd, "b", seed=2, frames=25)
+    node = backbone(ckpt)
+    node.setup()
+    # b speculates first (its cache rows come before a's), a is answered in full meanwhile
+    spec, answer_a, answer_b = drive(node, tentative_of(b), a, b)
+    assert spec == [] and {f.session for _, f in answer_a} == {"a"}
+    assert data_of(answer_a, "a") == direct_tokens(ckpt, "A1A2", embeds=a[1].data)
+    assert data_of(answer_b, "b") == direct_tokens(ckpt, "A1A2", embeds=b[1].data)
+
+
+def test_with_speculate_off_a_tentative_is_ignored(ckpt, n_embd):
+    final = embeds_frame(n_embd, seed=1)
+    node = backbone(ckpt, speculate=False)
+    node.setup()
+    (before,) = drive(node, tentative_of(final))
+    assert before == [] and not node.engine.sessions and not node.live
+    (after,) = drive(node, final)
+    assert data_of(after) == direct_tokens(ckpt, "A1A2", embeds=final[1].data)

@@ -222,35 +222,44 @@ def whisper_path(tmp_path_factory):
 
 
 def vad_then_whisper(audio, whisper_path):
-    """The VAD's outputs in the order it sent them, through a whisper node (early wired)."""
+    """The VAD's outputs in the order it sent them, through a whisper node (early wired):
+    (vad outputs, the finals' features, the tentatives' features, the whisper node)."""
     from nodes.whisper import WhisperEncoder
     vad = run_node(SileroVAD(), chunks(audio, 320))
     frames = [(port, f) for port, f in vad if port in ("early", "utterance")]
     node = WhisperEncoder({"checkpoint": str(whisper_path)})
     node.setup()
     feats = [g for port, f in frames for _, g in node.process("audio" if port == "utterance" else "early", f)]
-    return vad, feats, node
+    tentative = [f for f in feats if f.meta.get("tentative")]
+    return vad, [f for f in feats if not f.meta.get("tentative")], tentative, node
 
 
 def test_resumed_speech_gives_one_answer_with_the_whole_speech(tmp_path, whisper_path):
     from nodes.whisper import WhisperEncoder
     audio = phrases_with_a_pause(tmp_path, 0.25)          # + espeak's own trailing silence: > pad, < min_silence
-    vad, feats, node = vad_then_whisper(audio, whisper_path)
+    vad, feats, tentative, node = vad_then_whisper(audio, whisper_path)
     (utt,) = vad.on("utterance")
     assert len(vad.on("early")) >= 2                       # at the pause (void), and at the end
     assert utt.meta["end_s"] - utt.meta["start_s"] > 2.0   # both phrases
-    (feat,) = feats                                         # ONE features frame, of the whole speech
+    (feat,) = feats                                         # ONE final features frame, of the whole speech
     plain = WhisperEncoder({"checkpoint": str(whisper_path)})
     (want,) = run_node(plain, [utt], port="audio").on("features")
     np.testing.assert_array_equal(feat.data, want.data)
     assert feat.meta["early"] and node.early_hits == 1     # the last tentative was the final one
+    # every tentative went on downstream (the backbone speculates on it); the void one is shorter
+    assert len(tentative) == len(vad.on("early")) and {f.turn for f in tentative} == {utt.turn}
+    assert len(tentative[0].data) < len(feat.data)
+    np.testing.assert_array_equal(tentative[-1].data, feat.data)
 
 
 def test_a_confirmed_tentative_gives_the_features_of_the_plain_path(dialogue, whisper_path):
     from nodes.whisper import WhisperEncoder
     audio, _ = dialogue
-    vad, feats, node = vad_then_whisper(audio, whisper_path)
+    vad, feats, tentative, node = vad_then_whisper(audio, whisper_path)
     assert len(feats) == 2 and all(f.meta["early"] for f in feats) and node.early_hits == 2
+    for f in feats:                                   # the tentatives went on downstream too
+        *_, last = [t for t in tentative if t.turn == f.turn]
+        np.testing.assert_array_equal(last.data, f.data)
     plain = run_node(WhisperEncoder({"checkpoint": str(whisper_path)}), vad.on("utterance"), port="audio").on("features")
     for a, b in zip(feats, plain):
         np.testing.assert_array_equal(a.data, b.data)
