@@ -108,9 +108,9 @@ class Backbone(Node):
         text_task: TextTask = "T1A2"       # text input: T1A2 | T1T2
         dtype: AutoDtype = "float32"       # float32 (the original) | bfloat16 | float16 | auto
                                            # (bf16 on CUDA and on CPUs with native bf16, else float32)
-        quant: QuantMode = "none"          # weights of the decode/prefill GEMMs: none (exact) |
-                                           # fp16 | int8 | int8dyn | int4 | auto (fp16 on x86
-                                           # CPUs, none on CUDA). See omniflow.model.quant
+        quant: QuantMode = "none"          # weights of the decode-step GEMMs (<= 4 rows; the prefill
+                                           # stays dense): none (exact) | fp16 | int8 | int8dyn | int4 |
+                                           # auto (int4 on a CPU, none on CUDA). See omniflow.model.quant
         device: Device = "cpu"
         compile: bool = False              # torch.compile the decode step (compiled during setup)
         max_sessions: Positive = 8              # sessions decoded together; more wait in a queue
