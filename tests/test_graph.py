@@ -248,7 +248,7 @@ def test_validate_reports_every_bad_value_with_its_line_and_what_is_allowed():
     assert errs[3].startswith("g.yaml:15: node 'backbone': param 'task': Invalid enum value 'T1A2'. "
                               "Fix: give 'task' 'A1A2' | 'A1A2_SINGLE' | 'A1T2' | 'ASR'")
     assert errs[4].startswith("g.yaml:16: node 'backbone': param 'dtype': Invalid enum value 'bf16'. "
-                              "Fix: give 'dtype' 'float32' | 'bfloat16' | 'float16'")
+                              "Fix: give 'dtype' 'auto' | 'float32' | 'bfloat16' | 'float16'")
     assert any("g.yaml:17: node 'backbone': param 'top_p'" in e and "float in (0, 1]" in e for e in errs[5:])
     assert any("g.yaml:18: node 'backbone': param 'device'" in e and "cpu | cuda | cuda:N | mps" in e
                for e in errs[5:])
