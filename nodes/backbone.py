@@ -200,10 +200,10 @@ class Backbone(Node):
         if port == "embeds" and frame.meta.get("tentative"):
             yield from self._speculate(frame)
             return
-        request = self._request(port, frame)     # InputError: this turn fails, the others go on
-        if running is not None and running.speculative and self._confirms(running, request):
-            yield from self._confirm(running, frame)
+        if running is not None and running.speculative and self._confirms(running, port, frame):
+            yield from self._confirm(running, frame)    # (checked and prefilled as the tentative)
             return
+        request = self._request(port, frame)     # InputError: this turn fails, the others go on
         self._cancel(frame.session)                  # a new turn replaces whatever the session had
         self.queue.append(request)
         yield from self._admit()
@@ -233,10 +233,14 @@ class Backbone(Node):
                        len(req.tentative))
         yield from self._start(req)
 
-    def _confirms(self, spec: _Request, final: _Request) -> bool:
+    def _confirms(self, spec: _Request, port: str, final: Frame) -> bool:
         """Is `final` the very turn `spec` speculated on (same turn, task and embeds)?"""
-        return (final.turn == spec.turn and final.task == spec.task and final.embeds is not None
-                and np.array_equal(np.asarray(final.origin.data), spec.tentative))
+        return (port == "embeds" and final.turn == spec.turn and self._task(port, final) == spec.task
+                and np.array_equal(np.asarray(final.data), spec.tentative))
+
+    def _task(self, port: str, frame: Frame) -> str:
+        """The task a frame on `port` asks for: its meta["task"], else the port's default."""
+        return frame.meta.get("task") or (self.params.task if port == "embeds" else self.params.text_task)
 
     def _confirm(self, req: _Request, final: Frame):
         """The final utterance is the speculated one: emit the held steps at once (stamped with
@@ -252,7 +256,7 @@ class Backbone(Node):
     def _request(self, port: str, frame: Frame) -> _Request:
         import torch
 
-        task = frame.meta.get("task") or (self.params.task if port == "embeds" else self.params.text_task)
+        task = self._task(port, frame)
         allowed = SPEECH_TASKS if port == "embeds" else TEXT_TASKS
         if task not in allowed:
             raise InputError(f"session {frame.session!r}: task {task!r} on the {port!r} input; "
