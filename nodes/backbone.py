@@ -69,7 +69,7 @@ from omniflow.params import Device, NonNegative, Positive, UnitInterval
 SpeechTask = Literal["A1A2", "A1A2_SINGLE", "A1T2", "ASR"]     # take embeds
 TextTask = Literal["T1A2", "T1T2"]                             # take a text prompt
 SPEECH_TASKS, TEXT_TASKS = get_args(SpeechTask), get_args(TextTask)
-QuantMode = Literal["none", "fp16", "int8", "int8dyn", "int4", "auto"]  # = omniflow.model.quant.MODES
+QuantMode = Literal["none", "fp16", "int8", "int8dyn", "int4", "int4ort", "auto"]  # = omniflow.model.quant.MODES
 FEATURE_S = WHISPER_FRAME_MS / 1000   # one whisper frame (embeds row) = 20 ms of speech
 PROMPT_EXTRA = 3            # positions a prompt adds around its T frames / L tokens (REFERENCE §3)
 # decode steps (1 step = 1 SNAC frame = 85.33 ms of speech) a speculative turn runs ahead, step 0
@@ -110,7 +110,8 @@ class Backbone(Node):
                                            # (bf16 on CUDA and on CPUs with native bf16, else float32)
         quant: QuantMode = "none"          # weights of the decode-step GEMMs (<= 4 rows; the prefill
                                            # stays dense): none (exact) | fp16 | int8 | int8dyn | int4 |
-                                           # auto (int4 on a CPU, none on CUDA). See omniflow.model.quant
+                                           # int4ort (onnxruntime, int8 activations) | auto (int4 on a
+                                           # CPU, none on CUDA). See omniflow.model.quant
         device: Device = "cpu"
         compile: bool = False              # torch.compile the decode step (compiled during setup)
         max_sessions: Positive = 8              # sessions decoded together; more wait in a queue
