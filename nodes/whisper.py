@@ -48,6 +48,7 @@ class WhisperEncoder(Node):
     inputs = {"audio": "utterance", "early": "utterance"}     # early: the VAD's tentative utterances
     outputs = {"features": "features"}
     cpu_weight = 1                 # CPU plan: its share of the cores (omniflow.launch.plan)
+    cpu_burst = True               # one encode per utterance, before that turn's decode: every core
 
     class Params(msgspec.Struct, forbid_unknown_fields=True):
         checkpoint: str = "small"                 # whisper size name, or path to a .pt file

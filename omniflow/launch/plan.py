@@ -8,7 +8,11 @@ thread count so that the compute-heavy nodes add up to the machine:
 * a node with `threads: N` in the graph gets N;
 * a light node (class attribute `cpu_weight = 0`: I/O, bookkeeping) gets 1;
 * the heavy nodes without `threads:` share the cores the explicit heavy nodes left, in proportion
-  to their `cpu_weight`, at least 1 each.
+  to their `cpu_weight`, at least 1 each;
+* a heavy node that works in bursts (class attribute `cpu_burst = True`: the Whisper encoder, one
+  encode per utterance, on the turn's critical path while that turn's decode has not begun) gets
+  every core and does not count against the others: the brief overlap with other sessions'
+  decode costs less than an encode at a fraction of the machine (`omniflow bench live`, README).
 
     plan = cpu_plan(graph)              # {node: threads}, with plan.warnings
     plan = cpu_plan(graph, cores=16)
@@ -42,10 +46,19 @@ class CpuPlan:
 
 def cpu_weight(use: str) -> int:
     """The node class's `cpu_weight` (0 when it declares none or cannot be imported here)."""
+    return int(_attr(use, "cpu_weight") or 0)
+
+
+def cpu_burst(use: str) -> bool:
+    """The node class's `cpu_burst` (False when it declares none or cannot be imported here)."""
+    return bool(_attr(use, "cpu_burst"))
+
+
+def _attr(use: str, name: str):
     try:
-        return int(getattr(import_class(use), "cpu_weight", 0) or 0)
+        return getattr(import_class(use), name, None)
     except (ImportError, AttributeError, ValueError):
-        return 0
+        return None
 
 
 def cpu_plan(graph: Graph, cores: int | None = None, nodes: list[str] | None = None) -> CpuPlan:
@@ -57,18 +70,21 @@ def cpu_plan(graph: Graph, cores: int | None = None, nodes: list[str] | None = N
     explicit = {n: graph.nodes[n].threads for n in names if graph.nodes[n].threads is not None}
     threads: dict[str, int] = {}
     heavy = [n for n in names if weights[n] > 0 or explicit.get(n, LIGHT_THREADS) > LIGHT_THREADS]
-    shared = [n for n in heavy if n not in explicit]                  # heavy, no `threads:`
+    burst = {n for n in heavy if n not in explicit and cpu_burst(graph.nodes[n].use)}
+    shared = [n for n in heavy if n not in explicit and n not in burst]   # heavy, no `threads:`
     left = max(0, cores - sum(explicit[n] for n in heavy if n in explicit))
     total_weight = sum(weights[n] for n in shared)
     for n in names:
         if n in explicit:
             threads[n] = explicit[n]
+        elif n in burst:
+            threads[n] = cores
         elif n in shared:
             threads[n] = max(1, left * weights[n] // total_weight)
         else:
             threads[n] = LIGHT_THREADS
     plan = CpuPlan(threads, cores, heavy)
-    demand = sum(threads[n] for n in heavy)
+    demand = sum(threads[n] for n in heavy if n not in burst)
     if demand > cores and any(threads[n] > 1 for n in heavy):
         asked = ", ".join(f"{n} ({threads[n]})" for n in heavy)
         plan.warnings.append(
