@@ -84,9 +84,10 @@ def cpu_plan(graph: Graph, cores: int | None = None, nodes: list[str] | None = N
         else:
             threads[n] = LIGHT_THREADS
     plan = CpuPlan(threads, cores, heavy)
-    demand = sum(threads[n] for n in heavy if n not in burst)
-    if demand > cores and any(threads[n] > 1 for n in heavy):
-        asked = ", ".join(f"{n} ({threads[n]})" for n in heavy)
+    counted = [n for n in heavy if n not in burst]       # the nodes that run at the same time
+    demand = sum(threads[n] for n in counted)
+    if demand > cores and any(threads[n] > 1 for n in counted):
+        asked = ", ".join(f"{n} ({threads[n]})" for n in counted)
         plan.warnings.append(
             f"{graph.path}: the compute-heavy nodes {asked} run {demand} math threads on "
             f"{cores} cores: they preempt each other and every one slows down. Fix: lower their "

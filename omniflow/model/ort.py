@@ -65,22 +65,27 @@ def session(path, device: str = "auto", threads: int | None = None):
     """An onnxruntime InferenceSession for the file at `path`.
 
     threads: intra-op threads (None: the node's cap from `threads_default`, else onnxruntime's
-    default of one per core). Worker threads never spin-wait: on a CPU shared by a graph of nodes a
-    spinning pool takes cores from the others.
+    default of one per core); the options are `session_options`.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ONNX file not found: {path} (export it with omniflow.model.onnx_export)")
-    ort = _ort()
-    options = ort.SessionOptions()
+    sess = _ort().InferenceSession(str(path), session_options(threads), providers=providers(device))
+    log.info("onnxruntime %s on %s", path.name, sess.get_providers()[0])
+    return sess
+
+
+def session_options(threads: int | None = None):
+    """SessionOptions of every omniflow session: `threads` intra-op threads (None: the node's cap,
+    `threads_default`), one inter-op thread, and worker threads that never spin-wait: on a CPU
+    shared by a graph of nodes a spinning pool takes cores from the others."""
+    options = _ort().SessionOptions()
     threads = threads or threads_default()
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(str(path), options, providers=providers(device))
-    log.info("onnxruntime %s on %s", path.name, sess.get_providers()[0])
-    return sess
+    return options
 
 
 def _to_numpy(x, dtype) -> tuple[np.ndarray, object]:

@@ -196,8 +196,10 @@ class Int4Ort(QuantLinear):
         if self.device.type != "cpu":
             raise QuantUnavailable("int4ort runs onnxruntime's CPU MatMulNBits")
         try:
-            import onnxruntime as ort
             from onnx import TensorProto, helper
+
+            from .ort import CPU_EP, _ort, session_options
+            ort = _ort()
         except ImportError as err:
             raise QuantUnavailable(f"int4ort needs onnxruntime and onnx ({err})") from err
         N, K = w.shape
@@ -209,8 +211,8 @@ class Int4Ort(QuantLinear):
         scale = (hi - lo).clamp(min=1e-12) / INT4_LEVELS        # (N, blocks)
         zp = torch.round(-lo / scale).clamp(0, INT4_LEVELS)     # (N, blocks) integer zero points
         q = (torch.round(g / scale[..., None]) + zp[..., None]).clamp(0, INT4_LEVELS).to(torch.uint8)
-        self._q, self._scale, self._zp = q.view(N, K), scale, zp          # for dequantized()
         b = (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous()   # (N, blocks, group/2): low nibble first
+        self._b, self._scale, self._zp = b, scale, zp           # for dequantized() and nbytes
         zpad = torch.nn.functional.pad(zp.to(torch.uint8), (0, blocks % 2))          # (N, even)
         z = (zpad[:, 0::2] | (zpad[:, 1::2] << 4)).contiguous()                       # (N, ceil(blocks/2))
         inits = [helper.make_tensor("b", TensorProto.UINT8, list(b.shape), b.numpy().tobytes(), raw=True),
@@ -222,28 +224,25 @@ class Int4Ort(QuantLinear):
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", N])], inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                         helper.make_opsetid("com.microsoft", 1)])
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()     # the node's share of the cores
-        opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")   # idle threads sleep
-        try:
-            self._session = ort.InferenceSession(model.SerializeToString(), opts,
-                                                 providers=["CPUExecutionProvider"])
+        try:            # the node's torch threads, no spinning workers (omniflow.model.ort.session_options)
+            self._session = ort.InferenceSession(model.SerializeToString(), session_options(torch.get_num_threads()),
+                                                 providers=[CPU_EP])
         except Exception as err:       # an onnxruntime without the contrib op
             raise QuantUnavailable(f"onnxruntime has no usable MatMulNBits: {err}") from err
 
     def _mm(self, x2d):
-        x = x2d.detach().to(torch.float32).contiguous().numpy()   # (M, K)
+        x = x2d.to(torch.float32).contiguous().numpy()             # (M, K)
         return torch.from_numpy(self._session.run(None, {"x": x})[0])   # (M, N) fp32
 
     def dequantized(self):
-        N, K = self._q.shape
-        g = self._q.view(N, K // INT4_GROUP, INT4_GROUP).float()
-        return ((g - self._zp[..., None]) * self._scale[..., None]).view(N, K)
+        b = self._b                                                # (N, blocks, group/2)
+        q = torch.stack([b & 0xF, b >> 4], dim=-1).flatten(-2).float()   # (N, blocks, group)
+        N, blocks, _ = q.shape
+        return ((q - self._zp[..., None]) * self._scale[..., None]).view(N, blocks * INT4_GROUP)
 
     @property
     def nbytes(self):
-        return self._q.numel() // 2 + 4 * self._scale.numel() + self._zp.numel() // 2
+        return self._b.numel() + 4 * self._scale.numel() + self._zp.numel() // 2
 
 
 class Fp16Fbgemm(QuantLinear):
