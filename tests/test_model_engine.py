@@ -167,6 +167,29 @@ def test_audio_task_forces_pad_after_eot_and_stops_on_layer6_eoa(model):
     assert "s" not in eng and eng.n_rows == 0
 
 
+class EotEngine(Engine):
+    """Engine whose text head always prefers _eot; counts the rows it is asked for."""
+
+    text_head_rows: list
+
+    def _text_head(self, x):
+        self.text_head_rows = getattr(self, "text_head_rows", []) + [x.size(0)]
+        logits = super()._text_head(x).clone()  # (n, 152000)
+        logits[:, tk.EOT] = logits.max() + 1
+        return logits
+
+
+def test_a_speaking_session_past_its_text_end_skips_the_text_head(model):
+    eng = EotEngine(model, max_sessions=2)
+    a1a2 = [o.tokens for o in stream(eng, "A1A2", embeds=embeds_for(model, 4, 0), max_new_tokens=6)]
+    # the prefill step's _eot is not checked; step 1's ends the text; after it _pad_t, no head call
+    assert [t[tk.TEXT_STREAM] for t in a1a2] == [tk.EOT, tk.EOT] + [tk.PAD_T] * 4
+    assert eng.text_head_rows == [1, 1]
+    text_only = EotEngine(model, max_sessions=1)
+    outs = list(stream(text_only, "T1T2", text_ids=TEXT, max_new_tokens=6))
+    assert len(outs) == 1 and text_only.text_head_rows == [1, 1]   # a text task stops at step 1's _eot
+
+
 def test_prefill_tokens_are_never_checked(model):
     # EOT at the prefill step neither stops a text task nor switches on forcing in an audio task.
     outs, _ = run_script(model, "T1T2", [(None, tk.EOT), (None, 4), (None, tk.EOT)])

@@ -143,6 +143,21 @@ def test_auto_speculates_only_when_the_listener_would_run_dry(snac_dir, frames):
     assert run(0.17) == 6
 
 
+def test_auto_pays_only_for_the_tail_it_needs_and_recovers_after_a_stall(snac_dir):
+    st = build_stream(snac_dir, speculate="auto")
+    st.clock = clock = Clock()
+    frames = np.random.default_rng(1).integers(0, 4096, size=(40, 7))      # (F, 7)
+    s, pushes = TurnStream(turn=0), []
+    for k in range(len(frames) // 2):        # 2 frames (170.7 ms of audio) every 150 ms ...
+        before = s.speculated_steps
+        st.push_frames(s, frames[2 * k:2 * k + 2], last=False)
+        pushes.append(s.speculated_steps - before)
+        clock.t += 1.0 if k == 2 else 0.15   # ... but one push 1 s late (a stall)
+    assert pushes[0] == st.lag_steps                      # the first push: the whole tail
+    assert 0 < min(p for p in pushes if p) < st.lag_steps  # later: only what covers the next wait
+    assert pushes[-3:] == [0, 0, 0]          # the listener's clock resumed after the stall: ahead again
+
+
 def test_special_ids_are_refused_with_a_clear_message(whole, streams):
     with pytest.raises(ValueError, match="special ids must be dropped upstream"):
         whole.decode(np.full((1, 7), 4097))

@@ -453,29 +453,33 @@ class Engine:
                 local[s.id] = offset
                 offset += s.n_rows
 
-        text_rows = [local[s.id] + s.task.text_row for s in chosen]
-        speakers = [s for s in chosen if s.task.audio_out]
-        audio_rows = [local[s.id] + s.task.audio_row for s in speakers]
         # Only the heads that are read: text rows through the text head, speaking rows through the
-        # audio heads.
-        text_logits = self._text_head(h[text_rows])  # (n, 152000)
+        # audio heads. A speaking session whose text ended reads no text logits (its text is forced
+        # to _pad_t, `_advance`), so it skips the text head, the largest GEMM of a step.
+        readers = [s for s in chosen if not (s.task.audio_out and s.text_end)]
+        speakers = [s for s in chosen if s.task.audio_out]
+        text_rows = [local[s.id] + s.task.text_row for s in readers]
+        audio_rows = [local[s.id] + s.task.audio_row for s in speakers]
+        text_logits = self._text_head(h[text_rows]) if readers else None  # (n_t, 152000)
         audio_logits = None
         if speakers:
             audio_logits = self._audio_head(h[audio_rows])  # (n_a, 7 * 4160)
             audio_logits = audio_logits.view(len(speakers), tk.N_AUDIO_LAYERS, self.cfg.audio_vocab_size)
 
         # Greedy sessions (the default) are sampled together with one argmax per head.
-        greedy_text = text_logits.argmax(dim=-1).tolist()  # (n,)
+        greedy_text = text_logits.argmax(dim=-1).tolist() if readers else []  # (n_t,)
         greedy_audio = audio_logits.argmax(dim=-1).tolist() if speakers else []  # (n_a, 7)
+        text_of = {s.id: i for i, s in enumerate(readers)}
         audio_of = {s.id: i for i, s in enumerate(speakers)}
         outs = {}
-        for i, s in enumerate(chosen):
-            a = audio_of.get(s.id)
+        for s in chosen:
+            t, a = text_of.get(s.id), audio_of.get(s.id)
             if s.sampling.greedy:
-                text = greedy_text[i]
+                text = greedy_text[t] if t is not None else tk.PAD_T
                 audio = greedy_audio[a] if a is not None else None
             else:
-                text, audio = self._sample_one(s, text_logits[i], None if a is None else audio_logits[a])
+                text, audio = self._sample_one(s, None if t is None else text_logits[t],
+                                               None if a is None else audio_logits[a])
             outs[s.id] = self._advance(s, audio, text, check_stops=True)
         if all_rows and not self.static_shapes:
             self.positions[:R_all] += 1
@@ -548,7 +552,7 @@ class Engine:
 
     # --- per-session rules -------------------------------------------------------------------
     def _sample_one(self, s: _Session, text_logits, audio_logits) -> tuple[int, list[int] | None]:
-        text = int(sample(text_logits, s.sampling, s.generator))
+        text = tk.PAD_T if text_logits is None else int(sample(text_logits, s.sampling, s.generator))
         audio = sample(audio_logits, s.sampling, s.generator).tolist() if audio_logits is not None else None
         return text, audio
 

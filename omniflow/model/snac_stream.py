@@ -481,10 +481,12 @@ class TurnStream:
     sent: int = 0                      # samples handed out so far
     exact: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # exact, from `sent` on
     held: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))   # speculative, not sent
-    first_sent_at: float | None = None  # clock time of the first samples handed out
+    played_until: float = 0.0          # clock time the listener runs out of samples (plays 24 kHz
+                                       # from the first one, resuming after each gap)
     last_push_at: float | None = None
     interval: float = 0.0              # smoothed seconds between pushes
     speculated: int = 0                # pushes that ran a speculative tail
+    speculated_steps: int = 0          # latent steps those tails decoded (lag_steps at most each)
 
 
 class SnacStream:
@@ -495,9 +497,12 @@ class SnacStream:
     decode of a copy of the state as if the turn ended here: what chunked decoders play) and all
     but `crossfade_ms` of it is handed out; the held samples cross-fade into the exact ones when
     they arrive. `speculate`:
-      "auto"   speculate only when the audio already handed out would not last until the next
-               push is expected (from the pushes seen so far, x `margin`), and always on the first;
-      "always" on every push (lowest latency per chunk, costs ~lag_steps more steps per push);
+      "auto"   on the first push the whole tail; later only when what the listener still has
+               plus the exact samples of this push would not last until the next push is expected
+               (the smoothed interval between pushes x `margin`), and then only as many latent
+               steps of the tail as cover that (a speculated prefix is the whole tail's prefix:
+               the decoder is causal in its state), so a stream that keeps real time pays little;
+      "always" on every push the whole tail (lowest latency per chunk, costs lag_steps more steps);
       "first"  on the turn's first push only (deterministic; later chunks come LAG later).
     The last push flushes: a turn of F frames gives exactly F x 2048 samples.
     """
@@ -538,8 +543,10 @@ class SnacStream:
         skip = max(0, -start)
         return np.asarray(audio[skip:], np.float32), start + skip, state
 
-    def _flush(self, state, t0: int, end: int):
-        zeros = np.zeros((1, self.decoder_latent_dim, self.lag_steps), np.float32)
+    def _flush(self, state, t0: int, end: int, steps: int | None = None):
+        """Push `steps` (default lag_steps: all) latent steps of zeros: the tail as if the turn
+        ended at `end`, up to the end of the known frames."""
+        zeros = np.zeros((1, self.decoder_latent_dim, steps or self.lag_steps), np.float32)
         audio, start, _ = self._run(zeros, t0, end, state)
         return audio[:end * HOP - start], start              # up to the end of the known frames
 
@@ -575,11 +582,13 @@ class SnacStream:
         else:
             cand, spec = s.exact, False
             exact_end = s.sent + len(s.exact)
-            if exact_end < total and self._should_speculate(s, now):
-                tail, start = self._flush(list(s.state), end_known, end_known)
+            steps = self._speculation_steps(s, now, exact_end, end_known) if exact_end < total else 0
+            if steps:
+                tail, start = self._flush(list(s.state), end_known, end_known, steps)
                 tail = tail[exact_end - start:]
                 cand, spec = np.concatenate([s.exact, tail]), True
                 s.speculated += 1
+                s.speculated_steps += steps
         h = len(s.held)
         if len(cand) < h:                      # the held samples wait for what they fade into
             return np.zeros(0, np.float32)
@@ -591,8 +600,8 @@ class SnacStream:
         send, s.held = out[:len(out) - keep], out[len(out) - keep:].copy()
         s.exact = s.exact[min(len(s.exact), len(send)):]
         s.sent += len(send)
-        if len(send) and s.first_sent_at is None:
-            s.first_sent_at = now
+        if len(send):
+            s.played_until = max(s.played_until, now) + len(send) / SAMPLE_RATE
         return send
 
     def _add_exact(self, s: TurnStream, audio: np.ndarray, start: int) -> None:
@@ -603,13 +612,20 @@ class SnacStream:
             return
         s.exact = np.concatenate([s.exact, audio[max(0, have - start):]])
 
-    def _should_speculate(self, s: TurnStream, now: float) -> bool:
+    def _speculation_steps(self, s: TurnStream, now: float, exact_end: int, end_known: int) -> int:
+        """Latent steps of the speculated tail this push needs (0: none; lag_steps: all of it)."""
         if self.speculate == "always" or s.sent == 0:
-            return True
+            return self.lag_steps
         if self.speculate == "first":
-            return False
-        lead = s.sent / SAMPLE_RATE - (now - s.first_sent_at)           # seconds still to play
-        return lead < self.margin * s.interval
+            return 0
+        lead = max(0.0, s.played_until - now)                           # s the listener still has
+        cover = lead + (exact_end - s.sent) / SAMPLE_RATE               # ... with this push's exact
+        want = self.margin * s.interval
+        if cover >= want:
+            return 0
+        target = exact_end + math.ceil((want - cover) * SAMPLE_RATE) + self.crossfade   # sample
+        exact_stop = end_known * HOP - self.lag                         # where the exact samples end
+        return max(1, min(self.lag_steps, math.ceil((target - exact_stop) / HOP)))
 
 
 def build_stream(path, **kwargs) -> SnacStream:
