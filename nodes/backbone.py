@@ -60,6 +60,7 @@ from msgspec import Meta
 import numpy as np
 
 from omniflow.frame import Frame
+from omniflow.launch.plan import available_cores
 from omniflow.model.delay import MAX_DELAY
 from omniflow.model.dtypes import AutoDtype, resolve_auto
 from omniflow.model.units import SNAC_FRAME_S, WHISPER_FRAME_MS
@@ -91,6 +92,7 @@ class _Request:
     speculative: bool = False      # started on a tentative utterance: outputs held until confirmed
     tentative: Any = None          # numpy (T, n_embd) the speculation started from (to compare)
     held: list = field(default_factory=list)    # engine StepOuts of a speculation, not yet emitted
+    steps: int = 0                 # engine steps of this turn so far (step 0 = the prefill's)
 
     def paused(self, steps: int) -> bool:
         """A speculation that holds `steps` steps (or its whole answer) decodes no further."""
@@ -132,6 +134,10 @@ class Backbone(Node):
                                            # tentative), its output held until the final confirms it
         speculate_steps: Positive = SPECULATE_STEPS  # decode steps (85.33 ms of speech each, step 0
                                            # included) a speculation runs before it pauses
+        burst_threads: Annotated[int, Meta(ge=0)] = 0  # math threads while no answer is voiced yet
+                                           # (prefills and the steps before a first SNAC frame: the
+                                           # vocoder is idle then); 0: every core this process may
+                                           # use; once an answer is voiced, the node's `threads`
 
     def __init__(self, params=None, name=None):
         super().__init__(params, name)
@@ -140,6 +146,7 @@ class Backbone(Node):
         self.queue: deque[_Request] = deque()
         self.live: dict[str, _Request] = {}          # session -> its running turn
         self._tokenizer = None
+        self._threads: int | None = None             # math threads of the CPU plan (_pick_threads)
 
     # --- lifecycle ---------------------------------------------------------------------------
     def setup(self):
@@ -323,6 +330,7 @@ class Backbone(Node):
             req.embeds = None                        # the engine holds the prompt's embeddings
             self.live[req.session] = req
             return
+        self._pick_threads()
         out = self.engine.start(req.session, req.task, **kw)
         req.embeds = None                            # the prompt is in the KV cache now
         self.live[req.session] = req
@@ -348,6 +356,7 @@ class Backbone(Node):
         if self.params.max_speed > 0 and confirmed:   # (a speculation alone races ahead: nobody hears it yet)
             time.sleep(max(0.0, self._next_step_at - time.monotonic()))
             self._next_step_at = time.monotonic() + SNAC_FRAME_S / self.params.max_speed
+        self._pick_threads()
         t0 = time.perf_counter()
         outs = self.engine.step(sessions=None if len(decoding) == len(self.live) else decoding)
         self.decode_s += time.perf_counter() - t0
@@ -362,8 +371,24 @@ class Backbone(Node):
         return {"decode_steps": self.decode_steps, "decode_seconds": self.decode_s,
                 "speculation_hits": self.speculation_hits, "speculation_misses": self.speculation_misses}
 
+    def _pick_threads(self) -> None:
+        """Every core while no confirmed answer has a complete SNAC frame (nothing for the
+        vocoder to do yet, so this turn's prefill and first steps take the whole CPU: first audio
+        comes sooner); the CPU plan's `threads` once one is being voiced (the vocoder needs its
+        share in real time)."""
+        import torch
+
+        if self._threads is None:                   # the plan's count (the runtime set it after setup)
+            self._threads = torch.get_num_threads()
+            self._burst = self.params.burst_threads or available_cores()
+        voiced = any(not r.speculative and r.steps >= SPECULATE_STEPS for r in self.live.values())
+        want = self._threads if voiced else max(self._threads, self._burst)
+        if want != torch.get_num_threads():
+            torch.set_num_threads(want)
+
     def _emit(self, req: _Request, out):
         """One engine step of `req`: its tokens frame, or held while `req` is a speculation."""
+        req.steps += 1
         if req.speculative:
             req.held.append(out)
             if req.paused(self.params.speculate_steps):

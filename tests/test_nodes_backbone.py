@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from nodes.backbone import Backbone
+from nodes.backbone import SPECULATE_STEPS, Backbone
 from omniflow.model import weights
 from omniflow.frame import Frame
 from omniflow.model.checkpoint import load_model
@@ -252,7 +252,6 @@ def data_of(outputs, session="s"):
 @pytest.mark.parametrize("prefill_chunk", [0, 4])
 def test_a_confirmed_speculation_emits_nothing_before_the_final_and_the_tokens_of_the_final_alone(
         ckpt, n_embd, prefill_chunk):
-    from nodes.backbone import SPECULATE_STEPS
     final = embeds_frame(n_embd, seed=1)
     node = backbone(ckpt, prefill_chunk=prefill_chunk)
     node.setup()
@@ -339,3 +338,31 @@ def test_with_speculate_off_a_tentative_is_ignored(ckpt, n_embd):
     assert before == [] and not node.engine.sessions and not node.live
     (after,) = drive(node, final)
     assert data_of(after) == direct_tokens(ckpt, "A1A2", embeds=final[1].data)
+
+
+
+def test_burst_threads_take_every_core_until_an_answer_is_voiced(ckpt, n_embd):
+    """Prefill and the steps before the first SNAC frame (the vocoder idle) run on burst_threads;
+    once the answer is voiced the node gives the plan's threads back to the vocoder."""
+    def counting(call):                                # an engine call that records its math threads
+        def wrapped(*args, **kw):
+            threads.append(torch.get_num_threads())
+            return call(*args, **kw)
+        return wrapped
+
+    before, threads = torch.get_num_threads(), []
+    torch.set_num_threads(1)                           # the CPU plan's share, as the runtime sets it
+    try:
+        node = backbone(ckpt, burst_threads=2, max_new_tokens=20)
+        node.setup()
+        node.engine.start, node.engine.step = counting(node.engine.start), counting(node.engine.step)
+        port, frame = embeds_frame(n_embd, "a", seed=1)
+        out = list(node.process(port, frame))
+        while node.has_work():
+            out += node.step()
+    finally:
+        torch.set_num_threads(before)
+    assert threads[:SPECULATE_STEPS] == [2] * SPECULATE_STEPS    # prefill (step 0) .. step 7: burst
+    assert set(threads[SPECULATE_STEPS:]) == {1}                 # voiced: the plan's share
+    got = [f.data.tolist() for _, f in out if f.data is not None]
+    assert got == direct_tokens(ckpt, "A1A2", embeds=frame.data, steps=20)
