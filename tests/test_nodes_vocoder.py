@@ -141,6 +141,9 @@ def test_auto_speculates_only_when_the_listener_would_run_dry(snac_dir, frames):
     assert run(0.02) == 1
     # 2 frames every 170 ms (real time): the lead never covers the next wait, every push speculates
     assert run(0.17) == 6
+    # 2 frames every 250 ms (slower than real time): the listener waits whatever is played early,
+    # so only the first push speculates
+    assert run(0.25) == 1
 
 
 def test_auto_pays_only_for_the_tail_it_needs_and_recovers_after_a_stall(snac_dir):

@@ -485,6 +485,7 @@ class TurnStream:
                                        # from the first one, resuming after each gap)
     last_push_at: float | None = None
     interval: float = 0.0              # smoothed seconds between pushes
+    chunk_s: float = 0.0               # smoothed seconds of audio per push (same smoothing)
     speculated: int = 0                # pushes that ran a speculative tail
     speculated_steps: int = 0          # latent steps those tails decoded (lag_steps at most each)
 
@@ -502,6 +503,8 @@ class SnacStream:
                (the smoothed interval between pushes x `margin`), and then only as many latent
                steps of the tail as cover that (a speculated prefix is the whole tail's prefix:
                the decoder is causal in its state), so a stream that keeps real time pays little;
+               never while the audio arrives slower than it plays (the smoothed audio per push
+               under the smoothed interval): no tail can then prevent the wait, only move it;
       "always" on every push the whole tail (lowest latency per chunk, costs lag_steps more steps);
       "first"  on the turn's first push only (deterministic; later chunks come LAG later).
     The last push flushes: a turn of F frames gives exactly F x 2048 samples.
@@ -561,13 +564,14 @@ class SnacStream:
     def push(self, s: TurnStream, z: np.ndarray, last: bool) -> np.ndarray:
         """Latent (1, D, 4F) of the next F frames -> samples playable now (float32)."""
         now = self.clock()
+        t0, m = s.frames * STEPS_PER_FRAME, z.shape[-1]
         if s.last_push_at is not None:
-            gap = now - s.last_push_at
+            gap, chunk_s = now - s.last_push_at, m * HOP / SAMPLE_RATE
             s.interval = gap if not s.interval else 0.5 * s.interval + 0.5 * gap
+            s.chunk_s = chunk_s if not s.chunk_s else 0.5 * s.chunk_s + 0.5 * chunk_s
         s.last_push_at = now
         if s.state is None:
             s.state = self.runner.initial_state()
-        t0, m = s.frames * STEPS_PER_FRAME, z.shape[-1]
         end_known = t0 + m
         if m:
             audio, start, s.state = self._run(z, t0, 2 ** 40, s.state)   # end unknown: no right edge
@@ -618,6 +622,9 @@ class SnacStream:
             return self.lag_steps
         if self.speculate == "first":
             return 0
+        if s.chunk_s < s.interval:      # audio arrives slower than it plays: the listener will wait
+            return 0                    # anyway, and a tail played early only moves that wait later
+                                        # (at the cost of CPU the producer needs to catch up)
         lead = max(0.0, s.played_until - now)                           # s the listener still has
         cover = lead + (exact_end - s.sent) / SAMPLE_RATE               # ... with this push's exact
         want = self.margin * s.interval
