@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, get_args
 
@@ -77,6 +78,7 @@ PROMPT_EXTRA = 3            # positions a prompt adds around its T frames / L to
 # included: layer i of SNAC frame f comes out at step f + DELAYS[i], so frame 0 (the scheduler's
 # first chunk at first_chunk_frames: 1) is complete after steps 0..MAX_DELAY
 SPECULATE_STEPS = 1 + MAX_DELAY                               # 8
+BURST_CHECK_MIN_S = 0.02    # engine calls shorter than this (tiny models) say little about contention
 
 
 @dataclass
@@ -147,6 +149,7 @@ class Backbone(Node):
         self.live: dict[str, _Request] = {}          # session -> its running turn
         self._tokenizer = None
         self._threads: int | None = None             # math threads of the CPU plan (_pick_threads)
+        self._contended = False                      # a burst call did not get its cores
 
     # --- lifecycle ---------------------------------------------------------------------------
     def setup(self):
@@ -331,7 +334,8 @@ class Backbone(Node):
             self.live[req.session] = req
             return
         self._pick_threads()
-        out = self.engine.start(req.session, req.task, **kw)
+        with self._burst_check():
+            out = self.engine.start(req.session, req.task, **kw)
         req.embeds = None                            # the prompt is in the KV cache now
         self.live[req.session] = req
         yield from self._emit(req, out)
@@ -358,7 +362,8 @@ class Backbone(Node):
             self._next_step_at = time.monotonic() + SNAC_FRAME_S / self.params.max_speed
         self._pick_threads()
         t0 = time.perf_counter()
-        outs = self.engine.step(sessions=None if len(decoding) == len(self.live) else decoding)
+        with self._burst_check():
+            outs = self.engine.step(sessions=None if len(decoding) == len(self.live) else decoding)
         self.decode_s += time.perf_counter() - t0
         self.decode_steps += 1
         for session, out in outs.items():
@@ -381,10 +386,28 @@ class Backbone(Node):
         if self._threads is None:                   # the plan's count (the runtime set it after setup)
             self._threads = torch.get_num_threads()
             self._burst = self.params.burst_threads or available_cores()
+        if not self.live:                           # idle until now: the cores may be free again
+            self._contended = False
         voiced = any(not r.speculative and r.steps >= SPECULATE_STEPS for r in self.live.values())
-        want = self._threads if voiced else max(self._threads, self._burst)
+        want = self._threads if voiced or self._contended else max(self._threads, self._burst)
         if want != torch.get_num_threads():
             torch.set_num_threads(want)
+
+    @contextmanager
+    def _burst_check(self):
+        """Around an engine call: if it ran on more threads than the plan's and the process got
+        under 3/4 of a core per thread (another node, e.g. whisper encoding the next user's
+        question, holds the cores; OpenMP threads that wait on each other then slow every
+        step), the burst ends until the backbone is idle again."""
+        import torch
+
+        threads, wall, cpu = torch.get_num_threads(), time.perf_counter(), time.process_time()
+        yield
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        if threads > (self._threads or threads) and wall >= BURST_CHECK_MIN_S and cpu < 0.75 * threads * wall:
+            self._contended = True
+            self.log.debug("burst threads: %.2f cores of %d in %.0f ms; back to %d", cpu / wall, threads,
+                           wall * 1e3, self._threads)
 
     def _emit(self, req: _Request, out):
         """One engine step of `req`: its tokens frame, or held while `req` is a speculation."""

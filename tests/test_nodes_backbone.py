@@ -1,8 +1,11 @@
 """Backbone: many sessions through one batched engine, each getting exactly its solo tokens."""
+import time
+
 import numpy as np
 import pytest
 import torch
 
+import nodes.backbone as backbone_module
 from nodes.backbone import SPECULATE_STEPS, Backbone
 from omniflow.model import weights
 from omniflow.frame import Frame
@@ -341,12 +344,14 @@ def test_with_speculate_off_a_tentative_is_ignored(ckpt, n_embd):
 
 
 
-def test_burst_threads_take_every_core_until_an_answer_is_voiced(ckpt, n_embd):
-    """Prefill and the steps before the first SNAC frame (the vocoder idle) run on burst_threads;
-    once the answer is voiced the node gives the plan's threads back to the vocoder."""
-    def counting(call):                                # an engine call that records its math threads
+def burst_run(ckpt, n_embd, starved_s=0.0):
+    """One answer on a node whose CPU plan gives it 1 thread and burst_threads 2: the math threads
+    of each engine call, its tokens, and the frame. starved_s: the prefill also waits this long
+    without CPU (as when another process holds the cores)."""
+    def counting(call, wait=0.0):                      # an engine call that records its math threads
         def wrapped(*args, **kw):
             threads.append(torch.get_num_threads())
+            time.sleep(wait)
             return call(*args, **kw)
         return wrapped
 
@@ -355,14 +360,27 @@ def test_burst_threads_take_every_core_until_an_answer_is_voiced(ckpt, n_embd):
     try:
         node = backbone(ckpt, burst_threads=2, max_new_tokens=20)
         node.setup()
-        node.engine.start, node.engine.step = counting(node.engine.start), counting(node.engine.step)
+        node.engine.start, node.engine.step = counting(node.engine.start, starved_s), counting(node.engine.step)
         port, frame = embeds_frame(n_embd, "a", seed=1)
         out = list(node.process(port, frame))
         while node.has_work():
             out += node.step()
     finally:
         torch.set_num_threads(before)
+    return threads, [f.data.tolist() for _, f in out if f.data is not None], frame
+
+
+def test_burst_threads_take_every_core_until_an_answer_is_voiced(ckpt, n_embd, monkeypatch):
+    """Prefill and the steps before the first SNAC frame (the vocoder idle) run on burst_threads;
+    once the answer is voiced the node gives the plan's threads back to the vocoder."""
+    monkeypatch.setattr(backbone_module, "BURST_CHECK_MIN_S", float("inf"))   # a busy test machine
+    threads, got, frame = burst_run(ckpt, n_embd)                             # is not the point here
     assert threads[:SPECULATE_STEPS] == [2] * SPECULATE_STEPS    # prefill (step 0) .. step 7: burst
     assert set(threads[SPECULATE_STEPS:]) == {1}                 # voiced: the plan's share
-    got = [f.data.tolist() for _, f in out if f.data is not None]
+    assert got == direct_tokens(ckpt, "A1A2", embeds=frame.data, steps=20)
+
+
+def test_a_burst_that_does_not_get_its_cores_ends(ckpt, n_embd):
+    threads, got, frame = burst_run(ckpt, n_embd, starved_s=0.05)   # the prefill got no CPU
+    assert threads[0] == 2 and set(threads[1:]) == {1}
     assert got == direct_tokens(ckpt, "A1A2", embeds=frame.data, steps=20)
