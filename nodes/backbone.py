@@ -61,7 +61,7 @@ from msgspec import Meta
 import numpy as np
 
 from omniflow.frame import Frame
-from omniflow.launch.plan import available_cores
+from omniflow.launch.plan import available_cores, others_running
 from omniflow.model.delay import MAX_DELAY
 from omniflow.model.dtypes import AutoDtype, resolve_auto
 from omniflow.model.units import SNAC_FRAME_S, WHISPER_FRAME_MS
@@ -379,8 +379,8 @@ class Backbone(Node):
     def _pick_threads(self) -> None:
         """Every core while no confirmed answer has a complete SNAC frame (nothing for the
         vocoder to do yet, so this turn's prefill and first steps take the whole CPU: first audio
-        comes sooner); the CPU plan's `threads` once one is being voiced (the vocoder needs its
-        share in real time)."""
+        comes sooner) and no other process is running on those cores; the CPU plan's `threads`
+        once an answer is being voiced (the vocoder needs its share in real time)."""
         import torch
 
         if self._threads is None:                   # the plan's count (the runtime set it after setup)
@@ -389,7 +389,11 @@ class Backbone(Node):
         if not self.live:                           # idle until now: the cores may be free again
             self._contended = False
         voiced = any(not r.speculative and r.steps >= SPECULATE_STEPS for r in self.live.values())
-        want = self._threads if voiced or self._contended else max(self._threads, self._burst)
+        want = self._threads
+        if not (voiced or self._contended) and self._burst > self._threads:
+            busy = others_running()                 # e.g. whisper encoding the next user's question
+            if busy is None or busy + self._burst <= available_cores():
+                want = self._burst
         if want != torch.get_num_threads():
             torch.set_num_threads(want)
 

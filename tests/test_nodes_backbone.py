@@ -374,13 +374,25 @@ def test_burst_threads_take_every_core_until_an_answer_is_voiced(ckpt, n_embd, m
     """Prefill and the steps before the first SNAC frame (the vocoder idle) run on burst_threads;
     once the answer is voiced the node gives the plan's threads back to the vocoder."""
     monkeypatch.setattr(backbone_module, "BURST_CHECK_MIN_S", float("inf"))   # a busy test machine
-    threads, got, frame = burst_run(ckpt, n_embd)                             # is not the point here
+    monkeypatch.setattr(backbone_module, "others_running", lambda: 0)         # is not the point here
+    monkeypatch.setattr(backbone_module, "available_cores", lambda: 2)
+    threads, got, frame = burst_run(ckpt, n_embd)
     assert threads[:SPECULATE_STEPS] == [2] * SPECULATE_STEPS    # prefill (step 0) .. step 7: burst
     assert set(threads[SPECULATE_STEPS:]) == {1}                 # voiced: the plan's share
     assert got == direct_tokens(ckpt, "A1A2", embeds=frame.data, steps=20)
 
 
-def test_a_burst_that_does_not_get_its_cores_ends(ckpt, n_embd):
+def test_no_burst_while_other_processes_hold_the_cores(ckpt, n_embd, monkeypatch):
+    monkeypatch.setattr(backbone_module, "others_running", lambda: 1)         # whisper is encoding
+    monkeypatch.setattr(backbone_module, "available_cores", lambda: 2)
+    threads, got, frame = burst_run(ckpt, n_embd)
+    assert set(threads) == {1}
+    assert got == direct_tokens(ckpt, "A1A2", embeds=frame.data, steps=20)
+
+
+def test_a_burst_that_does_not_get_its_cores_ends(ckpt, n_embd, monkeypatch):
+    monkeypatch.setattr(backbone_module, "others_running", lambda: 0)
+    monkeypatch.setattr(backbone_module, "available_cores", lambda: 2)
     threads, got, frame = burst_run(ckpt, n_embd, starved_s=0.05)   # the prefill got no CPU
     assert threads[0] == 2 and set(threads[1:]) == {1}
     assert got == direct_tokens(ckpt, "A1A2", embeds=frame.data, steps=20)

@@ -102,3 +102,18 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def others_running() -> int | None:
+    """Threads of other processes running or runnable right now, machine-wide (/proc/stat's
+    procs_running less the caller's own); None where the kernel does not say (not Linux). In a
+    container that sees the host's /proc/stat this counts the host's: callers that take free
+    cores only when this is low then simply take none."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"procs_running"):
+                    return max(0, int(line.split()[1]) - 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
