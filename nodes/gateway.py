@@ -80,6 +80,7 @@ from . import ops, realtime, web
 
 POLL_S = 0.02                  # an idle step waits at most this long for a client message
 MAX_EVENTS_PER_STEP = 64       # then return, so the runtime can read its inputs and control channel
+GRANT_RETRY_S = 2.0            # s: a typed prompt's turn request unanswered this long is sent again
 SETUP_TIMEOUT_S = 10.0         # the server thread must be listening within this
 STOP_TIMEOUT_S = 5.0           # teardown waits this long for connections to close
 SESSION_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -410,7 +411,8 @@ class _ClientSession:
     text_seq: int = 0
     ended: set[str] = field(default_factory=set)    # ports whose current-turn answer has ended
     closed: int = -1                 # latest turn that got its "end" or "error": later frames are stale
-    prompts: dict[str, tuple[str, int]] = field(default_factory=dict)   # turn request -> (prompt, t_ns)
+    prompts: dict[str, tuple[str, int, float]] = field(default_factory=dict)   # turn request ->
+                                     # (prompt, t_ns, monotonic time it was last asked)
 
 
 class Gateway(Node):
@@ -490,6 +492,7 @@ class Gateway(Node):
         except queue.Empty:
             event = None
         self.busy = False
+        yield from self._ask_again()
         for _ in range(MAX_EVENTS_PER_STEP):
             if event is None:
                 return
@@ -498,6 +501,18 @@ class Gateway(Node):
                 event = self.events.get_nowait()
             except queue.Empty:
                 event = None
+
+    def _ask_again(self):
+        """Typed prompts whose turn was not granted within GRANT_RETRY_S ask the bus again (same
+        ref: the same turn), so a lost request or announcement cannot leave a client waiting."""
+        now = time.monotonic()
+        for session, s in self.sessions.items():
+            for ref, (text, t_ns, asked) in list(s.prompts.items()):
+                if now - asked >= GRANT_RETRY_S:
+                    s.prompts[ref] = (text, t_ns, now)
+                    self.log.warning("session %s: no turn granted for its typed prompt in %.0f s; asking again",
+                                     session, now - asked)
+                    yield ask_turn(session, "typed", ref)[1]
 
     def _on_event(self, event: tuple):
         kind, session = event[0], event[1]
@@ -518,7 +533,7 @@ class Gateway(Node):
             _, _, text, t_ns = event
             self.server.ops.turn_asked(session)
             ref, request = ask_turn(session, "typed")
-            s.prompts[ref] = (text, t_ns)
+            s.prompts[ref] = (text, t_ns, time.monotonic())
             yield request
         elif kind == "cancel":                         # stop the answer in progress (Realtime clients)
             if s.turn >= 0:
@@ -542,7 +557,7 @@ class Gateway(Node):
         s = self.sessions.get(session)
         if s is None or ref not in s.prompts:
             return
-        text, t_ns = s.prompts.pop(ref)
+        text, t_ns, _ = s.prompts.pop(ref)
         yield "text", Frame(kind="text", session=session, turn=turn, seq=s.text_seq, last=True,
                             meta={"text": text}, stamps=[(f"{self.name}:ws", t_ns)])
         s.text_seq += 1

@@ -43,10 +43,12 @@ ANNOUNCE_OPS = ("turn", "end")                          # what the authority sen
 IDLE = "idle"                # the reason of an "end" the authority decided (no word for SESSION_IDLE_S)
 
 
-def ask_turn(session: str, reason: str) -> tuple[str, Output]:
+def ask_turn(session: str, reason: str, ref: str | None = None) -> tuple[str, Output]:
     """(ref, output) for a node that starts a new turn of `session`: yield the output; the turn
-    number comes back as `granted(session, turn, ref)`."""
-    ref = uuid.uuid4().hex[:16]
+    number comes back as `granted(session, turn, ref)`. Asking again with the same `ref` (no
+    answer came: the bus drops announcements to a subscriber that falls far behind) gets the
+    same turn announced again, never a second one."""
+    ref = ref or uuid.uuid4().hex[:16]
     return ref, (CONTROL, Frame(kind="control", session=session,
                                 meta={"op": "next_turn", "reason": reason, "ref": ref}))
 
@@ -80,6 +82,7 @@ class TurnAuthority:
         self.seen: dict[str, float] = {}          # session -> when it last asked for anything
         self.ended = _Bounded(ENDED_KEPT)         # session -> its final turn (it is over)
         self.idled = _Bounded(ENDED_KEPT)         # session -> its final turn (it may come back)
+        self.refs = _Bounded(ENDED_KEPT)          # ref of a granted next_turn -> (session, turn)
 
     def sessions(self) -> int:
         return len(self.latest)
@@ -93,7 +96,15 @@ class TurnAuthority:
         latest = self.latest.get(session, self.idled.pop(session, -1))
         meta = {k: v for k, v in request.meta.items() if k in ("reason", "ref")}
         if op == "next_turn":
+            ref = meta.get("ref")
+            if isinstance(ref, str) and ref in self.refs:     # asked again: the same turn, if still current
+                asked, turn = self.refs[ref]
+                if asked != session or turn != latest:
+                    return None
+                return Frame(kind="control", session=session, turn=turn, meta={"op": "turn", **meta})
             turn = latest + 1
+            if isinstance(ref, str):
+                self.refs.add(ref, (session, turn))
         elif op == "turn":                        # a claim: only a newer turn is announced
             if request.turn <= latest:
                 return None

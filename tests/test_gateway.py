@@ -240,6 +240,22 @@ def test_a_typed_prompt_during_an_answer_asks_the_bus_for_a_new_turn(gateway):
         assert recv_json(ws) == {"type": "end", "turn": 7}
 
 
+def test_a_typed_prompt_whose_turn_is_not_granted_asks_again_with_the_same_ref(gateway, monkeypatch):
+    import nodes.gateway as gateway_module
+
+    node = gateway()
+    with connect(url(node, "una")) as ws:
+        recv_json(ws)
+        pump(node, lambda: "una" in node.sessions)
+        ws.send(json.dumps({"type": "text", "text": "hello"}))
+        [(_, request)] = pump(node, lambda: node.sessions["una"].prompts)
+        monkeypatch.setattr(gateway_module, "GRANT_RETRY_S", 0.0)     # the bus's answer was lost
+        [(port, again)] = list(node.step())
+        assert port == CONTROL and again.meta == request.meta          # same ref: the same turn
+        [(port, prompt)] = node.granted("una", 0, request.meta["ref"])
+        assert (port, prompt.meta["text"]) == ("text", "hello") and list(node.step()) == []
+
+
 def test_an_error_frame_ends_its_turn_with_an_error_for_that_client_only(gateway):
     node = gateway(end_after=["pcm"])
     with connect(url(node, "jo")) as ws, connect(url(node, "kim")) as other:

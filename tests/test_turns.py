@@ -121,3 +121,13 @@ def test_run_node_plays_the_bus_for_a_node_that_asks_for_turns():
     out = run_node(Asker(), [data("a", 0), data("a", 0), data("b", 0)])
     assert [(f.session, f.turn) for f in out.on("out")] == [("a", 0), ("a", 1), ("b", 0)]
     assert [p for p, _ in out].count(CONTROL) == 3 and len(out.announced) == 3
+
+
+def test_asking_again_with_the_same_ref_gets_the_same_turn_never_a_second_one():
+    auth = TurnAuthority()
+    ref, request = ask_turn("a", "typed")
+    first = announce(auth, request)
+    again = announce(auth, ask_turn("a", "typed", ref))        # its answer was lost: ask again
+    assert (first.turn, again.turn, again.meta["ref"]) == (0, 0, ref)
+    assert announce(auth, ask_turn("a", "speech")).turn == 1   # numbering goes on from there
+    assert announce(auth, ask_turn("a", "typed", ref)) is None  # a newer turn began: nothing to repeat
