@@ -94,7 +94,6 @@ class _Request:
     speculative: bool = False      # started on a tentative utterance: outputs held until confirmed
     tentative: Any = None          # numpy (T, n_embd) the speculation started from (to compare)
     held: list = field(default_factory=list)    # engine StepOuts of a speculation, not yet emitted
-    steps: int = 0                 # engine steps of this turn so far (step 0 = the prefill's)
 
     def paused(self, steps: int) -> bool:
         """A speculation that holds `steps` steps (or its whole answer) decodes no further."""
@@ -149,6 +148,8 @@ class Backbone(Node):
         self.live: dict[str, _Request] = {}          # session -> its running turn
         self._tokenizer = None
         self._threads: int | None = None             # math threads of the CPU plan (_pick_threads)
+        self._cores = available_cores()
+        self._burst = self.params.burst_threads or self._cores
         self._contended = False                      # a burst call did not get its cores
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -385,14 +386,15 @@ class Backbone(Node):
 
         if self._threads is None:                   # the plan's count (the runtime set it after setup)
             self._threads = torch.get_num_threads()
-            self._burst = self.params.burst_threads or available_cores()
         if not self.live:                           # idle until now: the cores may be free again
             self._contended = False
-        voiced = any(not r.speculative and r.steps >= SPECULATE_STEPS for r in self.live.values())
+        sessions = self.engine.sessions             # their step counts (0 = the prefill's)
+        voiced = any(not r.speculative and s in sessions and sessions[s].step >= SPECULATE_STEPS
+                     for s, r in self.live.items())
         want = self._threads
         if not (voiced or self._contended) and self._burst > self._threads:
             busy = others_running()                 # e.g. whisper encoding the next user's question
-            if busy is None or busy + self._burst <= available_cores():
+            if busy is None or busy + self._burst <= self._cores:
                 want = self._burst
         if want != torch.get_num_threads():
             torch.set_num_threads(want)
@@ -408,14 +410,13 @@ class Backbone(Node):
         threads, wall, cpu = torch.get_num_threads(), time.perf_counter(), time.process_time()
         yield
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        if threads > (self._threads or threads) and wall >= BURST_CHECK_MIN_S and cpu < 0.75 * threads * wall:
+        if threads > self._threads and wall >= BURST_CHECK_MIN_S and cpu < 0.75 * threads * wall:
             self._contended = True
             self.log.debug("burst threads: %.2f cores of %d in %.0f ms; back to %d", cpu / wall, threads,
                            wall * 1e3, self._threads)
 
     def _emit(self, req: _Request, out):
         """One engine step of `req`: its tokens frame, or held while `req` is a speculation."""
-        req.steps += 1
         if req.speculative:
             req.held.append(out)
             if req.paused(self.params.speculate_steps):

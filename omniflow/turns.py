@@ -46,8 +46,8 @@ IDLE = "idle"                # the reason of an "end" the authority decided (no 
 def ask_turn(session: str, reason: str, ref: str | None = None) -> tuple[str, Output]:
     """(ref, output) for a node that starts a new turn of `session`: yield the output; the turn
     number comes back as `granted(session, turn, ref)`. Asking again with the same `ref` (no
-    answer came: the bus drops announcements to a subscriber that falls far behind) gets the
-    same turn announced again, never a second one."""
+    answer came: the request or its announcement was lost) gets the same turn announced again,
+    never a second one."""
     ref = ref or uuid.uuid4().hex[:16]
     return ref, (CONTROL, Frame(kind="control", session=session,
                                 meta={"op": "next_turn", "reason": reason, "ref": ref}))

@@ -466,6 +466,11 @@ class OrtRunner:
 
 
 # --- per-session streaming with speculation and cross-fade ---------------------------------
+def _smooth(average: float, x: float) -> float:
+    """An exponential average of the per-push figures (0: none yet); half weight on the newest."""
+    return x if not average else 0.5 * average + 0.5 * x
+
+
 def fade_in(n: int) -> np.ndarray:
     """Raised-cosine weights rising from ~0 to ~1 over n samples (the new signal's share)."""
     return (0.5 - 0.5 * np.cos(np.pi * (np.arange(n) + 0.5) / n)).astype(np.float32)
@@ -566,9 +571,8 @@ class SnacStream:
         now = self.clock()
         t0, m = s.frames * STEPS_PER_FRAME, z.shape[-1]
         if s.last_push_at is not None:
-            gap, chunk_s = now - s.last_push_at, m * HOP / SAMPLE_RATE
-            s.interval = gap if not s.interval else 0.5 * s.interval + 0.5 * gap
-            s.chunk_s = chunk_s if not s.chunk_s else 0.5 * s.chunk_s + 0.5 * chunk_s
+            s.interval = _smooth(s.interval, now - s.last_push_at)
+            s.chunk_s = _smooth(s.chunk_s, m * HOP / SAMPLE_RATE)
         s.last_push_at = now
         if s.state is None:
             s.state = self.runner.initial_state()
