@@ -419,6 +419,8 @@ class Gateway(Node):
     inputs = {"pcm": "pcm", "text": "text",          # answers: audio (vocoder), text pieces (detokenizer)
               "speech": "speech"}                    # the VAD's speech started/stopped (Realtime clients)
     outputs = {"audio": "pcm", "text": "text"}       # client audio (to the VAD), typed prompts
+    event_ports = frozenset({"speech"})              # (speech started carries the pcm's turn: the bus
+                                                     # may announce the new turn before it comes)
 
     listen = ("host", "port")        # a server: its address, for the Kubernetes export
 

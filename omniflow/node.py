@@ -45,6 +45,10 @@ class Node:
     # turn gate, omniflow/turns.py). A node whose input has no turns (the VAD hearing a
     # microphone's stream, where turns begin) sets this False.
     drop_old_turns: ClassVar[bool] = True
+    # Input ports whose frames are events of the session (the VAD's speech started / stopped), not
+    # data of one turn: the gate never drops them as an older turn's and never starts a turn from
+    # them (a speech-started event says a new turn is coming; the bus may announce it first).
+    event_ports: ClassVar[frozenset[str]] = frozenset()
     # The run's CURVE keys (omniflow.security.Curve) under `omniflow run --keys`, set by the runtime
     # before setup(): a node that opens tcp sockets of its own secures them with them
     # (security.secure_bind), so no tcp endpoint of a keyed run is open to anyone.

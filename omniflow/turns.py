@@ -21,6 +21,8 @@ a node behaves the same in a test and in production:
 * a data frame of an older turn of S is dropped on arrival (unless the node sets
   `drop_old_turns = False`); a data frame of a newer turn starts that turn at once, as if its
   announcement had come first (data takes one hop, control two);
+* frames on the node's `event_ports` (events of the session, not one turn's data) are neither
+  dropped as old nor start a turn;
 * frames of a session that ended are dropped. The authority also ends every session that asked
   for nothing for `SESSION_IDLE_S` (reason "idle": its client vanished without a word), so no
   node's per-session map grows without bound; an idle-ended session that speaks again goes on
@@ -153,7 +155,11 @@ class TurnGate:
     # --- data --------------------------------------------------------------------------------
     def deliver(self, port: str, frame: Frame) -> list[Output]:
         """A data frame arrived on `port`: the node's outputs (nothing if it was dropped)."""
-        ok, out = self.admit(frame)
+        if port in self.node.event_ports:
+            ok, out = frame.session not in self.ended, []
+            self.dropped += not ok
+        else:
+            ok, out = self.admit(frame)
         if not ok:
             return out
         if frame.kind == "error":

@@ -216,6 +216,23 @@ def test_answers_go_to_their_client_and_an_interrupted_turn_never_does(gateway):
         assert recv_json(bystander) == {"type": "end", "turn": 0}
 
 
+def test_speech_started_reaches_the_client_when_the_bus_announced_its_turn_first(gateway):
+    # the VAD asks for the turn, then sends speech-started with the pcm's (older) turn: the bus's
+    # announcement may come first (CI saw a Realtime barge-in without speech_started)
+    from omniflow.turns import TurnGate
+    node = gateway()
+    gate = TurnGate(node)                                       # as the runtime delivers frames
+    with connect(f"ws://127.0.0.1:{node.port}/v1/realtime") as ws:
+        assert recv_json(ws)["type"] == "session.created"
+        pump(node, lambda: node.sessions)
+        [session] = node.sessions
+        gate.announce(Frame(kind="control", session=session, turn=1, meta={"op": "turn"}))
+        gate.deliver("speech", wire(Frame(kind="speech", session=session, turn=0,
+                                          meta={"event": "started", "audio_ms": 2000})))
+        event = recv_json(ws)
+        assert (event["type"], event["audio_start_ms"]) == ("input_audio_buffer.speech_started", 2000)
+
+
 def test_a_typed_prompt_during_an_answer_asks_the_bus_for_a_new_turn(gateway):
     node = gateway()
     with connect(url(node, "ivy")) as ws:

@@ -85,6 +85,25 @@ def test_the_gate_drops_old_turns_starts_new_ones_and_ends_sessions():
                           ("end", "s")]
 
 
+class Events(Log):
+    inputs = {"in": "any", "events": "any"}
+    event_ports = frozenset({"events"})
+
+
+def test_event_ports_are_neither_dropped_as_old_nor_start_a_turn():
+    # the VAD's speech-started event carries the pcm's turn; the bus may announce the new turn first
+    node = Events()
+    gate = TurnGate(node)
+    gate.announce(Frame(kind="control", session="s", turn=1, meta={"op": "turn"}))
+    gate.deliver("events", data("s", 0))                       # older than the turn announced: kept
+    gate.deliver("events", data("s", 2))                       # newer: no reset
+    assert gate.deliver("in", data("s", 0)) == [] and gate.dropped == 1       # data of turn 0: dropped
+    gate.announce(Frame(kind="control", session="s", turn=3, meta={"op": "end"}))
+    assert gate.deliver("events", data("s", 3)) == [] and gate.dropped == 2   # ended: dropped
+    assert node.calls == [("reset", "s", 1), ("process", "s", 0), ("process", "s", 2),
+                          ("reset", "s", 3), ("end", "s")]
+
+
 def test_a_failing_frame_gives_its_turn_one_error_frame_and_the_node_goes_on():
     node = Log()
     out = run_node(node, [data("bad", 3, boom=True), data("bad", 3, boom=True), data("ok", 0)])
