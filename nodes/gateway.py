@@ -495,14 +495,15 @@ class Gateway(Node):
             event = None
         self.busy = False
         yield from self._ask_again()
-        for _ in range(MAX_EVENTS_PER_STEP):
+        for handled in range(MAX_EVENTS_PER_STEP):
+            if handled:                                # (an event taken is always handled)
+                try:
+                    event = self.events.get_nowait()
+                except queue.Empty:
+                    return
             if event is None:
                 return
             yield from self._on_event(event)
-            try:
-                event = self.events.get_nowait()
-            except queue.Empty:
-                event = None
 
     def _ask_again(self):
         """Typed prompts whose turn was not granted within GRANT_RETRY_S ask the bus again (same

@@ -93,6 +93,24 @@ def test_client_audio_text_and_disconnect_become_frames(gateway):
     assert kinds == [(CONTROL, "next_turn"), ("text", None), (CONTROL, "end_session")]
 
 
+def test_a_burst_of_client_messages_loses_none(gateway):
+    # a step handles at most MAX_EVENTS_PER_STEP of them: the rest wait for the next step, none
+    # is dropped (the soak saw a typed prompt, queued behind 16 clients' audio, never answered)
+    from nodes.gateway import MAX_EVENTS_PER_STEP
+    node = gateway(idle_timeout_s=0.2)
+    chunks = 3 * MAX_EVENTS_PER_STEP + 5
+    with connect(url(node, "lou")) as ws:
+        recv_json(ws)
+        for k in range(chunks):
+            ws.send(np.full(160, k, "<i2").tobytes())
+        ws.send(json.dumps({"type": "text", "text": "after the audio"}))
+        ws.ping().wait(RECV_S)                                      # (all of it is in the node's queue)
+    out = run_node(node, setup=False)
+    assert [int(f.data[0]) for f in out.on("audio")] == list(range(chunks))
+    assert [f.meta["text"] for f in out.on("text")] == ["after the audio"]
+    assert [c.meta["op"] for c in out.on(CONTROL)] == ["next_turn", "end_session"]
+
+
 def test_int16_audio_by_default_and_a_silent_visitor_costs_no_turn(gateway):
     node = gateway(idle_timeout_s=0.2)
     pcm = (np.arange(320) - 160).astype(np.int16)
