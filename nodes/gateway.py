@@ -81,6 +81,7 @@ from . import ops, realtime, web
 POLL_S = 0.02                  # an idle step waits at most this long for a client message
 MAX_EVENTS_PER_STEP = 64       # then return, so the runtime can read its inputs and control channel
 GRANT_RETRY_S = 2.0            # s: a typed prompt's turn request unanswered this long is sent again
+GRANT_GIVE_UP_S = 30.0         # s: ... and after this long its client gets an error (the bus is not answering)
 SETUP_TIMEOUT_S = 10.0         # the server thread must be listening within this
 STOP_TIMEOUT_S = 5.0           # teardown waits this long for connections to close
 SESSION_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -507,11 +508,19 @@ class Gateway(Node):
 
     def _ask_again(self):
         """Typed prompts whose turn was not granted within GRANT_RETRY_S ask the bus again (same
-        ref: the same turn), so a lost request or announcement cannot leave a client waiting."""
+        ref: the same turn), so a lost request or announcement cannot leave a client waiting; one
+        still not granted after GRANT_GIVE_UP_S is dropped with an error to its client."""
         now = time.monotonic()
         for session, s in self.sessions.items():
             for ref, (text, t_ns, asked) in list(s.prompts.items()):
-                if now - asked >= GRANT_RETRY_S:
+                if now - t_ns / 1e9 >= GRANT_GIVE_UP_S:
+                    del s.prompts[ref]
+                    self.log.error("session %s: no turn granted for its typed prompt in %.0f s (is the "
+                                   "control bus up?); the client gets an error", session, now - t_ns / 1e9)
+                    self.server.send(session, json.dumps({"type": "error", "error": (
+                        "the server could not start an answer to this prompt (no turn was granted in "
+                        f"{GRANT_GIVE_UP_S:.0f} s): please send it again")}))
+                elif now - asked >= GRANT_RETRY_S:
                     s.prompts[ref] = (text, t_ns, now)
                     self.log.warning("session %s: no turn granted for its typed prompt in %.0f s; asking again",
                                      session, now - asked)

@@ -289,6 +289,11 @@ def test_a_typed_prompt_whose_turn_is_not_granted_asks_again_with_the_same_ref(g
         assert port == CONTROL and again.meta == request.meta          # same ref: the same turn
         [(port, prompt)] = node.granted("una", 0, request.meta["ref"])
         assert (port, prompt.meta["text"]) == ("text", "hello") and list(node.step()) == []
+        ws.send(json.dumps({"type": "text", "text": "and again"}))
+        pump(node, lambda: node.sessions["una"].prompts)
+        monkeypatch.setattr(gateway_module, "GRANT_GIVE_UP_S", 0.0)   # the bus never answers
+        assert list(node.step()) == [] and not node.sessions["una"].prompts
+        assert "please send it again" in recv_json(ws)["error"]
 
 
 def test_an_error_frame_ends_its_turn_with_an_error_for_that_client_only(gateway):
