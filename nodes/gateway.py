@@ -74,14 +74,14 @@ from omniflow.frame import Frame
 from omniflow.model.units import SNAC_RATE, WHISPER_RATE
 from omniflow.node import Node
 from omniflow.params import NonNegative, Port, Positive
-from omniflow.turns import ask_turn, end_session
+from omniflow.turns import GRANT_RETRY_S, ask_turn, end_session
 
 from . import ops, realtime, web
 
 POLL_S = 0.02                  # an idle step waits at most this long for a client message
 MAX_EVENTS_PER_STEP = 64       # then return, so the runtime can read its inputs and control channel
-GRANT_RETRY_S = 2.0            # s: a typed prompt's turn request unanswered this long is sent again
-GRANT_GIVE_UP_S = 30.0         # s: ... and after this long its client gets an error (the bus is not answering)
+GRANT_GIVE_UP_S = 30.0         # s: a typed prompt whose turn is still not granted after this long of asking
+                               # again (every GRANT_RETRY_S) gets its client an error: the bus is not answering
 SETUP_TIMEOUT_S = 10.0         # the server thread must be listening within this
 STOP_TIMEOUT_S = 5.0           # teardown waits this long for connections to close
 SESSION_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")

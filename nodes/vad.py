@@ -52,7 +52,7 @@ from omniflow.frame import Frame
 from omniflow.model.units import WHISPER_RATE
 from omniflow.node import Node
 from omniflow.params import Fraction, NonNegative, PositiveFloat
-from omniflow.turns import ask_turn
+from omniflow.turns import GRANT_RETRY_S, ask_turn
 
 GRANT_POLL_S = 0.002         # an utterance waiting for its turn number checks this often
 RATE = WHISPER_RATE          # Hz: silero VAD's and whisper's input rate
@@ -133,6 +133,7 @@ class SileroVAD(Node):
         self.count: dict[str, int] = {}          # session -> utterances emitted
         self.heard: dict[str, int] = {}          # session -> samples heard before its stream was flushed
         self.held: dict[str, dict[str, list[tuple[str, Frame]]]] = {}   # session -> ref -> outputs awaiting its turn
+        self.asked: dict[str, float] = {}        # ref of a turn request not granted yet -> when last sent
         ms = RATE / 1000
         self.pad = int(p.speech_pad_ms * ms)
         self.min_silence = int(p.min_silence_ms * ms)
@@ -163,7 +164,14 @@ class SileroVAD(Node):
 
     def step(self):
         time.sleep(GRANT_POLL_S)    # (the runtime reads the control channel between steps)
-        return ()
+        now = time.monotonic()
+        for session, held in self.held.items():        # a lost request or announcement: ask again
+            for ref in held:                           # (same ref: the bus answers with the same turn)
+                if now - self.asked.get(ref, now) >= GRANT_RETRY_S:
+                    self.asked[ref] = now
+                    self.log.warning("session %s: no turn granted for its utterance in %.0f s; asking again",
+                                     session, GRANT_RETRY_S)
+                    yield ask_turn(session, "speech", ref)[1]
 
     def reset(self, session: str, turn: int):
         # The VAD is where turns begin: a new turn (its own barge-in, or a client's) must not throw
@@ -171,6 +179,7 @@ class SileroVAD(Node):
         return ()
 
     def granted(self, session: str, turn: int, ref: str):
+        self.asked.pop(ref, None)
         s = self.streams.get(session)
         if s is not None and s.ref == ref:
             s.turn = turn                                # the utterance in progress is this turn
@@ -185,9 +194,10 @@ class SileroVAD(Node):
 
     def end(self, session: str):
         """The client left: forget its stream (speech in progress is dropped, never answered)."""
-        self.streams.pop(session, None)
+        s = self.streams.pop(session, None)
         self.count.pop(session, None)
-        self.held.pop(session, None)
+        for ref in [*self.held.pop(session, {}), s.ref if s is not None else None]:
+            self.asked.pop(ref, None)
         self.heard.pop(session, None)
         return ()
 
@@ -245,6 +255,7 @@ class SileroVAD(Node):
         session = frame.session
         s.ref, output = ask_turn(session, "speech")
         s.turn = None
+        self.asked[s.ref] = time.monotonic()
         yield output
         yield "speech", Frame(kind="speech", session=session, turn=frame.turn,   # (the pcm's turn)
                               meta={"event": "started", "audio_ms": self._ms(s, s.speech_start)})

@@ -42,6 +42,7 @@ SESSION_IDLE_S = 600.0       # a session that sent nothing for 10 minutes is ove
 ENDED_KEPT = 4096            # ended sessions remembered, so their late frames are dropped, not revived
 REQUEST_OPS = ("next_turn", "end_session", "turn")      # what a node sends to the authority
 ANNOUNCE_OPS = ("turn", "end")                          # what the authority sends to every node
+GRANT_RETRY_S = 2.0          # s: a turn request unanswered this long is sent again (same ref: same turn)
 IDLE = "idle"                # the reason of an "end" the authority decided (no word for SESSION_IDLE_S)
 
 

@@ -13,6 +13,7 @@ from nodes.vad import SileroVAD
 from omniflow.frame import Frame
 from omniflow.node import CONTROL
 from omniflow.testing import run_node
+from omniflow.turns import GRANT_RETRY_S
 
 RATE = 16000
 TOLERANCE_S = 0.150
@@ -115,9 +116,13 @@ def test_an_utterance_that_ends_before_its_turn_is_granted_waits_for_it(dialogue
     [(port, request), (_, started)] = out                # asked, and the speech ended: no grant yet
     assert port == CONTROL and started.meta["event"] == "started"
     assert node.has_work()                               # the runtime keeps reading control meanwhile
+    assert list(node.step()) == []                       # (not asked again yet)
+    node.asked[request.meta["ref"]] -= GRANT_RETRY_S     # no answer for GRANT_RETRY_S: lost on the way
+    [(port, again)] = node.step()
+    assert port == CONTROL and again.meta == request.meta and list(node.step()) == []   # same ref: same turn
     [(port, utt), (_, stopped)] = node.granted("default", 3, request.meta["ref"])
     assert port == "utterance" and utt.turn == 3 and stopped.turn == 3 and not node.has_work()
-    assert list(node.granted("default", 4, "someone-else")) == []
+    assert list(node.granted("default", 4, "someone-else")) == [] and not node.asked
 
 
 def test_a_session_that_ends_mid_speech_is_forgotten(dialogue):
@@ -130,7 +135,7 @@ def test_a_session_that_ends_mid_speech_is_forgotten(dialogue):
         list(node.process("audio", f))
     assert "gone" in node.streams
     assert list(node.end("gone")) == []
-    assert not node.streams and not node.count and not node.held and not node.has_work()
+    assert not node.streams and not node.count and not node.held and not node.asked and not node.has_work()
 
 
 def test_chunk_size_and_input_format_do_not_change_the_result(dialogue):
