@@ -385,7 +385,7 @@ def run_serve(args, question: np.ndarray, speech_end: int, steps: int, saved=lam
             *sets_for(GRAPHS["serve"], args.set)]
     sessions = sorted({int(x) for x in args.sessions.split(",")})
     print(f"serve: starting graphs/serve.yaml (port {port}) ...", file=sys.stderr)
-    run = GraphRun(GRAPHS["serve"], sets)
+    run = GraphRun(GRAPHS["serve"], sets, ["--trace", args.trace] if args.trace else [])
     rounds = []
     try:
         ready_s = run.wait_ready()
@@ -670,6 +670,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "on a busy machine its spinning OpenMP threads slow it far more than the "
                              "graph's passive ones)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--trace", default=None, metavar="FILE.jsonl",
+                        help="serve: trace every frame of the served graph (omniflow run --trace), to see "
+                             "where the time goes: omniflow trace FILE.jsonl")
 
 
 def main(argv=None) -> int:

@@ -55,7 +55,7 @@ def test_bench_live_on_demo_weights_reports_every_field(demo_home, tmp_path):
     # float32: the CPU bf16 path needs avx512 on some torch builds; this checks the bench, not a dtype
     proc = subprocess.run([sys.executable, "-m", "omniflow.cli", "bench", "live", "--sessions", "1,2",
                            "--answer-seconds", "1.5", "--set", "backbone.dtype=float32",
-                           "--set", "whisper.dtype=float32", "--json", str(out)],
+                           "--set", "whisper.dtype=float32", "--json", str(out), "--trace", str(tmp_path / "t.jsonl")],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
@@ -76,6 +76,9 @@ def test_bench_live_on_demo_weights_reports_every_field(demo_home, tmp_path):
             nodes = {"backbone", "whisper", "vocoder", "vad"}
             assert nodes <= set(rnd["cpu"]["per_node"]), rnd["cpu"]
             assert rnd["cpu"]["per_node"]["backbone"] > 0
+    from omniflow.trace import read_trace
+    traced = {(rec.session, rec.edge.split("/")[0]) for rec in read_trace(tmp_path / "t.jsonl")}
+    assert {("n1-0", "vocoder"), ("n2-1", "backbone")} <= traced       # the served graph's frames, per client
     o = r["original"]
     assert o["first_audio_s"] > 0 and o["answer_s"] > 0 and o["rtf"] > 0
     assert "first vs orig" in proc.stdout and "original" in proc.stdout
