@@ -74,7 +74,7 @@ from omniflow.frame import Frame
 from omniflow.model.units import SNAC_RATE, WHISPER_RATE
 from omniflow.node import Node
 from omniflow.params import NonNegative, Port, Positive
-from omniflow.turns import GRANT_RETRY_S, ask_turn, end_session
+from omniflow.turns import ENDED_KEPT, GRANT_RETRY_S, Bounded, ask_turn, end_session
 
 from . import ops, realtime, web
 
@@ -84,6 +84,7 @@ GRANT_GIVE_UP_S = 30.0         # s: a typed prompt whose turn is still not grant
                                # again (every GRANT_RETRY_S) gets its client an error: the bus is not answering
 SETUP_TIMEOUT_S = 10.0         # the server thread must be listening within this
 STOP_TIMEOUT_S = 5.0           # teardown waits this long for connections to close
+NAMES_KEPT = 4 * ENDED_KEPT    # client-chosen session names remembered (see _Server.names_used)
 SESSION_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 FORMATS = {"s16": "int16", "int16": "int16", "f32": "float32", "float32": "float32"}
 DTYPES = PCM_DTYPES
@@ -132,7 +133,10 @@ class _Server:
     def __init__(self, params, events: queue.SimpleQueue, log):
         self.p, self.events, self.log = params, events, log
         self.connections: dict[str, _Connection] = {}     # loop thread only
-        self.names_used: dict[str, int] = {}              # loop thread only: name -> connections
+        # loop thread only: name -> connections. A name connecting again gets a fresh session id
+        # (name~2, ...): the bus ended the old one and drops its requests. Bounded (a client could
+        # invent names forever); a name forgotten here is long over on the bus too (it keeps ENDED_KEPT).
+        self.names_used = Bounded(NAMES_KEPT)
         self.open_count = 0                               # read by the node thread (an int: atomic)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.port: int | None = None                      # the bound port (params.port 0: a free one)
@@ -222,7 +226,7 @@ class _Server:
         if wanted in self.connections:
             return None, f"session {wanted!r} is already connected: use another name or close that connection"
         count = self.names_used.get(wanted, 0)
-        self.names_used[wanted] = count + 1
+        self.names_used.add(wanted, count + 1)
         return (wanted if count == 0 else f"{wanted}~{count + 1}"), None
 
     async def _handle(self, ws, _path: str | None = None) -> None:

@@ -61,7 +61,7 @@ def end_session(session: str, reason: str = "disconnected") -> Output:
     return CONTROL, Frame(kind="control", session=session, meta={"op": "end_session", "reason": reason})
 
 
-class _Bounded(collections.OrderedDict):
+class Bounded(collections.OrderedDict):
     """An ordered map that forgets its oldest entries beyond `size`."""
 
     def __init__(self, size: int):
@@ -83,9 +83,9 @@ class TurnAuthority:
         self.idle_s, self.clock = idle_s, clock
         self.latest: dict[str, int] = {}          # session -> its latest announced turn
         self.seen: dict[str, float] = {}          # session -> when it last asked for anything
-        self.ended = _Bounded(ENDED_KEPT)         # session -> its final turn (it is over)
-        self.idled = _Bounded(ENDED_KEPT)         # session -> its final turn (it may come back)
-        self.refs = _Bounded(ENDED_KEPT)          # ref of a granted next_turn -> (session, turn)
+        self.ended = Bounded(ENDED_KEPT)         # session -> its final turn (it is over)
+        self.idled = Bounded(ENDED_KEPT)         # session -> its final turn (it may come back)
+        self.refs = Bounded(ENDED_KEPT)          # ref of a granted next_turn -> (session, turn)
 
     def sessions(self) -> int:
         return len(self.latest)
@@ -144,8 +144,8 @@ class TurnGate:
         self.node = node
         self.current: dict[str, int] = {}        # session -> current turn
         self.asked: dict[str, str] = {}          # ref -> session, for turns this node asked for
-        self.ended = _Bounded(ENDED_KEPT)
-        self.errored = _Bounded(ENDED_KEPT)      # (session, turn) whose error frame went out
+        self.ended = Bounded(ENDED_KEPT)
+        self.errored = Bounded(ENDED_KEPT)      # (session, turn) whose error frame went out
         self.dropped = 0                         # data frames of an older turn or an ended session
         self.turns = 0                           # (session, turn) pairs this node started
         self.failed_turns = 0                    # ... of which a call of this node raised

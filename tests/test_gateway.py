@@ -179,6 +179,10 @@ def test_session_names_refused_reused_and_a_full_server(gateway):
             assert other.close_code == 1013
     with connect(url(node, "dave")) as ws:                          # the name was used before
         assert recv_json(ws)["session"] == "dave~2"
+    names = node.server.names_used                                  # bounded: invented names are forgotten
+    for k in range(names.size + 1):
+        names.add(f"visitor{k}", 1)
+    assert len(names) == names.size and "dave" not in names
 
 
 def test_a_connected_name_is_refused(gateway):
