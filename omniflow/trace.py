@@ -190,6 +190,12 @@ def node_latencies(records: list[TraceRecord]) -> dict[str, list[int]]:
     return out
 
 
+def _before(stamps: list[tuple[str, int]], start: str) -> list[str]:
+    """The nodes a frame passed before it first reached `start`."""
+    hops = [hop for hop, _ in stamps]
+    return hops[:hops.index(start)] if start in hops else []
+
+
 def default_start(records: list[TraceRecord]) -> str | None:
     """The node that sends "utterance" frames (the VAD): where a spoken turn ends."""
     senders = sorted({r.stamps[-1][0] for r in records if r.kind == "utterance" and r.stamps})
@@ -198,25 +204,33 @@ def default_start(records: list[TraceRecord]) -> str | None:
 
 def critical_paths(records: list[TraceRecord], start: str | None = None,
                    sinks: list[str] | None = None) -> list[CriticalPath]:
-    """Per (session, turn, sink): the first frame reaching the sink that passed `start`."""
+    """Per (session, turn, sink): the first frame reaching the sink that passed `start`. A sink
+    is a node, or one input port of it ("gateway/pcm"). By default the nodes that never send; in a
+    graph without any (a served one: the gateway sends the question and receives the answer),
+    each input port of the nodes the question came from, where the answer comes back."""
     start = start or default_start(records)
     if start is None:
         return []
+    passed = [r for r in records if any(hop == start for hop, _ in r.stamps)]
     if not sinks:
         senders = {hop for r in records for hop, _ in r.stamps}
         sinks = sorted({r.node for r in records} - senders)       # nodes that never send
+    if not sinks:                                                  # a loop: back where it began
+        origins = {hop for r in passed for hop in _before(r.stamps, start)}
+        sinks = sorted({f"{r.node}/{r.port}" for r in passed if r.node in origins})
     first: dict[tuple[str, int, str], TraceRecord] = {}
-    for r in records:
-        if r.node not in sinks or not any(hop == start for hop, _ in r.stamps):
+    for r in passed:
+        sink = next((s for s in (f"{r.node}/{r.port}", r.node) if s in sinks), None)
+        if sink is None:
             continue
-        key = (r.session, r.turn, r.node)
+        key = (r.session, r.turn, sink)
         if key not in first or r.t < first[key].t:
             first[key] = r
     paths = []
     for (session, turn, sink), r in sorted(first.items()):
         i = next(i for i, (hop, _) in enumerate(r.stamps) if hop == start)
         t0, hops, prev = r.stamps[i][1], [], r.stamps[i][1]
-        for hop, t in [*r.stamps[i + 1:], (sink, r.t)]:
+        for hop, t in [*r.stamps[i + 1:], (r.node, r.t)]:
             if hops and hops[-1].node == hop:           # a node's own stamp, then the runtime's
                 hops[-1].ms += (t - prev) / NS_PER_MS
             else:
@@ -277,9 +291,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="start", metavar="NODE",
                         help="node whose stamp starts the critical path (default: the node that "
                              "sends 'utterance' frames, the VAD)")
-    parser.add_argument("--to", dest="sinks", action="append", metavar="NODE",
-                        help="end the critical path at this node (repeatable; default: every "
-                             "node that receives but never sends)")
+    parser.add_argument("--to", dest="sinks", action="append", metavar="NODE[/PORT]",
+                        help="end the critical path at this node or input port (repeatable; default: "
+                             "every node that receives but never sends; in a served graph, where the "
+                             "answer comes back: e.g. gateway/pcm and gateway/text)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 

@@ -54,6 +54,22 @@ def test_analysis_of_a_known_trace():
     assert critical_paths(records, start="src", sinks=["asr"])[0].total_ms == 8.0
 
 
+def test_a_served_graph_ends_its_critical_paths_where_the_answer_comes_back():
+    # gw sends the question to vad and receives the answer (audio on pcm, text on text): no node
+    # only receives, so the paths end at the gateway's input ports
+    records = [
+        rec("vad", "gw/a->vad/a", 1, [("gw", 0)]),
+        rec("tts", "vad/u->tts/u", 8, [("gw", 0), ("vad", 6)], kind="utterance"),
+        rec("gw", "tts/t->gw/text", 12, [("gw", 0), ("vad", 6), ("tts", 10)], port="text"),
+        rec("gw", "tts/p->gw/pcm", 30, [("gw", 0), ("vad", 6), ("tts", 25)], port="pcm"),
+    ]
+    paths = {p.sink: p for p in critical_paths(records)}
+    assert sorted(paths) == ["gw/pcm", "gw/text"]
+    assert paths["gw/pcm"].total_ms == 24.0 and paths["gw/text"].total_ms == 6.0      # after the vad
+    assert [h.node for h in paths["gw/pcm"].hops] == ["tts", "gw"]
+    assert [p.sink for p in critical_paths(records, sinks=["gw/pcm"])] == ["gw/pcm"]
+
+
 def test_trace_every_keeps_each_turns_first_and_last_frame(tmp_path, tone_wav):
     from omniflow.graph import load_graph
     from omniflow.launch.local import run_graph
