@@ -18,7 +18,8 @@ Turns and barge-in: every utterance is a new turn of its session. The VAD does n
 as soon as an utterance's speech is confirmed (`min_speech_ms` of it heard) it asks the control
 bus for the session's next turn (`omniflow.turns.ask_turn`), so the bus announces it and every
 node cancels the old answer while the user is still talking. The utterance follows, stamped with
-the turn the bus granted, when the speech ends (held back until the grant, if it ends first).
+the turn the bus granted, when the speech ends (held back until the grant, if it ends first; a
+grant that does not come within GRANT_RETRY_S is asked for again with the same ref).
 When the session ends (`end`: its client left) its stream state is freed.
 
 Early end (output `early`, `early: true`): when speech is followed by its first `speech_pad_ms` of
