@@ -21,6 +21,8 @@ PHRASES = ["What is the capital of France?", "Tell me a joke please."]
 
 
 def speak(text: str, tmp_path) -> np.ndarray:
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install -y espeak-ng): it speaks the test audio")
     path = tmp_path / f"{abs(hash(text))}.wav"
     subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(path), text], check=True, capture_output=True)
     audio, rate = sf.read(path, dtype="float32")
@@ -40,8 +42,6 @@ def silence(seconds: float) -> np.ndarray:
 @pytest.fixture(scope="module")
 def dialogue(tmp_path_factory):
     """0.5 s silence, phrase 1, 1.5 s silence, phrase 2, 1 s silence; and the true speech extents (s)."""
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed (apt-get install -y espeak-ng): it speaks the test audio")
     tmp = tmp_path_factory.mktemp("speech")
     parts, truth, pos = [silence(0.5)], [], int(0.5 * RATE)
     for i, text in enumerate(PHRASES):
