@@ -37,6 +37,7 @@ import zmq
 
 from . import heartbeat_file
 from .errors import EXPECTED_ERRORS
+from .delivery import Receiver, Sender, new_instance
 from .frame import KINDS, Frame, FrameError, decode, encode, register_kind
 from .graph import GRAPH_DIRS
 from .node import CONTROL, Node, Output, drain
@@ -49,6 +50,8 @@ HEARTBEAT_S = 1.0          # a node reports liveness and metrics this often
 EOS_QUIET_S = 1.0          # a restarted node's input whose producer already ended: quiet this long = eos
 IDLE_POLL_MS = 100         # longest wait for input, so a stop request is seen within 0.1 s
 FLUSH_LINGER_MS = 5000     # at a normal end, time allowed for queued frames + eos to leave
+REJOIN_WAIT_S = 30.0       # an ended producer waits this long for a dead consumer's successor to
+                           # take the frames kept for it (omniflow/delivery.py)
 EXIT_OK, EXIT_FAILED, EXIT_SETUP_FAILED = 0, 1, 3
 LOG_FORMAT = "%(levelname)s %(message)s"   # a node's log lines, wherever it runs (launchers prefix [node])
 
@@ -67,6 +70,9 @@ class Metrics(msgspec.Struct):
     failed_turns: int = 0          # ... of which one of its calls raised (an error frame went out)
     sessions: int = 0              # sessions it holds a turn for now
     refused: int = 0               # CURVE handshakes refused (unknown client key), this process
+    lost: int = 0                  # frames missing from an input's sequence, or not kept for a restart
+    resent: int = 0                # frames sent again to a consumer that restarted (delivery.py)
+    unprotected: int = 0           # frames no longer kept for a consumer that was far behind
 
     def line(self) -> str:
         return " ".join(f"{k}={v}" for k, v in msgspec.structs.asdict(self).items())
@@ -103,6 +109,7 @@ class NodeRuntime:
         self._taps = tuple(taps or ())            # observers of received frames (trace, record)
         self.threads = threads                    # torch/OpenMP/MKL threads (graph key `threads`)
         self._held = False                        # a source waiting for "graph_ready"
+        self._untaken_since: float | None = None  # ended, consumers gone, frames kept for them
         self._beat_file = heartbeat_file.path_from_env()   # touched per heartbeat (k8s probes)
         # the closing metrics line: DEBUG when a launcher collects the metrics and prints them
         # itself (run_config), so a run logs them once
@@ -114,15 +121,24 @@ class NodeRuntime:
 
     # --- sockets ---------------------------------------------------------------------------
     def _open(self) -> None:
-        self._outs: dict[str, list[tuple[Link, zmq.Socket]]] = collections.defaultdict(list)
+        self._outs: dict[str, list[tuple[Link, zmq.Socket, Sender]]] = collections.defaultdict(list)
         self._watches, self._ins, self._sub, self._push = [], {}, None, None   # (for _close)
+        self._senders: list[tuple[zmq.Socket, Sender, "ConsumerWatch"]] = []
+        self._receivers: dict[zmq.Socket, Receiver] = {}
+        instance = new_instance()
         if self.curve is not None and any(is_tcp(link.address) for link in self.wiring.outputs):
             self._allow = start_authenticator(self._ctx, self.curve)   # checks clients' keys
         for link in self.wiring.outputs:
             sock, watch = bind_output(self._ctx, link, self.curve)
-            self._outs[link.port].append((link, sock))
+            sender = Sender(link, instance)
+            self._outs[link.port].append((link, sock, sender))
+            self._senders.append((sock, sender, watch))
             self._watches.append(watch)
-        self._ins = {connect_input(self._ctx, link, self.curve): link for link in self.wiring.inputs}
+        for link in self.wiring.inputs:
+            receiver = Receiver(link)                 # its ack file exists before we connect
+            sock = connect_input(self._ctx, link, self.curve)
+            self._ins[sock] = link
+            self._receivers[sock] = receiver
         self._backlog = {sock: collections.deque(maxlen=link.depth)
                          for sock, link in self._ins.items() if link.policy == "drop-oldest"}
         if self.wiring.control_pub:
@@ -139,10 +155,13 @@ class NodeRuntime:
 
     def _close(self, flush: bool) -> None:
         for outs in self._outs.values():
-            for _, sock in outs:
+            for _, sock, sender in outs:
                 sock.close(linger=FLUSH_LINGER_MS if flush else 0)
+                sender.close()
         for watch in self._watches:
             watch.close()
+        for receiver in self._receivers.values():
+            receiver.close()
         for sock in [*self._ins, self._sub, self._push]:
             if sock is not None and not sock.closed:
                 sock.close()
@@ -178,6 +197,7 @@ class NodeRuntime:
                 self.node.teardown()
         finally:
             self.metrics.turns, self.metrics.failed_turns = self._gate.turns, self._gate.failed_turns
+            self._count_delivery()
             self._close(flush=finished)
             for tap in self._taps:
                 tap.close()
@@ -199,7 +219,7 @@ class NodeRuntime:
             self._apply_control()
             if not self._ended and not main and not self._held and not self.node.has_work():
                 self._end()
-            if self._ended and not feedback and not any(w.connected() for w in self._watches):
+            if self._ended and not feedback and self._consumers_done():
                 return                          # every consumer has read our eos and hung up
             busy = not self._ended and not self._held and self.node.has_work()
             backlog = any(self._backlog.values())
@@ -208,6 +228,7 @@ class NodeRuntime:
                     self._read_control()
                 elif sock in monitors:
                     monitors[sock].connected()          # a consumer came or went
+                    self._rejoin()
                 elif self._read_input(sock):            # eos on this edge
                     poller.unregister(sock)
                     main.discard(sock)
@@ -235,8 +256,8 @@ class NodeRuntime:
             self._apply_control()
         parts = encode(Frame(kind="eos"))
         for outs in self._outs.values():
-            for _, sock in outs:
-                send_blocking(sock, parts, self._should_stop)   # never dropped, even if lossy
+            for _, sock, sender in outs:                # never dropped, even if lossy
+                send_blocking(sock, sender.wrap(parts), self._should_stop)
         self._ended = True
         if self._push is not None:      # the bus tells a consumer that restarts later (it missed this)
             send_or_drop(self._push, encode(Frame(kind="control", meta={"op": "eos", "node": self.name})))
@@ -251,8 +272,13 @@ class NodeRuntime:
         if link.policy == "drop-oldest":
             return self._read_lossy(sock, link)
         try:
-            parts = recv_parts(sock)
+            parts = self._receivers[sock].take(recv_parts(sock))
         except zmq.Again:
+            return False
+        except FrameError as e:
+            self._reject(link.id, e)
+            return False
+        if parts is None:                               # a marker, or a frame sent again later
             return False
         frame = self._decode(parts, link.id)
         if frame is None:
@@ -269,12 +295,17 @@ class NodeRuntime:
     def _read_lossy(self, sock: zmq.Socket, link: Link) -> bool:
         """Move everything ready on a drop-oldest edge into its backlog of the newest `depth`
         frames; the loop hands the node one per iteration. At eos the backlog is flushed."""
-        backlog = self._backlog[sock]
+        backlog, receiver = self._backlog[sock], self._receivers[sock]
         while True:
             try:
-                parts = recv_parts(sock)
+                parts = receiver.take(recv_parts(sock))
             except zmq.Again:
                 return False
+            except FrameError as e:
+                self._reject(link.id, e)
+                continue
+            if parts is None:
+                continue
             frame = self._decode(parts, link.id)
             if frame is None:
                 continue
@@ -312,10 +343,13 @@ class NodeRuntime:
         try:
             return decode([p.buffer for p in parts])
         except FrameError as e:
-            self.metrics.rejected += 1
-            self.log.warning("rejected a malformed frame on %s (%d so far): %s",
-                             where, self.metrics.rejected, e)
+            self._reject(where, e)
             return None
+
+    def _reject(self, where: str, error: FrameError) -> None:
+        self.metrics.rejected += 1
+        self.log.warning("rejected a malformed frame on %s (%d so far): %s",
+                         where, self.metrics.rejected, error)
 
     # --- control ---------------------------------------------------------------------------
     def _read_control(self) -> None:
@@ -372,6 +406,7 @@ class NodeRuntime:
         gate = self._gate
         self.metrics.turns, self.metrics.failed_turns = gate.turns, gate.failed_turns
         self.metrics.sessions = gate.sessions()
+        self._count_delivery()
         if self._authority is not None:
             for announcement in self._authority.expire():
                 self._on_control(announcement)
@@ -408,12 +443,54 @@ class NodeRuntime:
             if not outs:
                 continue                                # declared but not connected in this graph
             parts = encode(frame.stamp(self.name))
-            for link, sock in outs:
+            for link, sock, sender in outs:
                 if link.policy == "lossless":
-                    if not send_blocking(sock, parts, self._should_stop):
+                    if not send_blocking(sock, sender.wrap(parts), self._should_stop):
                         return
-                elif not send_or_drop(sock, parts):
+                elif not send_or_drop(sock, sender.wrap(parts)):
                     self.metrics.dropped_overflow += 1
+
+    # --- delivery (omniflow/delivery.py) -----------------------------------------------------
+    def _rejoin(self) -> None:
+        """A consumer connected: send it our marker and what its predecessor had not taken."""
+        for sock, sender, watch in self._senders:
+            if watch.accepts == sender.joins:
+                continue
+            sender.joins = watch.accepts
+            if sender.path is None:
+                continue
+            messages = sender.rejoin()
+            for message in messages:
+                if not send_blocking(sock, message, self._should_stop):
+                    return
+            if len(messages) > 1:
+                self.metrics.resent += len(messages) - 1
+                self.log.info("edge %s: a consumer connected; sent it again the %d frames its "
+                              "predecessor had not taken", sender.link.id, len(messages) - 1)
+
+    def _consumers_done(self) -> bool:
+        """After our eos: every consumer has hung up, and took what was kept for it (or its
+        successor did not come within REJOIN_WAIT_S)."""
+        if any(w.connected() for w in self._watches):
+            self._rejoin()
+            self._untaken_since = None
+            return False
+        untaken = [s.link.id for _, s, _ in self._senders if not s.link.feedback and not s.all_taken()]
+        if not untaken:
+            return True
+        now = time.monotonic()
+        if self._untaken_since is None:
+            self._untaken_since = now
+        if now - self._untaken_since < REJOIN_WAIT_S:
+            return False
+        self.log.warning("ending with frames its consumers never took on %s (they did not come back "
+                         "within %.0f s)", ", ".join(untaken), REJOIN_WAIT_S)
+        return True
+
+    def _count_delivery(self) -> None:
+        m = self.metrics
+        m.lost = sum(r.lost for r in self._receivers.values()) + sum(s.lost for _, s, _ in self._senders)
+        m.unprotected = sum(s.unprotected for _, s, _ in self._senders)
 
 
 # --- process entry point ---------------------------------------------------------------------

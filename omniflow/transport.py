@@ -167,6 +167,7 @@ class ConsumerWatch:
         events = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
         self.monitor = sock.get_monitor_socket(events | (REFUSAL_EVENTS if refusals else 0))
         self.peers = 0
+        self.accepts = 0                  # connections so far (omniflow/delivery.py: a rejoin each)
 
     def connected(self) -> int:
         while self.monitor.poll(0):
@@ -174,6 +175,7 @@ class ConsumerWatch:
             event = message["event"]
             if event == zmq.EVENT_ACCEPTED:
                 self.peers += 1
+                self.accepts += 1
             elif event == zmq.EVENT_DISCONNECTED:
                 self.peers -= 1
             else:                                        # a CURVE handshake failed: a refused peer

@@ -12,6 +12,7 @@ import numpy as np
 import soundfile as sf
 import zmq
 
+from omniflow.delivery import Receiver, marker, message
 from omniflow.frame import MAX_HEADER_BYTES, Frame, decode, encode
 from omniflow.graph import parse_graph
 from omniflow.launch.local import run_graph
@@ -60,12 +61,22 @@ nodes:
     np.testing.assert_array_equal(sf.read(tmp_path / "b.wav", dtype="int16")[0], gained(pcm, 3.0))
 
 
+def receive(sock, receiver: Receiver) -> list:
+    """The next frame's [header, payload] for `receiver`, past markers and frames sent again."""
+    while True:
+        assert sock.poll(10_000), "the node stopped serving"
+        parts = receiver.take(sock.recv_multipart())
+        if parts is not None:
+            return parts
+
+
 def test_malformed_frames_on_a_nodes_socket_are_counted_and_it_keeps_serving(tmp_path):
     ctx = zmq.Context()
     feed, out = f"ipc://{tmp_path}/in.sock", f"ipc://{tmp_path}/out.sock"
     producer = ctx.socket(zmq.PUSH)
     producer.setsockopt(zmq.SNDTIMEO, 10_000)  # fail, not hang, if the node never connects
     producer.bind(feed)                       # the test plays the upstream node
+    downstream = Receiver(Link("relay->down", "in", out))   # the edge protocol's consumer end
     consumer = ctx.socket(zmq.PULL)
     consumer.connect(out)                     # ... and the downstream node
     cfg = NodeConfig(name="relay", use="test_runtime_nodes:Relay", params={},
@@ -78,22 +89,25 @@ def test_malformed_frames_on_a_nodes_socket_are_counted_and_it_keeps_serving(tmp
                             stderr=subprocess.PIPE, text=True, env=env)
     try:
         header, payload = encode(Frame(kind="pcm", data=np.arange(4, dtype=np.float32)))
+        me = 42                                       # the test producer's instance
+        producer.send_multipart(marker(me, 1))        # the edge protocol: numbers from 1 follow
         bad = [
-            [b"\x93garbage bytes that are not msgpack"],                      # one part
-            [bytes(header), bytes(payload), b"extra"],                        # three parts
-            [bytes(header), bytes(payload)[:-4]],                             # payload too short
-            [b"\x00" * (MAX_HEADER_BYTES + 1), b""],                          # oversize header
+            [b"\x93garbage bytes that are not msgpack"],                      # one part, no marker
+            [bytes(header), bytes(payload)],                                  # no envelope
+            [b"short", bytes(header), bytes(payload)],                        # a bad envelope
+            message(me, 1, [bytes(header), bytes(payload)[:-4]]),             # payload too short
+            message(me, 2, [b"\x00" * (MAX_HEADER_BYTES + 1), b""]),          # oversize header
         ]
         for parts in bad:
             producer.send_multipart(parts)
         good = Frame(kind="pcm", seq=7, data=np.arange(4, dtype=np.float32), meta={"rate": 8000})
-        producer.send_multipart(encode(good))
-        assert consumer.poll(10_000), "the node stopped serving after malformed frames"
-        echoed = decode(consumer.recv_multipart())
+        producer.send_multipart(message(me, 3, encode(good)))
+        echoed = decode(receive(consumer, downstream))
+        assert downstream.instance is not None        # the node's marker came first
         assert echoed.seq == 7 and echoed.meta == {"rate": 8000}
         np.testing.assert_array_equal(echoed.data, good.data)
-        producer.send_multipart(encode(Frame(kind="eos")))
-        assert decode(consumer.recv_multipart()).kind == "eos"    # eos is forwarded
+        producer.send_multipart(message(me, 4, encode(Frame(kind="eos"))))
+        assert decode(receive(consumer, downstream)).kind == "eos"    # eos is forwarded
         consumer.close()                                           # lets the node exit
         assert proc.wait(timeout=10) == 0
     finally:
@@ -104,9 +118,10 @@ def test_malformed_frames_on_a_nodes_socket_are_counted_and_it_keeps_serving(tmp
             consumer.close(linger=0)
         ctx.term()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["rejected"] == 4 and metrics["frames_in"] == 1
+    assert metrics["rejected"] == 5 and metrics["frames_in"] == 1 and metrics["lost"] == 0
     log = proc.stderr.read()
-    for reason in ("expected 2 message parts", "payload is 12 bytes", "exceeds"):
+    for reason in ("producer's marker", "expected 3 message parts", "5-byte envelope",
+                   "payload is 12 bytes", "exceeds"):
         assert reason in log
 
 

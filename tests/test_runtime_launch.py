@@ -285,3 +285,27 @@ nodes:
     assert result.ok, result.message
     assert result.restarts == {"src": 0, "rec": 1}
     assert after_kill_s < 15                      # ended by itself, did not wait for a timeout
+
+
+def test_a_killed_consumer_loses_none_of_the_frames_queued_for_it(tone_wav, tmp_path):
+    """src sends 250 frames at once into a deep lossless edge; rec takes 20 ms each and is killed
+    with ~200 still queued for it: its successor gets every frame the dead one had not taken,
+    once and in order (omniflow/delivery.py). Lost is at most the one frame it was handling."""
+    wav, pcm = tone_wav(seconds=2.5)
+    n = len(pcm) // 160                               # 10 ms chunks at 16 kHz
+    graph = f"""
+nodes:
+  src: {{use: "nodes.audio:FileSource", params: {{path: "{wav}", chunk_ms: 10}}}}
+  rec: {{use: "test_runtime_nodes:Recorder", params: {{path: "{tmp_path}/r.jsonl", delay_s: 0.02}},
+         inputs: {{in: {{from: src/audio, depth: 1000}}}}, restart: on-failure, backoff_s: 0.1}}
+"""
+    result, _ = run_and_kill(graph, "rec", after_s=1.0)
+    assert result.ok, result.message
+    assert result.restarts == {"src": 0, "rec": 1}
+    seqs = [json.loads(line)["seq"] for line in (tmp_path / "r.jsonl").read_text().splitlines()
+            if '"reset"' not in line]
+    assert len(seqs) == len(set(seqs)), "a frame arrived twice"
+    assert seqs == sorted(seqs), "frames arrived out of order"
+    missing = set(range(n)) - set(seqs)
+    assert len(missing) <= 1, f"lost {sorted(missing)}"
+    assert result.metrics["src"]["resent"] > 100          # what the dead instance had queued
