@@ -551,6 +551,9 @@ class Gateway(Node):
             ref, request = ask_turn(session, "typed")
             s.prompts[ref] = (text, t_ns, time.monotonic())
             yield request
+        elif kind == "abandon":                        # a turn failed: every node stops working on it
+            _, _, turn = event
+            yield ask_turn(session, "failed", after=turn)[1]
         elif kind == "cancel":                         # stop the answer in progress (Realtime clients)
             if s.turn >= 0:
                 yield ask_turn(session, "cancel")[1]   # a new turn, with no question: the answer stops
@@ -653,11 +656,15 @@ class Gateway(Node):
                                   "please ask again")
 
     def _fail_open_turns(self, why: str) -> None:
-        """Every session whose current turn has not ended gets `why` as that turn's error."""
+        """Every session whose current turn has not ended gets `why` as that turn's error, and the
+        graph a new turn in its place (unless the client asked a newer question first), so that no
+        node goes on working on the lost one: the frames a restarted node is sent again
+        (omniflow/delivery.py) would otherwise make it answer a question nobody waits for."""
         lost = 0
         for session, s in self.sessions.items():
             if s.turn >= 0 and s.turn > s.closed:
-                s.closed, s.ended = s.turn, set()
+                self.events.put(("abandon", session, s.turn))   # before the error: the client may
+                s.closed, s.ended = s.turn, set()               # ask again at once, and that must win
                 self.server.ops.turn_ended(session)
                 self.server.send(session, json.dumps({"type": "error", "turn": s.turn, "error": why}))
                 lost += 1

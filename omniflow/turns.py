@@ -46,14 +46,18 @@ GRANT_RETRY_S = 2.0          # s: a turn request unanswered this long is sent ag
 IDLE = "idle"                # the reason of an "end" the authority decided (no word for SESSION_IDLE_S)
 
 
-def ask_turn(session: str, reason: str, ref: str | None = None) -> tuple[str, Output]:
+def ask_turn(session: str, reason: str, ref: str | None = None,
+             after: int | None = None) -> tuple[str, Output]:
     """(ref, output) for a node that starts a new turn of `session`: yield the output; the turn
     number comes back as `granted(session, turn, ref)`. Asking again with the same `ref` (no
     answer came: the request or its announcement was lost) gets the same turn announced again,
-    never a second one."""
+    never a second one. With `after`, only if turn `after` is still the session's latest (to end
+    that turn, not a newer question asked meanwhile)."""
     ref = ref or uuid.uuid4().hex[:16]
-    return ref, (CONTROL, Frame(kind="control", session=session,
-                                meta={"op": "next_turn", "reason": reason, "ref": ref}))
+    meta = {"op": "next_turn", "reason": reason, "ref": ref}
+    if after is not None:
+        meta["after"] = after
+    return ref, (CONTROL, Frame(kind="control", session=session, meta=meta))
 
 
 def end_session(session: str, reason: str = "disconnected") -> Output:
@@ -105,6 +109,9 @@ class TurnAuthority:
                 if asked != session or turn != latest:
                     return None
                 return Frame(kind="control", session=session, turn=turn, meta={"op": "turn", **meta})
+            after = request.meta.get("after")
+            if isinstance(after, int) and after != latest:
+                return None                       # "end turn `after`": it is over already
             turn = latest + 1
             if isinstance(ref, str):
                 self.refs.add(ref, (session, turn))

@@ -320,6 +320,28 @@ def test_an_error_frame_ends_its_turn_with_an_error_for_that_client_only(gateway
             ws.recv(timeout=0.3)
 
 
+def test_a_restart_fails_the_open_turns_and_ends_them_in_the_graph(gateway):
+    node = gateway()
+    health = lambda restarts: {"op": "health", "nodes": {"backbone": {"restarts": restarts}}}
+    with connect(url(node, "ana")) as ws, connect(url(node, "bo")) as other:
+        recv_json(ws), recv_json(other)
+        pump(node, lambda: {"ana", "bo"} <= set(node.sessions))
+        node.run_status(health(0))
+        node.reset("ana", 0)                                         # ana's question is answering
+        assert recv_json(ws) == {"type": "turn", "turn": 0}
+        node.run_status(health(1))                                   # the backbone died and restarted
+        assert recv_json(ws)["error"].startswith("the answer was lost: node backbone failed")
+        [(port, request)] = list(node.step())
+        assert (port, request.session, request.meta["op"], request.meta["after"]) == \
+            (CONTROL, "ana", "next_turn", 0)                         # only ana's turn, only if still 0
+        node.run_status(health(1))
+        assert list(node.step()) == []                               # once
+        ws.ping().wait(RECV_S)
+        other.ping().wait(RECV_S)
+        with pytest.raises(TimeoutError):                            # bo had no turn open
+            other.recv(timeout=0.3)
+
+
 def test_float32_audio_sent_as_s16_is_named(gateway):
     node = gateway()                                                   # int16 by default
     t = np.arange(1600) / 16000

@@ -150,3 +150,11 @@ def test_asking_again_with_the_same_ref_gets_the_same_turn_never_a_second_one():
     assert (first.turn, again.turn, again.meta["ref"]) == (0, 0, ref)
     assert announce(auth, ask_turn("a", "speech")).turn == 1   # numbering goes on from there
     assert announce(auth, ask_turn("a", "typed", ref)) is None  # a newer turn began: nothing to repeat
+
+
+def test_a_turn_ended_with_after_starts_none_once_a_newer_question_came():
+    auth = TurnAuthority()
+    announce(auth, ask_turn("a", "typed"))                                  # turn 0, then it fails
+    assert announce(auth, ask_turn("a", "failed", after=0)).turn == 1      # no node works on 0 now
+    announce(auth, ask_turn("a", "speech"))                                 # turn 2: a new question
+    assert announce(auth, ask_turn("a", "failed", after=1)) is None        # ... which it must not end
