@@ -13,6 +13,9 @@ frame goes downstream for that session's turn, and the node keeps serving. A mal
 counted and logged; the node keeps serving. With no control bus (a runtime hosted alone), the
 runtime allocates turns itself with the same `TurnAuthority` the bus uses.
 
+Edges: every message is numbered by its producer (omniflow/delivery.py); on a lossless ipc edge the
+producer keeps what the consumer has not taken and sends it again to a consumer that (re)connects.
+
 Graph ready: heartbeats start once setup() has finished (the control bus counts them). A source
 (a node with no input but feedback edges: a file, a microphone, the WebSocket gateway) wired to a
 control channel holds its first step() until the bus announces {"op": "graph_ready"}: the first
