@@ -82,11 +82,14 @@ class AckFile:
             self.mm = mmap.mmap(fd, ENVELOPE.size)
         finally:
             os.close(fd)
+        self.instance: int | None = None        # what this process last wrote there (its writer's)
 
     def taken(self, instance: int, seq: int) -> None:
+        """(the consumer, its file's one writer)"""
         SEQ.pack_into(self.mm, 8, seq)          # the number first: a reader of the old instance
-        if SEQ.unpack_from(self.mm, 0)[0] != instance:   # ignores it, one of the new never sees
-            SEQ.pack_into(self.mm, 0, instance)          # the old number under the new instance
+        if instance != self.instance:           # ignores it, one of the new never sees the old
+            SEQ.pack_into(self.mm, 0, instance) # number under the new instance
+            self.instance = instance
 
     def read(self) -> tuple[int, int]:
         return ENVELOPE.unpack_from(self.mm, 0)
@@ -148,8 +151,9 @@ class Sender:
         """A consumer connected: the marker and the messages it has not taken, to send in order."""
         self._forget_taken()
         first = self.kept[0][0] if self.kept else self.seq + 1
-        missed = first - 1 - self.taken()
-        if missed > 0 and self.taken() > 0:     # evicted before this consumer took them
+        taken = self.taken()
+        missed = first - 1 - taken
+        if missed > 0 and taken > 0:            # evicted before this consumer took them
             self.lost += missed
             log.warning("edge %s: %d frames its restarted consumer had not taken were no longer "
                         "kept (lost)", self.link.id, missed)
@@ -203,9 +207,9 @@ class Receiver:
             raise FrameError(f"expected 3 message parts (a {ENVELOPE.size}-byte envelope, header, "
                              f"payload), got {len(parts)}" + (f" with a {len(parts[0])}-byte envelope"
                                                               if len(parts) == 3 else ""))
-        instance, seq = ENVELOPE.unpack(_buffer(parts[0]))
-        if not self.lossless:
+        if not self.lossless:                   # drop-oldest: the producer counts its drops
             return parts[1:]
+        instance, seq = ENVELOPE.unpack(_buffer(parts[0]))
         if self.waiting:
             return None                         # sent again after the marker
         if instance != self.instance:

@@ -125,8 +125,8 @@ class NodeRuntime:
     # --- sockets ---------------------------------------------------------------------------
     def _open(self) -> None:
         self._outs: dict[str, list[tuple[Link, zmq.Socket, Sender]]] = collections.defaultdict(list)
-        self._watches, self._ins, self._sub, self._push = [], {}, None, None   # (for _close)
-        self._senders: list[tuple[zmq.Socket, Sender, "ConsumerWatch"]] = []
+        self._ins, self._sub, self._push = {}, None, None   # (for _close)
+        self._senders: list[tuple[zmq.Socket, Sender, "ConsumerWatch"]] = []   # one per output edge
         self._receivers: dict[zmq.Socket, Receiver] = {}
         instance = new_instance()
         if self.curve is not None and any(is_tcp(link.address) for link in self.wiring.outputs):
@@ -136,7 +136,6 @@ class NodeRuntime:
             sender = Sender(link, instance)
             self._outs[link.port].append((link, sock, sender))
             self._senders.append((sock, sender, watch))
-            self._watches.append(watch)
         for link in self.wiring.inputs:
             receiver = Receiver(link)                 # its ack file exists before we connect
             sock = connect_input(self._ctx, link, self.curve)
@@ -161,7 +160,7 @@ class NodeRuntime:
             for _, sock, sender in outs:
                 sock.close(linger=FLUSH_LINGER_MS if flush else 0)
                 sender.close()
-        for watch in self._watches:
+        for _, _, watch in self._senders:
             watch.close()
         for receiver in self._receivers.values():
             receiver.close()
@@ -208,7 +207,7 @@ class NodeRuntime:
 
     def _loop(self) -> None:
         poller = zmq.Poller()
-        monitors = {w.monitor: w for w in self._watches}
+        monitors = {w.monitor: w for _, _, w in self._senders}
         for sock in [self._sub, *self._ins, *monitors]:
             if sock is not None:
                 poller.register(sock, zmq.POLLIN)
@@ -474,7 +473,7 @@ class NodeRuntime:
     def _consumers_done(self) -> bool:
         """After our eos: every consumer has hung up, and took what was kept for it (or its
         successor did not come within REJOIN_WAIT_S)."""
-        if any(w.connected() for w in self._watches):
+        if any(w.connected() for _, _, w in self._senders):
             self._rejoin()
             self._untaken_since = None
             return False

@@ -271,16 +271,22 @@ def test_a_run_whose_every_turn_failed_does_not_succeed(tmp_path, in_process):
     assert ok.metrics["check"]["turns"] == 3 and ok.metrics["check"]["failed_turns"] == 1
 
 
+def deep_edge_graph(wav: Path, record: Path) -> str:
+    """src sends its whole file (10 ms chunks) and its eos at once into a 1000-deep edge; rec, which
+    restarts on failure, takes 20 ms a frame and records each one."""
+    return f"""
+nodes:
+  src: {{use: "nodes.audio:FileSource", params: {{path: "{wav}", chunk_ms: 10}}}}
+  rec: {{use: "test_runtime_nodes:Recorder", params: {{path: "{record}", delay_s: 0.02}},
+         inputs: {{in: {{from: src/audio, depth: 1000}}}}, restart: on-failure, backoff_s: 0.1}}
+"""
+
+
 def test_a_node_restarted_after_its_producer_ended_learns_it_and_the_run_ends(tone_wav, tmp_path):
     """src sends its whole file and its eos at once (a deep edge); rec is killed while still
     working through it: the eos went to the dead instance, and the new one hears it from the bus."""
     wav, _ = tone_wav(seconds=2.5)
-    graph = f"""
-nodes:
-  src: {{use: "nodes.audio:FileSource", params: {{path: "{wav}", chunk_ms: 10}}}}
-  rec: {{use: "test_runtime_nodes:Recorder", params: {{path: "{tmp_path}/r.jsonl", delay_s: 0.02}},
-         inputs: {{in: {{from: src/audio, depth: 1000}}}}, restart: on-failure, backoff_s: 0.1}}
-"""
+    graph = deep_edge_graph(wav, tmp_path / "r.jsonl")
     result, after_kill_s = run_and_kill(graph, "rec", after_s=2.5)
     assert result.ok, result.message
     assert result.restarts == {"src": 0, "rec": 1}
@@ -293,12 +299,7 @@ def test_a_killed_consumer_loses_none_of_the_frames_queued_for_it(tone_wav, tmp_
     once and in order (omniflow/delivery.py). Lost is at most the one frame it was handling."""
     wav, pcm = tone_wav(seconds=2.5)
     n = len(pcm) // 160                               # 10 ms chunks at 16 kHz
-    graph = f"""
-nodes:
-  src: {{use: "nodes.audio:FileSource", params: {{path: "{wav}", chunk_ms: 10}}}}
-  rec: {{use: "test_runtime_nodes:Recorder", params: {{path: "{tmp_path}/r.jsonl", delay_s: 0.02}},
-         inputs: {{in: {{from: src/audio, depth: 1000}}}}, restart: on-failure, backoff_s: 0.1}}
-"""
+    graph = deep_edge_graph(wav, tmp_path / "r.jsonl")
     result, _ = run_and_kill(graph, "rec", after_s=1.0)
     assert result.ok, result.message
     assert result.restarts == {"src": 0, "rec": 1}
