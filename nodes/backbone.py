@@ -114,7 +114,8 @@ class Backbone(Node):
         quant: QuantMode = "none"          # weights of the decode-step GEMMs (<= 4 rows; the prefill
                                            # stays dense): none (exact) | fp16 | int8 | int8dyn | int4 |
                                            # int4ort (onnxruntime, int8 activations) | auto (int4 on a
-                                           # CPU, none on CUDA). See omniflow.model.quant
+                                           # CPU with native bf16, int4ort on AVX2-only CPUs, none on
+                                           # CUDA). See omniflow.model.quant
         device: Device = "cpu"
         compile: bool = False              # torch.compile the decode step (compiled during setup)
         max_sessions: Positive = 8              # sessions decoded together; more wait in a queue

@@ -150,7 +150,9 @@ def test_auto_resolves_per_device_and_unavailable_kernels_fall_back_with_a_warni
     assert quant.resolve("int4", "cpu") == "int4"
     with pytest.raises(ValueError, match="must be one of"):
         quant.resolve("int3", "cpu")
-    assert quant.resolve("auto", "cpu") == quant.AUTO_CPU[0]
+    assert quant.resolve("auto", "cpu") == quant.auto_cpu()[0]
+    assert quant.resolve("auto", "cpu", fast_bf16=True) == "int4"      # torch's kernel on bf16 hardware
+    assert quant.resolve("auto", "cpu", fast_bf16=False) == "int4ort"  # AVX2-only: no emulated bf16
     monkeypatch.setattr(quant, "_fbgemm_ready", lambda: "no fbgemm here")
     model = tiny_model()
     with pytest.warns(UserWarning, match="no fbgemm here"):
@@ -160,6 +162,7 @@ def test_auto_resolves_per_device_and_unavailable_kernels_fall_back_with_a_warni
     def no_int4(*args):
         raise quant.QuantUnavailable("no int4pack kernel here")
     monkeypatch.setitem(quant.KERNELS, "int4", no_int4)
+    monkeypatch.setattr(quant, "cpu_has_fast_bf16", lambda: True)   # auto's list: int4, int8, fp16
     with pytest.warns(UserWarning, match="no int4pack kernel here.*trying 'int8'"):
         assert quant.quantize_model_(model, "auto") == "int8"          # auto: the next that works
     assert all(block.attn.attn.packed.mode == "int8" for block in model.transformer.h)

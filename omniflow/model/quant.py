@@ -19,10 +19,14 @@ original, `omniflow bench quality` measures their error):
             (`torch.ops.aten._weight_int4pack_mm_for_cpu`, CPU).
 * `int4ort` int4 weights (scale and integer zero point per INT4_GROUP inputs) run by onnxruntime's
             MatMulNBits with int8 activations per block: faster than `int4` when a call has several
-            rows (two sessions), less exact (int8 activations); opt-in, not part of auto.
-* `auto`    on a CPU the first of AUTO_CPU whose kernel this build has (int4: the fewest bytes
-            per step, the only mode that decodes two sessions in real time on one core of a
-            2-core CPU; `omniflow bench quality` states its error), `none` on CUDA, where the
+            rows (two sessions), less exact (int8 activations); auto's first choice on a CPU
+            without native bf16 (below).
+* `auto`    on a CPU the first of `auto_cpu()` whose kernel this build has: int4 where the CPU
+            computes bf16 natively (the fewest bytes per step, the only mode that decodes two
+            sessions in real time on one core of a 2-core Xeon), int4ort first where it does not:
+            torch's int4/int8 kernels take bf16 activations, which AVX2-only CPUs emulate (there
+            `bench decode --threads 1`: int4 370 ms a step, int4ort 156 ms; `omniflow bench
+            quality` states both errors). `none` on CUDA, where the
             dense bf16 GEMMs are already bandwidth-bound and these CPU kernels do not exist.
 
 Only a decode step's few rows go through a packed kernel: these kernels dequantize per row, so
@@ -42,10 +46,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from omniflow.model.dtypes import cpu_has_fast_bf16
+
 MODES = ("none", "fp16", "int8", "int8dyn", "int4", "int4ort", "auto")
 # auto on a CPU: the first mode whose kernel works here. int8dyn is left out: its per-call activation
 # scale ties a session's logits to the rows sharing its step.
-AUTO_CPU = ("int4", "int8", "fp16")
+AUTO_CPU = ("int4", "int8", "fp16")                  # a CPU with native bf16 (avx512_bf16 / AMX)
+AUTO_CPU_NO_BF16 = ("int4ort",) + AUTO_CPU           # AVX2-only: torch's int4/int8 kernels emulate bf16
 INT4_GROUP = 32           # inputs per int4 scale/zero (896 and 4864 are multiples)
 INT8_MAX = 127
 INT4_LEVELS = 15
@@ -306,18 +313,23 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def candidates(mode: str, device: torch.device | str) -> tuple[str, ...]:
-    """The modes `mode` stands for on `device`, to try in order: auto -> AUTO_CPU on a CPU,
+def auto_cpu(fast_bf16: bool | None = None) -> tuple[str, ...]:
+    """The modes auto tries on a CPU, in order (module doc); fast_bf16 None: read /proc/cpuinfo."""
+    return AUTO_CPU if (cpu_has_fast_bf16() if fast_bf16 is None else fast_bf16) else AUTO_CPU_NO_BF16
+
+
+def candidates(mode: str, device: torch.device | str, fast_bf16: bool | None = None) -> tuple[str, ...]:
+    """The modes `mode` stands for on `device`, to try in order: auto -> `auto_cpu()` on a CPU,
     none elsewhere; any other mode -> itself."""
     check_mode(mode)
     if mode != "auto":
         return (mode,)
-    return AUTO_CPU if torch.device(device).type == "cpu" else ("none",)
+    return auto_cpu(fast_bf16) if torch.device(device).type == "cpu" else ("none",)
 
 
-def resolve(mode: str, device: torch.device | str) -> str:
+def resolve(mode: str, device: torch.device | str, fast_bf16: bool | None = None) -> str:
     """`auto` -> the first mode it tries on this device; other modes are returned as given."""
-    return candidates(mode, device)[0]
+    return candidates(mode, device, fast_bf16)[0]
 
 
 def pack(weight: torch.Tensor, mode: str, bias: torch.Tensor | None = None) -> QuantLinear:
